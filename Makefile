@@ -1,0 +1,36 @@
+# `make test` and `make demo` set everything up themselves on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU build installs from local disk on these machines; a GPU user sets e.g. TORCH_SPEC="torch==2.13.0 --index-url ...".
+TORCH_SPEC ?= torch==2.13.0
+DEMO_DIR ?= demo_run
+
+.PHONY: venv test demo bench clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q
+
+demo: venv
+	rm -rf $(DEMO_DIR)
+	$(PY) demo_assets.py $(DEMO_DIR)
+	$(PY) finetune_lora.py $(DEMO_DIR)/checkpoint --data JSON --data.json_path $(DEMO_DIR)/data --data.num_workers 0 \
+		--out_dir $(DEMO_DIR)/out --precision 32-true --train.global_batch_size 4 --train.micro_batch_size 2 \
+		--train.max_steps 6 --train.lr_warmup_steps 2 --eval.interval 3 --eval.max_new_tokens 8 --eval.initial_validation true
+	@echo "report: $(DEMO_DIR)/out/seq_lengths.json"
+
+bench: venv
+	$(PY) bench/scan.py
+	$(PY) bench/padding.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .hypothesis

@@ -1,0 +1,303 @@
+"""Sequence-length logic for LoRA fine-tuning, as plain functions over plain values.
+
+Nothing here builds a model or reads a weight: every function takes lengths, ints and datasets, so the
+whole decision can be made (and tested) with only the tokenizer and the data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+OVER_LENGTH_POLICIES = ("truncate", "drop", "error")
+
+
+class UserInputError(Exception):
+    """Bad input from the user: the entry point prints the message and exits non-zero, without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scanning: the length of every sample, exactly as the model will see it
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sample_length(dataset, index: int, split: str = "?") -> int:
+    """``len(dataset[index]["input_ids"])`` for an untruncated dataset, computed without building the tensors.
+
+    For litgpt's ``SFTDataset`` (whose ``__getitem__`` encodes the prompt and the response separately and
+    concatenates them) the length is the sum of the two encodings made with the dataset's own tokenizer and
+    prompt style; this skips the third encoding (of the bare instruction, for token counts), the label copy and
+    the tensor concatenation. Any other dataset is asked for its item.
+    """
+    from litgpt.data import SFTDataset
+
+    try:
+        if type(dataset).__getitem__ is SFTDataset.__getitem__ and dataset.max_seq_length <= 0:
+            example = dataset.data[index]
+            if not isinstance(example, Mapping):
+                raise UserInputError(
+                    f"{split} sample {index} is a {type(example).__name__}, not an object with the fields"
+                    " 'instruction' and 'output'. Fix the data file."
+                )
+            if dataset.transform is not None:
+                example = dataset.transform(example)
+            prompt = dataset.prompt_style.apply(prompt=example["instruction"], **example)
+            tokenizer = dataset.tokenizer
+            return len(tokenizer.encode(prompt)) + len(tokenizer.encode(example["output"], bos=False, eos=True))
+        return len(dataset[index]["input_ids"])
+    except KeyError as missing:
+        raise UserInputError(
+            f"{split} sample {index} has no field {missing.args[0]!r}, which the prompt needs. Every sample needs"
+            " 'instruction' and 'output' (and whatever else the --data.prompt_style uses). Fix the data file."
+        ) from None
+
+
+# The dataset a forked scan worker reads; set just before the pool forks, so nothing is pickled.
+_scan_target: tuple = ()
+
+
+def _scan_range(bounds: tuple[int, int]) -> list[int]:
+    dataset, split = _scan_target
+    return [sample_length(dataset, i, split) for i in range(*bounds)]
+
+
+def scan_lengths(
+    dataset, split: str, start: int = 0, stop: int | None = None, workers: int = 1, progress: bool = False
+) -> list[int]:
+    """Lengths of samples ``start..stop`` of ``dataset``, in order, using ``workers`` forked processes."""
+    global _scan_target
+    stop = len(dataset) if stop is None else stop
+    count = stop - start
+    workers = max(1, min(workers, count // 256))  # a pool is not worth it for a few hundred samples
+    chunk = max(1, min(2048, math.ceil(count / (workers * 8))))
+    bounds = [(lo, min(lo + chunk, stop)) for lo in range(start, stop, chunk)]
+    bar = None
+    if progress and count >= 20_000:
+        from tqdm import tqdm
+
+        bar = tqdm(total=count, desc=f"scanning {split}", unit="samples", leave=False)
+
+    lengths: list[int] = []
+    _scan_target = (dataset, split)
+    try:
+        if workers == 1:
+            parts = map(_scan_range, bounds)
+            lengths = _collect(parts, bar)
+        else:
+            # HF tokenizers refuse to use their thread pool after a fork; they are called one text at a time here.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                lengths = _collect(pool.imap(_scan_range, bounds), bar)
+    finally:
+        _scan_target = ()
+        if bar is not None:
+            bar.close()
+    return lengths
+
+
+def _collect(parts, bar) -> list[int]:
+    lengths: list[int] = []
+    for part in parts:
+        lengths.extend(part)
+        if bar is not None:
+            bar.update(len(part))
+    return lengths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The decision
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decision:
+    max_seq_length: int
+    source: str  # "auto" (from the data) or "override" (--train.max_seq_length)
+    longest: int
+    longest_split: str
+    headroom: float
+    block_size: int
+    capped: bool  # the wanted value was above block_size and was lowered to it
+    wanted: int  # the value before the cap
+
+    def summary(self) -> str:
+        if self.source == "override":
+            why = f"--train.max_seq_length {self.wanted}"
+            why += f", capped at block_size {self.block_size}" if self.capped else f"; block_size {self.block_size}"
+            return f"max_seq_length = {self.max_seq_length} ({why}; longest {self.longest} in {self.longest_split})"
+        why = f"longest {self.longest} in {self.longest_split}, +{self.headroom * 100:g}% headroom"
+        if self.capped:
+            why += f" = {self.wanted}, capped at block_size {self.block_size}"
+        else:
+            why += f"; block_size {self.block_size}"
+        return f"max_seq_length = {self.max_seq_length} ({why})"
+
+
+def check_settings(headroom: float, override: int | None, over_length: str) -> None:
+    """Fail early, with the flag to change, on settings that can never work."""
+    if not (isinstance(headroom, (int, float)) and headroom >= 0 and math.isfinite(headroom)):
+        raise UserInputError(f"--seq.headroom must be a number >= 0 (0.1 means 10% above the longest sample), got {headroom!r}.")
+    if override is not None and override < 1:
+        raise UserInputError(f"--train.max_seq_length must be at least 1 (or left unset to size it from the data), got {override}.")
+    if over_length not in OVER_LENGTH_POLICIES:
+        raise UserInputError(f"--seq.over_length must be one of {', '.join(OVER_LENGTH_POLICIES)}, got {over_length!r}.")
+
+
+def decide_max_seq_length(
+    lengths_by_split: Mapping[str, Sequence[int]], block_size: int, headroom: float = 0.1, override: int | None = None
+) -> Decision:
+    """The max_seq_length to train with.
+
+    Without an override: ``min(block_size, ceil(longest * (1 + headroom)))`` over every split. With one: the
+    override, lowered to block_size if above it.
+    """
+    longest, longest_split = max((max(lengths), split) for split, lengths in lengths_by_split.items() if lengths)
+    if override is not None:
+        wanted, source = override, "override"
+    else:
+        # Fraction(repr(...)) keeps 0.1 as exactly 1/10, so 100 * 1.1 is 110, not 110.00000000000001 -> 111.
+        wanted, source = math.ceil(longest * (1 + Fraction(repr(float(headroom))))), "auto"
+    return Decision(
+        max_seq_length=min(wanted, block_size),
+        source=source,
+        longest=longest,
+        longest_split=longest_split,
+        headroom=headroom,
+        block_size=block_size,
+        capped=wanted > block_size,
+        wanted=wanted,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Over-length samples
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def over_limit(lengths: Sequence[int], limit: int) -> list[int]:
+    """Indices of the samples longer than ``limit``."""
+    return [i for i, n in enumerate(lengths) if n > limit]
+
+
+def over_length_error(lengths_by_split: Mapping[str, Sequence[int]], decision: Decision, shown: int = 5) -> str | None:
+    """The message for ``--seq.over_length error``, or None when every sample fits."""
+    offenders = [(split, i, lengths[i]) for split, lengths in lengths_by_split.items() for i in over_limit(lengths, decision.max_seq_length)]
+    if not offenders:
+        return None
+    listed = ", ".join(f"{split}[{i}] = {n}" for split, i, n in offenders[:shown])
+    more = f" and {len(offenders) - shown} more" if len(offenders) > shown else ""
+    return (
+        f"{len(offenders)} sample(s) are longer than max_seq_length {decision.max_seq_length}"
+        f" ({decision.summary()}): {listed}{more}.\n"
+        "To go on, either raise the limit (--train.max_seq_length, up to the block_size"
+        f" {decision.block_size}; or --seq.headroom), or choose what happens to them:"
+        " --seq.over_length truncate (cut them) or --seq.over_length drop (leave them out)."
+    )
+
+
+def kept_indices(lengths: Sequence[int], limit: int) -> list[int]:
+    """Indices of the samples that fit in ``limit`` (what ``--seq.over_length drop`` keeps)."""
+    return [i for i, n in enumerate(lengths) if n <= limit]
+
+
+def write_dropped(path: Path, dropped: Sequence[tuple[str, int, int, object]]) -> None:
+    """One JSON line per dropped sample: its split, index, length and the sample itself, unchanged."""
+    with open(path, "w", encoding="utf-8") as f:
+        for split, index, length, sample in dropped:
+            f.write(json.dumps({"split": split, "index": index, "length": length, "sample": sample}, ensure_ascii=False) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def percentile(sorted_lengths: Sequence[int], p: float) -> int:
+    """Nearest-rank percentile: the smallest length with at least p% of the samples at or below it."""
+    rank = max(1, math.ceil(p / 100 * len(sorted_lengths)))
+    return sorted_lengths[rank - 1]
+
+
+def split_stats(lengths: Sequence[int], limit: int) -> dict:
+    """Count, spread, and what ``limit`` does to one split."""
+    ordered = sorted(lengths)
+    longest = ordered[-1]
+    return {
+        "count": len(lengths),
+        "min": ordered[0],
+        "mean": round(sum(lengths) / len(lengths), 2),
+        "p50": percentile(ordered, 50),
+        "p90": percentile(ordered, 90),
+        "p99": percentile(ordered, 99),
+        "max": longest,
+        "argmax": lengths.index(longest),
+        "over_limit": sum(n > limit for n in lengths),
+        "tokens_truncated": sum(n - limit for n in lengths if n > limit),
+    }
+
+
+def what_if(lengths: Sequence[int], block_size: int) -> list[dict]:
+    """For candidate limits, the share of samples and of tokens that a limit would cut.
+
+    Candidates: powers of two from 128 up to block_size, and the data's own p90, p95, p99 and max.
+    """
+    ordered = sorted(lengths)
+    total_tokens = sum(ordered)
+    labels: dict[int, list[str]] = {}
+    power = 128
+    while power <= block_size:
+        labels.setdefault(power, [])
+        power *= 2
+    for name, value in (("p90", percentile(ordered, 90)), ("p95", percentile(ordered, 95)), ("p99", percentile(ordered, 99)), ("max", ordered[-1])):
+        labels.setdefault(value, []).append(name)
+    rows = []
+    for limit in sorted(labels):
+        cut = [n for n in ordered if n > limit]
+        rows.append(
+            {
+                "max_seq_length": limit,
+                "label": "/".join(labels[limit]),
+                "samples_cut": len(cut),
+                "samples_cut_share": len(cut) / len(ordered),
+                "tokens_cut": sum(cut) - limit * len(cut),
+                "tokens_cut_share": (sum(cut) - limit * len(cut)) / total_tokens,
+            }
+        )
+    return rows
+
+
+def format_what_if(rows: Sequence[dict], max_seq_length: int, block_size: int) -> str:
+    lines = ["what if max_seq_length were ...   samples cut    tokens cut"]
+    for row in rows:
+        marks = [m for m, v in (("max_seq_length", max_seq_length), ("block_size", block_size)) if row["max_seq_length"] == v]
+        tag = f"{row['max_seq_length']} {row['label']}".strip()
+        lines.append(
+            f"  {tag:<28} {row['samples_cut_share']:>10.1%}  {row['tokens_cut_share']:>11.2%}"
+            + (f"   <- {', '.join(marks)}" if marks else "")
+        )
+    return "\n".join(lines)
+
+
+def histogram(lengths: Sequence[int], max_seq_length: int, block_size: int, bins: int = 12, width: int = 40) -> str:
+    """A terminal histogram of lengths, with the bins that hold max_seq_length and block_size marked."""
+    top = max(max(lengths), max_seq_length)
+    step = max(1, math.ceil(top / bins))
+    counts = [0] * math.ceil((top + 1) / step)
+    for n in lengths:
+        counts[n // step] += 1
+    peak = max(counts)
+    lines = []
+    for b, count in enumerate(counts):
+        lo, hi = b * step, (b + 1) * step - 1
+        marks = [m for m, v in (("max_seq_length", max_seq_length), ("block_size", block_size)) if lo <= v <= hi]
+        bar = "#" * math.ceil(width * count / peak) if count else ""
+        lines.append(f"  {lo:>6}-{hi:<6} {bar:<{width}} {count:>7}" + (f"  <- {', '.join(marks)} {max_seq_length if marks[0] == 'max_seq_length' else block_size}" if marks else ""))
+    if block_size > top:
+        lines.append(f"  (block_size {block_size} is beyond the longest sample)")
+    return "\n".join(lines)

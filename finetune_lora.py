@@ -1,0 +1,562 @@
+"""LoRA fine-tuning with litgpt that decides max_seq_length from all the data, before the model exists.
+
+A drop-in for ``litgpt finetune_lora``: same flags, same outputs, plus the ``--seq.*`` group. The path is straight:
+
+    parse -> tokenizer + data -> scan lengths -> decide max_seq_length -> apply the over-length policy + report
+          -> build GPT, load weights -> fit -> validate -> save
+
+Everything before "build GPT" needs only the tokenizer and the data. The length logic lives in ``data_utils``.
+"""
+
+import dataclasses
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+import yaml
+from lightning.fabric.plugins import BitsandbytesPrecision
+from lightning.fabric.strategies import ModelParallelStrategy
+from lightning.fabric.utilities import ThroughputMonitor
+from lightning.pytorch.core.hooks import DataHooks
+from torch.utils.data import DataLoader, RandomSampler, Subset
+from torchmetrics import RunningMean
+
+import data_utils
+from data_utils import UserInputError
+from litgpt.args import EvalArgs, LogArgs, TrainArgs
+from litgpt.data import Alpaca, DataModule
+from litgpt.finetune.lora import (
+    generate_example,
+    get_lr_scheduler,
+    parallelize_fn,
+    save_lora_checkpoint,
+    validate,
+    validate_args,
+)
+from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
+from litgpt.parser_config import save_hyperparameters
+from litgpt.prompts import save_prompt_style
+from litgpt.scripts.merge_lora import merge_lora
+from litgpt.tokenizer import Tokenizer
+from litgpt.types import LoggerChoice
+from litgpt.utils import (
+    CLI,
+    CycleIterator,
+    auto_download_checkpoint,
+    choose_logger,
+    chunked_cross_entropy,
+    copy_config_files,
+    create_finetuning_performance_report,
+    get_default_supported_precision,
+    init_out_dir,
+    instantiate_bnb_optimizer,
+    instantiate_torch_optimizer,
+    load_checkpoint,
+    num_parameters,
+    parse_devices,
+)
+
+
+@dataclass
+class SeqArgs:
+    """Sequence-length arguments (new in this entry point)"""
+
+    headroom: float = 0.1
+    """Margin above the longest sample when max_seq_length is sized from the data: 0.1 adds 10%. Capped at block_size."""
+    over_length: Literal["truncate", "drop", "error"] = "truncate"
+    """What happens to samples longer than max_seq_length: cut them, leave them out (kept in
+    OUT_DIR/dropped_samples.jsonl), or stop before the model is built."""
+    dry_run: bool = False
+    """Scan, decide and report, then exit: needs only the tokenizer and the data (no lit_model.pth)."""
+    scan_workers: int | None = None
+    """CPU processes for the length scan. Default: the data module's num_workers (at least 1)."""
+
+
+def setup(
+    checkpoint_dir: Path,
+    out_dir: Path = Path("out/finetune/lora"),
+    precision: str | None = None,
+    quantize: Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8-training"] | None = None,
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.05,
+    lora_query: bool = True,
+    lora_key: bool = False,
+    lora_value: bool = True,
+    lora_projection: bool = False,
+    lora_mlp: bool = False,
+    lora_head: bool = False,
+    data: DataModule | None = None,
+    train: TrainArgs = TrainArgs(
+        save_interval=1000,
+        log_interval=1,
+        global_batch_size=16,
+        micro_batch_size=1,
+        lr_warmup_steps=100,
+        epochs=5,
+        max_seq_length=None,
+        max_time=None,
+    ),
+    log: LogArgs = LogArgs(),
+    eval: EvalArgs = EvalArgs(interval=100, max_new_tokens=100, max_iters=100),
+    optimizer: str | dict = "AdamW",
+    logger_name: LoggerChoice = "csv",
+    seed: int = 1337,
+    access_token: str | None = None,
+    seq: SeqArgs = SeqArgs(),
+) -> None:
+    """Fine-tune a model with LoRA, with max_seq_length decided from train, val (and test) before the model is built.
+
+    Arguments:
+        checkpoint_dir: The base model's checkpoint directory (model_config.yaml, tokenizer, lit_model.pth).
+        out_dir: Where checkpoints, logs and the length report (seq_lengths.json) go.
+        precision: "bf16-true", "bf16-mixed", "32-true", ... Default: the best the device supports.
+        quantize: Quantize the base model with this bitsandbytes algorithm.
+        devices: How many devices (GPUs) to use.
+        num_nodes: How many nodes to use.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA alpha.
+        lora_dropout: LoRA dropout.
+        lora_query: Apply LoRA to the attention query weights.
+        lora_key: Apply LoRA to the attention key weights.
+        lora_value: Apply LoRA to the attention value weights.
+        lora_projection: Apply LoRA to the attention output projection.
+        lora_mlp: Apply LoRA to the MLP weights.
+        lora_head: Apply LoRA to the output head.
+        data: The data module. Default: ``litgpt.data.Alpaca``.
+        train: Training arguments (``litgpt.args.TrainArgs``). ``max_seq_length`` overrides the size taken from the data.
+        log: Logger arguments (``litgpt.args.LogArgs``).
+        eval: Evaluation arguments (``litgpt.args.EvalArgs``).
+        optimizer: An optimizer name (such as "AdamW") or config.
+        logger_name: Where metrics go: csv, tensorboard, wandb, ...
+        seed: Random seed.
+        access_token: API token for gated models on the Hugging Face Hub.
+        seq: Sequence-length arguments: headroom, over-length policy, dry run.
+    """
+    data_utils.check_settings(seq.headroom, train.max_seq_length, seq.over_length)
+    try:
+        validate_args(train, eval)
+    except ValueError as problem:
+        raise UserInputError(str(problem)) from None
+    checkpoint_dir = find_checkpoint_dir(checkpoint_dir, access_token, need_weights=not seq.dry_run)
+    data = Alpaca() if data is None else data
+    devices = parse_devices(devices)
+    out_dir = init_out_dir(out_dir)
+    config = Config.from_file(
+        checkpoint_dir / "model_config.yaml",
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        lora_query=lora_query,
+        lora_key=lora_key,
+        lora_value=lora_value,
+        lora_projection=lora_projection,
+        lora_mlp=lora_mlp,
+        lora_head=lora_head,
+    )
+    precision = precision or get_default_supported_precision(training=True)
+    logger = choose_logger(
+        logger_name, out_dir, name=f"finetune-{config.name}", log_interval=train.log_interval, log_args=dataclasses.asdict(log)
+    )
+
+    plugins = None
+    if quantize is not None and quantize.startswith("bnb."):
+        if "mixed" in precision:
+            raise UserInputError("--quantize cannot be combined with a mixed --precision; use e.g. bf16-true.")
+        dtype = {"16-true": torch.float16, "bf16-true": torch.bfloat16, "32-true": torch.float32}[precision]
+        plugins = BitsandbytesPrecision(quantize[4:], dtype)
+        precision = None
+
+    strategy = "auto"
+    if devices * num_nodes > 1:
+        if quantize:
+            raise UserInputError("--quantize works on a single device only: set --devices 1 --num_nodes 1.")
+        strategy = ModelParallelStrategy(
+            parallelize_fn=parallelize_fn, data_parallel_size=devices * num_nodes, tensor_parallel_size=1
+        )
+
+    fabric = L.Fabric(
+        devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=logger, plugins=plugins
+    )
+    fabric.launch(main, devices, seed, config, data, checkpoint_dir, out_dir, train, eval, optimizer, num_nodes, precision, seq)
+
+
+def find_checkpoint_dir(checkpoint_dir: Path, access_token: str | None, need_weights: bool) -> Path:
+    """The checkpoint directory, downloaded as upstream does when it names a Hub model; checked for what we read."""
+    if not checkpoint_dir.is_dir():
+        try:
+            checkpoint_dir = auto_download_checkpoint(model_name=checkpoint_dir, access_token=access_token, ignore_tokenizer_files=True)
+        except Exception as problem:
+            raise UserInputError(f"checkpoint_dir {str(checkpoint_dir)!r} is not a directory and could not be downloaded ({problem}).") from None
+    missing = [name for name, present in (
+        ("model_config.yaml", (checkpoint_dir / "model_config.yaml").is_file()),
+        ("tokenizer.json or tokenizer.model", (checkpoint_dir / "tokenizer.json").is_file() or (checkpoint_dir / "tokenizer.model").is_file()),
+        ("lit_model.pth", (checkpoint_dir / "lit_model.pth").is_file() or not need_weights),
+    ) if not present]
+    if missing:
+        dry_run_hint = " (--seq.dry_run true needs no lit_model.pth)" if missing == ["lit_model.pth"] else ""
+        raise UserInputError(f"checkpoint_dir {str(checkpoint_dir)!r} is missing {', '.join(missing)}{dry_run_hint}.")
+    return checkpoint_dir
+
+
+def main(
+    fabric: L.Fabric,
+    devices: int,
+    seed: int,
+    config: Config,
+    data: DataModule,
+    checkpoint_dir: Path,
+    out_dir: Path,
+    train: TrainArgs,
+    eval: EvalArgs,
+    optimizer: str | dict,
+    num_nodes: int,
+    precision: str | None,
+    seq: SeqArgs,
+) -> None:
+    # 1. Lengths: tokenizer and data only.
+    tokenizer = Tokenizer(checkpoint_dir)
+    splits = load_splits(fabric, data, tokenizer, train.micro_batch_size, max_seq_length=None)
+    workers = seq.scan_workers if seq.scan_workers is not None else max(1, getattr(data, "num_workers", 1))
+    lengths = {name: scan_split(fabric, loader.dataset, name, workers) for name, loader in splits.items()}
+    decision = data_utils.decide_max_seq_length(lengths, config.block_size, seq.headroom, train.max_seq_length)
+    if decision.capped and decision.source == "override":
+        fabric.print(f"warning: --train.max_seq_length {decision.wanted} is above the model's block_size {decision.block_size}; using {decision.block_size}.")
+    if seq.over_length == "error" and (message := data_utils.over_length_error(lengths, decision)):
+        raise UserInputError(message)
+
+    kept = {name: list(range(len(n))) for name, n in lengths.items()}
+    if seq.over_length == "drop":
+        kept = {name: data_utils.kept_indices(n, decision.max_seq_length) for name, n in lengths.items()}
+        for name in ("train", "val"):
+            if not kept[name]:
+                raise UserInputError(
+                    f"--seq.over_length drop leaves the {name} split empty: all {len(lengths[name])} samples are longer than"
+                    f" max_seq_length {decision.max_seq_length}. Raise --train.max_seq_length or use --seq.over_length truncate."
+                )
+    report = build_report(lengths, kept, decision, seq)
+    if fabric.global_rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if seq.over_length == "drop":
+            dropped = [
+                (name, i, n[i], splits[name].dataset.data[i])
+                for name, n in lengths.items()
+                for i in sorted(set(range(len(n))) - set(kept[name]))
+            ]
+            data_utils.write_dropped(out_dir / "dropped_samples.jsonl", dropped)
+        print_report(fabric, report, lengths, decision)
+        write_report(out_dir, report)
+    fabric.log_dict(key_figures(report), step=0)
+    if seq.dry_run:
+        fabric.print("dry run: nothing trained (--seq.dry_run true).")
+        return
+
+    # 2. The data with the decided length; then the model.
+    splits = load_splits(fabric, data, tokenizer, train.micro_batch_size, max_seq_length=decision.max_seq_length)
+    train_loader = keep_samples(splits["train"], kept["train"])
+    val_loader = keep_samples(splits["val"], kept["val"])
+    train_loader, val_loader = fabric.setup_dataloaders(train_loader, val_loader)
+    steps_per_epoch = len(train_loader) // train.gradient_accumulation_iters(devices, num_nodes)
+    lr_max_steps = min(train.epochs * steps_per_epoch, (train.max_steps or float("inf")))
+
+    fabric.seed_everything(seed)  # the same on every rank, for model init
+    with fabric.init_module(empty_init=(fabric.world_size > 1)):
+        model = GPT(config)
+    model.max_seq_length = decision.max_seq_length
+    mark_only_lora_as_trainable(model)
+    fabric.print(f"Number of trainable parameters: {num_parameters(model, requires_grad=True):,}")
+    fabric.print(f"Number of non-trainable parameters: {num_parameters(model, requires_grad=False):,}")
+    model = fabric.setup_module(model)
+    if isinstance(fabric.strategy.precision, BitsandbytesPrecision):
+        optimizer = instantiate_bnb_optimizer(optimizer, model.parameters())
+        swap_in_stable_embedding(model)
+    else:
+        optimizer = instantiate_torch_optimizer(optimizer, model.parameters())
+    optimizer = fabric.setup_optimizers(optimizer)
+    scheduler = get_lr_scheduler(optimizer, warmup_steps=train.lr_warmup_steps, max_steps=lr_max_steps)
+    load_checkpoint(fabric, model, checkpoint_dir / "lit_model.pth", strict=False)
+
+    # 3. Train, validate, save.
+    started = time.perf_counter()
+    token_counts = fit(fabric, model, optimizer, scheduler, train_loader, val_loader, devices, num_nodes, checkpoint_dir, out_dir, train, eval, data, tokenizer, decision)
+    fabric.print(create_finetuning_performance_report(time.perf_counter() - started, token_counts, fabric.device.type))
+
+    if eval.final_validation:
+        val_loss = validate(fabric, model, val_loader, dataclasses.replace(eval, max_iters=len(val_loader)))
+        fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+        fabric.print(f"Final evaluation | val loss: {val_loss.item():.3f} | val ppl: {math.exp(val_loss):.3f}")
+
+    save_checkpoint(fabric, model, out_dir / "final", checkpoint_dir, data, decision)
+    if fabric.global_rank == 0:
+        merge_lora(checkpoint_dir=out_dir / "final", pretrained_checkpoint_dir=checkpoint_dir, precision=precision)
+    fabric.barrier()
+    fabric.print(decision.summary())
+
+
+def load_splits(fabric: L.Fabric, data: DataModule, tokenizer: Tokenizer, batch_size: int, max_seq_length: int | None) -> dict[str, DataLoader]:
+    """The data module's loaders for train, val and (when it has one) test, with samples cut at ``max_seq_length``."""
+    data.connect(tokenizer=tokenizer, batch_size=batch_size, max_seq_length=max_seq_length)
+    with fabric.rank_zero_first():
+        data.prepare_data()
+    data.setup()
+    splits = {"train": data.train_dataloader(), "val": data.val_dataloader()}
+    if type(data).test_dataloader is not DataHooks.test_dataloader:
+        splits["test"] = data.test_dataloader()
+    for name in ("train", "val"):
+        if len(splits[name].dataset) == 0:
+            hint = " (set --data.val_split_fraction, or add samples to the val file)" if name == "val" else ""
+            raise UserInputError(f"The {name} split of {data!r} is empty{hint}: nothing to {'train on' if name == 'train' else 'validate with'}.")
+    return splits
+
+
+def scan_split(fabric: L.Fabric, dataset, split: str, workers: int) -> list[int]:
+    """Every sample's length. Each rank scans its own contiguous share; the shares are gathered in order."""
+    share = math.ceil(len(dataset) / fabric.world_size)
+    start = min(len(dataset), fabric.global_rank * share)
+    stop = min(len(dataset), start + share)
+    try:
+        mine, problem = data_utils.scan_lengths(dataset, split, start, stop, workers, progress=fabric.global_rank == 0), None
+    except UserInputError as error:
+        mine, problem = [], error
+    if fabric.world_size == 1:
+        if problem:
+            raise problem
+        return mine
+    # -1 pads a short share; a -2 in the first slot says that rank met bad input (and raises it itself).
+    padded = torch.full((share,), -1, dtype=torch.long, device=fabric.device)
+    padded[: len(mine)] = torch.tensor(mine, dtype=torch.long)
+    if problem:
+        padded[0] = -2
+    gathered = fabric.all_gather(padded).cpu()
+    if problem:
+        raise problem
+    if (gathered[:, 0] == -2).any():
+        raise UserInputError(f"Another rank met bad input in the {split} split; its message is above.")
+    return [n for n in gathered.flatten().tolist() if n >= 0]
+
+
+def keep_samples(loader: DataLoader, indices: list[int]) -> DataLoader:
+    """The same loader over only ``indices`` of its dataset (the loader itself when all are kept)."""
+    if len(indices) == len(loader.dataset):
+        return loader
+    shuffle = isinstance(loader.sampler, RandomSampler)
+    return DataLoader(
+        Subset(loader.dataset, indices),
+        batch_size=loader.batch_size,
+        shuffle=shuffle,
+        generator=loader.generator if shuffle else None,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+    )
+
+
+def build_report(lengths: dict[str, list[int]], kept: dict[str, list[int]], decision: data_utils.Decision, seq: SeqArgs) -> dict:
+    splits = {}
+    for name, split_lengths in lengths.items():
+        splits[name] = data_utils.split_stats(split_lengths, decision.max_seq_length)
+        if seq.over_length == "drop":
+            splits[name]["dropped"] = len(split_lengths) - len(kept[name])
+            splits[name]["tokens_truncated"] = 0
+    every_length = [n for split_lengths in lengths.values() for n in split_lengths]
+    return {
+        "max_seq_length": decision.max_seq_length,
+        "source": decision.source,
+        "longest": decision.longest,
+        "longest_split": decision.longest_split,
+        "headroom": decision.headroom,
+        "block_size": decision.block_size,
+        "capped": decision.capped,
+        "over_length": seq.over_length,
+        "summary": decision.summary(),
+        "splits": splits,
+        "what_if": data_utils.what_if(every_length, decision.block_size),
+    }
+
+
+def print_report(fabric: L.Fabric, report: dict, lengths: dict[str, list[int]], decision: data_utils.Decision) -> None:
+    fabric.print(decision.summary())
+    columns = ("count", "min", "mean", "p50", "p90", "p99", "max", "argmax", "over_limit", "tokens_truncated")
+    extra = ("dropped",) if report["over_length"] == "drop" else ()
+    fabric.print("  split  " + " ".join(f"{c:>10}" for c in columns + extra))
+    for name, stats in report["splits"].items():
+        fabric.print(f"  {name:<6} " + " ".join(f"{stats[c]:>10}" for c in columns + extra))
+    fabric.print(data_utils.format_what_if(report["what_if"], decision.max_seq_length, decision.block_size))
+    for name, split_lengths in lengths.items():
+        fabric.print(f"lengths in {name}:")
+        fabric.print(data_utils.histogram(split_lengths, decision.max_seq_length, decision.block_size))
+
+
+def write_report(out_dir: Path, report: dict) -> None:
+    (out_dir / "seq_lengths.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def key_figures(report: dict) -> dict:
+    figures = {"seq/longest": report["longest"], "seq/max_seq_length": report["max_seq_length"]}
+    for name, stats in report["splits"].items():
+        for key in ("p50", "p99", "max", "over_limit"):
+            figures[f"seq/{name}_{key}"] = stats[key]
+    return figures
+
+
+def swap_in_stable_embedding(model) -> None:
+    """bitsandbytes' 8-bit optimizers want a StableEmbedding in place of the token embedding."""
+    from bitsandbytes.nn import StableEmbedding
+
+    old = model.transformer.wte
+    new = StableEmbedding(old.num_embeddings, old.embedding_dim)
+    with torch.no_grad():
+        new.weight.copy_(old.weight)
+    model.transformer.wte = new.to(device=old.weight.device, dtype=old.weight.dtype)
+
+
+def fit(
+    fabric: L.Fabric,
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    devices: int,
+    num_nodes: int,
+    checkpoint_dir: Path,
+    out_dir: Path,
+    train: TrainArgs,
+    eval: EvalArgs,
+    data: DataModule,
+    tokenizer: Tokenizer,
+    decision: data_utils.Decision,
+) -> dict:
+    """The training loop. max_seq_length was settled before the model was built; nothing here changes it."""
+    if eval.initial_validation:
+        val_loss = f"{validate(fabric, model, val_loader, dataclasses.replace(eval, max_iters=len(val_loader))):.3f}"
+    else:
+        fabric.print("Verifying settings ...")
+        validate(fabric, model, val_loader, dataclasses.replace(eval, max_iters=2), verbose=False)
+        val_loss = "n/a"
+
+    accumulation = train.gradient_accumulation_iters(devices, num_nodes)
+    batches = CycleIterator(train_loader)
+    throughput = ThroughputMonitor(fabric, window_size=50)
+    running_loss = RunningMean(window=accumulation, sync_on_compute=False).to(fabric.device)
+    max_steps = train.max_steps or float("inf")
+    max_time = train.max_time or float("inf")
+    counts = {key: torch.tensor(0, device=fabric.device, dtype=torch.long) for key in ("raw", "template", "padded")}
+    step = iteration = 0
+    started = time.perf_counter()
+
+    while step < max_steps:
+        iteration += 1
+        iteration_started = time.perf_counter()
+        batch = next(batches)
+        stop = None
+        if batches.epoch >= train.epochs:
+            stop = f"Number of epochs {train.epochs} reached, stopping training..."
+        elif iteration_started - started > max_time:
+            stop = f"Max time ({max_time / 60.0:.2f}m) reached, stopping training..."
+        if stop:
+            if fabric.global_rank == 0:
+                generate_example(fabric, model, tokenizer, eval, data)
+            fabric.print(stop)
+            break
+
+        input_ids, targets = batch["input_ids"], batch["labels"]
+        accumulating = iteration % accumulation != 0
+        with fabric.no_backward_sync(model, enabled=accumulating):
+            logits = model(input_ids, lm_head_chunk_size=128)
+            logits[-1] = logits[-1][..., :-1, :]  # output n predicts token n + 1
+            loss = chunked_cross_entropy(logits, targets[..., 1:])
+            fabric.backward(loss / accumulation)
+        running_loss.update(loss.detach())
+        if not accumulating:
+            optimizer.step()
+            optimizer.zero_grad()
+            scheduler.step()
+            step += 1
+
+        counts["raw"] += batch["token_counts"]["raw"].sum().item()
+        counts["template"] += batch["token_counts"]["raw_plus_prompt_template"].sum().item()
+        counts["padded"] += input_ids.numel()
+
+        if iteration % train.log_interval == 0:
+            now = time.perf_counter()
+            throughput.update(time=now - started, batches=iteration, samples=iteration * train.micro_batch_size, lengths=counts["padded"].item())
+            throughput.compute_and_log(step=iteration)
+            metrics = {
+                "loss": running_loss.compute().item(),
+                "iter": iteration,
+                "step": step,
+                "epoch": batches.epoch,
+                "iter_time": now - iteration_started,
+                "tokens": counts["template"],
+                "total_tokens": counts["template"] * fabric.world_size,
+                "learning_rate": scheduler.get_last_lr()[0],
+            }
+            fabric.print(
+                f"Epoch {batches.epoch + 1} | iter {iteration} step {step} | loss train: {metrics['loss']:.3f},"
+                f" val: {val_loss} | iter time: {metrics['iter_time'] * 1000:.2f} ms{'' if accumulating else ' (step)'}"
+            )
+            fabric.log_dict(metrics, step=iteration)
+
+        if not accumulating and step % eval.interval == 0:
+            validation_started = time.perf_counter()
+            loss_now = validate(fabric, model, val_loader, eval)
+            if fabric.global_rank == 0:
+                generate_example(fabric, model, tokenizer, eval, data)
+            fabric.barrier()
+            mean_loss = fabric.all_reduce(loss_now.detach().clone().to(fabric.device), reduce_op="mean")
+            val_loss = f"{mean_loss.item():.3f}"
+            fabric.print(f"iter {iteration}: val loss {mean_loss.item():.4f}, val time: {(time.perf_counter() - validation_started) * 1000:.2f} ms")
+            fabric.log_dict({"val_loss": mean_loss, "val_ppl": math.exp(mean_loss)}, step=iteration)
+            fabric.barrier()
+
+        if train.save_interval is not None and not accumulating and step % train.save_interval == 0:
+            save_checkpoint(fabric, model, out_dir / f"step-{step:06d}", checkpoint_dir, data, decision)
+
+    totals = {key: fabric.all_reduce(value, reduce_op="sum").item() for key, value in counts.items()}
+    return {
+        "raw_tokens": totals["raw"],
+        "raw_tokens_plus_prompt_template": totals["template"],
+        "raw_tokens_plus_prompt_template_and_padding": totals["padded"],
+    }
+
+
+def save_checkpoint(fabric: L.Fabric, model, directory: Path, checkpoint_dir: Path, data: DataModule, decision: data_utils.Decision) -> None:
+    """LoRA weights, config files, prompt style and hyperparameters, as upstream lays them out."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_lora_checkpoint(fabric, model, directory / "lit_model.pth.lora")
+    if fabric.global_rank == 0:
+        copy_config_files(checkpoint_dir, directory)
+        save_hyperparameters(setup, directory)
+        record_max_seq_length(directory / "hyperparameters.yaml", decision.max_seq_length)
+        save_prompt_style(data.prompt_style, directory)
+    fabric.barrier()
+
+
+def record_max_seq_length(hyperparameters_file: Path, max_seq_length: int) -> None:
+    """Write the length the model trained with into hyperparameters.yaml, so rerunning it reproduces the run."""
+    hyperparameters = yaml.safe_load(hyperparameters_file.read_text())
+    hyperparameters.setdefault("train", {})["max_seq_length"] = max_seq_length
+    hyperparameters_file.write_text(yaml.safe_dump(hyperparameters, sort_keys=False))
+
+
+def cli() -> None:
+    torch.set_float32_matmul_precision("high")
+    warnings.filterwarnings("ignore", message=r"The epoch parameter in `scheduler.step\(\)` was not necessary", category=UserWarning)
+    try:
+        CLI(setup)
+    except UserInputError as problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()
