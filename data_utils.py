@@ -242,14 +242,15 @@ def split_stats(lengths: Sequence[int], limit: int) -> dict:
     }
 
 
-def what_if(lengths: Sequence[int], block_size: int) -> list[dict]:
+def what_if(lengths: Sequence[int], block_size: int, chosen: int | None = None) -> list[dict]:
     """For candidate limits, the share of samples and of tokens that a limit would cut.
 
-    Candidates: powers of two from 128 up to block_size, and the data's own p90, p95, p99 and max.
+    Candidates: powers of two from 128 up to block_size, the data's own p90, p95, p99 and max, and the
+    ``chosen`` max_seq_length of this run when given.
     """
     ordered = sorted(lengths)
     total_tokens = sum(ordered)
-    labels: dict[int, list[str]] = {}
+    labels: dict[int, list[str]] = {} if chosen is None else {chosen: ["chosen"]}
     power = 128
     while power <= block_size:
         labels.setdefault(power, [])
@@ -272,15 +273,11 @@ def what_if(lengths: Sequence[int], block_size: int) -> list[dict]:
     return rows
 
 
-def format_what_if(rows: Sequence[dict], max_seq_length: int, block_size: int) -> str:
+def format_what_if(rows: Sequence[dict], block_size: int) -> str:
     lines = ["what if max_seq_length were ...   samples cut    tokens cut"]
     for row in rows:
-        marks = [m for m, v in (("max_seq_length", max_seq_length), ("block_size", block_size)) if row["max_seq_length"] == v]
-        tag = f"{row['max_seq_length']} {row['label']}".strip()
-        lines.append(
-            f"  {tag:<28} {row['samples_cut_share']:>10.1%}  {row['tokens_cut_share']:>11.2%}"
-            + (f"   <- {', '.join(marks)}" if marks else "")
-        )
+        label = "/".join(filter(None, [row["label"], "block_size" if row["max_seq_length"] == block_size else ""]))
+        lines.append(f"  {row['max_seq_length']:>7} {label:<20} {row['samples_cut_share']:>10.1%}  {row['tokens_cut_share']:>11.2%}")
     return "\n".join(lines)
 
 
@@ -295,9 +292,9 @@ def histogram(lengths: Sequence[int], max_seq_length: int, block_size: int, bins
     lines = []
     for b, count in enumerate(counts):
         lo, hi = b * step, (b + 1) * step - 1
-        marks = [m for m, v in (("max_seq_length", max_seq_length), ("block_size", block_size)) if lo <= v <= hi]
+        marks = [f"{name} {value}" for name, value in (("max_seq_length", max_seq_length), ("block_size", block_size)) if lo <= value <= hi]
         bar = "#" * math.ceil(width * count / peak) if count else ""
-        lines.append(f"  {lo:>6}-{hi:<6} {bar:<{width}} {count:>7}" + (f"  <- {', '.join(marks)} {max_seq_length if marks[0] == 'max_seq_length' else block_size}" if marks else ""))
+        lines.append(f"  {lo:>6}-{hi:<6} {bar:<{width}} {count:>7}" + (f"  <- {', '.join(marks)}" if marks else ""))
     if block_size > top:
         lines.append(f"  (block_size {block_size} is beyond the longest sample)")
     return "\n".join(lines)

@@ -308,13 +308,23 @@ def load_splits(fabric: L.Fabric, data: DataModule, tokenizer: Tokenizer, batch_
     with fabric.rank_zero_first():
         data.prepare_data()
     data.setup()
-    splits = {"train": data.train_dataloader(), "val": data.val_dataloader()}
+
+    def empty(name: str) -> UserInputError:
+        hint = " (set --data.val_split_fraction, or add samples to the val file)" if name == "val" else ""
+        return UserInputError(f"The {name} split of {data!r} is empty{hint}: nothing to {'train on' if name == 'train' else 'validate with'}.")
+
+    try:
+        splits = {"train": data.train_dataloader()}
+    except ValueError as problem:  # a shuffling loader refuses an empty dataset
+        if "num_samples=0" in str(problem):
+            raise empty("train") from None
+        raise
+    splits["val"] = data.val_dataloader()
     if type(data).test_dataloader is not DataHooks.test_dataloader:
         splits["test"] = data.test_dataloader()
     for name in ("train", "val"):
         if len(splits[name].dataset) == 0:
-            hint = " (set --data.val_split_fraction, or add samples to the val file)" if name == "val" else ""
-            raise UserInputError(f"The {name} split of {data!r} is empty{hint}: nothing to {'train on' if name == 'train' else 'validate with'}.")
+            raise empty(name)
     return splits
 
 
@@ -378,7 +388,7 @@ def build_report(lengths: dict[str, list[int]], kept: dict[str, list[int]], deci
         "over_length": seq.over_length,
         "summary": decision.summary(),
         "splits": splits,
-        "what_if": data_utils.what_if(every_length, decision.block_size),
+        "what_if": data_utils.what_if(every_length, decision.block_size, chosen=decision.max_seq_length),
     }
 
 
@@ -389,7 +399,7 @@ def print_report(fabric: L.Fabric, report: dict, lengths: dict[str, list[int]], 
     fabric.print("  split  " + " ".join(f"{c:>10}" for c in columns + extra))
     for name, stats in report["splits"].items():
         fabric.print(f"  {name:<6} " + " ".join(f"{stats[c]:>10}" for c in columns + extra))
-    fabric.print(data_utils.format_what_if(report["what_if"], decision.max_seq_length, decision.block_size))
+    fabric.print(data_utils.format_what_if(report["what_if"], decision.block_size))
     for name, split_lengths in lengths.items():
         fabric.print(f"lengths in {name}:")
         fabric.print(data_utils.histogram(split_lengths, decision.max_seq_length, decision.block_size))

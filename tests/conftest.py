@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny word-level tokenizer, a random-weight checkpoint and data of exact lengths, all built here."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+
+import demo_assets  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A 2-layer random GPT with block_size 512 and a word-level tokenizer."""
+    directory = tmp_path_factory.mktemp("checkpoint")
+    demo_assets.build_tokenizer(directory)
+    demo_assets.build_checkpoint(directory, block_size=512)
+    return directory
+
+
+@pytest.fixture
+def make_data(tmp_path, tiny_checkpoint):
+    """make_data(train_lengths, val_lengths) -> a JSON data dir whose samples have exactly those token lengths."""
+
+    def make(train_lengths, val_lengths, name="data") -> Path:
+        directory = tmp_path / name
+        demo_assets.build_data(directory, tiny_checkpoint, train_lengths, val_lengths)
+        return directory
+
+    return make
+
+
+def run_cli(checkpoint: Path, data_dir: Path, out_dir: Path, *flags: str, steps: int = 2) -> subprocess.CompletedProcess:
+    """Runs finetune_lora.py in a subprocess for a few CPU steps; returns the finished process (never raises on exit code)."""
+    command = [
+        sys.executable, str(ROOT / "finetune_lora.py"), str(checkpoint),
+        "--data", "JSON", "--data.json_path", str(data_dir), "--data.num_workers", "0",
+        "--out_dir", str(out_dir), "--precision", "32-true",
+        "--train.global_batch_size", "2", "--train.micro_batch_size", "2", "--train.max_steps", str(steps),
+        "--train.lr_warmup_steps", "1", "--eval.interval", "1000", "--eval.max_new_tokens", "4", "--eval.max_iters", "2",
+        *flags,
+    ]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=out_dir.parent, timeout=600)
+
+
+def read_report(out_dir: Path) -> dict:
+    return json.loads((out_dir / "seq_lengths.json").read_text())
+
+
+requires_shared = pytest.mark.skipif(not (SHARED / "data").is_dir(), reason="../shared is absent")

@@ -1,0 +1,186 @@
+"""End to end: finetune_lora.py in a subprocess on a tiny checkpoint (block_size 512), asserting on the files it writes."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import read_report, run_cli
+
+
+def assert_trained(out: Path, max_seq_length: int) -> None:
+    final = out / "final"
+    for name in ("lit_model.pth.lora", "lit_model.pth", "hyperparameters.yaml", "model_config.yaml", "prompt_style.yaml", "tokenizer.json"):
+        assert (final / name).is_file(), name
+    assert (out / "logs").is_dir()
+    hyperparameters = yaml.safe_load((final / "hyperparameters.yaml").read_text())
+    assert hyperparameters["train"]["max_seq_length"] == max_seq_length
+
+
+def test_val_longer_than_train(tiny_checkpoint, make_data, tmp_path):
+    """The reported crash: train tops out at 466 tokens, val at 473. Validation (initial, periodic, final) must run."""
+    data = make_data([100, 466, 200, 150], [473, 90])
+    out = tmp_path / "out"
+    run = run_cli(tiny_checkpoint, data, out, "--eval.initial_validation", "true", "--eval.interval", "1", "--train.save_interval", "1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = read_report(out)
+    # 473 * 1.1 = 520.3 -> 521, above the block_size 512 of this checkpoint, so capped.
+    assert (report["longest"], report["longest_split"], report["max_seq_length"], report["capped"]) == (473, "val", 512, True)
+    assert report["splits"]["val"]["max"] == 473 and report["splits"]["val"]["argmax"] == 0
+    assert report["splits"]["train"]["max"] == 466
+    assert_trained(out, 512)
+    assert (out / "step-000001" / "lit_model.pth.lora").is_file()
+    assert "max_seq_length = 512 (longest 473 in val" in run.stdout
+
+
+def test_headroom_below_block_size(tiny_checkpoint, make_data, tmp_path):
+    out = tmp_path / "out"
+    run = run_cli(tiny_checkpoint, make_data([100, 300], [120, 200]), out, "--seq.headroom", "0.25")
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = read_report(out)
+    assert (report["max_seq_length"], report["source"], report["capped"], report["headroom"]) == (375, "auto", False, 0.25)
+    assert_trained(out, 375)
+
+
+def test_sample_over_block_size_is_truncated_and_counted(tiny_checkpoint, make_data, tmp_path):
+    """`Cannot attend to 528, block size is only 512` upstream; here the sample is cut to 512 and the run completes."""
+    out = tmp_path / "out"
+    run = run_cli(tiny_checkpoint, make_data([528, 100, 200], [80, 90]), out, "--eval.initial_validation", "true")
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = read_report(out)
+    assert (report["longest"], report["max_seq_length"], report["capped"]) == (528, 512, True)
+    assert report["splits"]["train"]["over_limit"] == 1 and report["splits"]["train"]["tokens_truncated"] == 16
+    assert report["splits"]["val"]["over_limit"] == 0
+    assert_trained(out, 512)
+
+
+def test_override_below_longest_truncates(tiny_checkpoint, make_data, tmp_path):
+    out = tmp_path / "out"
+    run = run_cli(tiny_checkpoint, make_data([100, 300], [250, 90]), out, "--train.max_seq_length", "200")
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = read_report(out)
+    assert (report["max_seq_length"], report["source"], report["capped"]) == (200, "override", False)
+    assert report["splits"]["train"]["tokens_truncated"] == 100 and report["splits"]["val"]["tokens_truncated"] == 50
+    assert_trained(out, 200)
+
+
+def test_override_above_block_size_is_capped_with_warning(tiny_checkpoint, make_data, tmp_path):
+    out = tmp_path / "out"
+    run = run_cli(tiny_checkpoint, make_data([100, 300], [250, 90]), out, "--train.max_seq_length", "4096")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "4096" in run.stdout and "512" in run.stdout and "warning" in run.stdout
+    report = read_report(out)
+    assert (report["max_seq_length"], report["source"], report["capped"]) == (512, "override", True)
+    assert_trained(out, 512)
+
+
+def test_drop_loses_nothing(tiny_checkpoint, make_data, tmp_path):
+    train, val = [100, 300, 120, 280, 90], [250, 95, 80]
+    data = make_data(train, val)
+    out = tmp_path / "out"
+    run = run_cli(tiny_checkpoint, data, out, "--train.max_seq_length", "200", "--seq.over_length", "drop")
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = read_report(out)
+    assert report["splits"]["train"]["dropped"] == 2 and report["splits"]["val"]["dropped"] == 1
+    dropped = [json.loads(line) for line in (out / "dropped_samples.jsonl").read_text().splitlines()]
+    assert [(d["split"], d["index"], d["length"]) for d in dropped] == [("train", 1, 300), ("train", 3, 280), ("val", 0, 250)]
+    for name, lengths in (("train", train), ("val", val)):
+        original = json.loads((data / f"{name}.json").read_text())
+        kept = [original[i] for i, n in enumerate(lengths) if n <= 200]
+        gone = [d["sample"] for d in dropped if d["split"] == name]
+        assert len(kept) + len(gone) == len(original)
+        assert sorted(map(json.dumps, kept + gone)) == sorted(map(json.dumps, original))  # unchanged, none lost
+    assert_trained(out, 200)
+
+
+def test_drop_that_empties_a_split_is_an_error(tiny_checkpoint, make_data, tmp_path):
+    run = run_cli(tiny_checkpoint, make_data([100, 300], [250, 260]), tmp_path / "out", "--train.max_seq_length", "200", "--seq.over_length", "drop")
+    assert run.returncode == 2
+    assert "val split empty" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_error_policy_stops_before_weights_are_read(tiny_checkpoint, make_data, tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    (checkpoint / "lit_model.pth").write_bytes(b"not a checkpoint")  # any attempt to load it would fail differently
+    out = tmp_path / "out"
+    run = run_cli(checkpoint, make_data([100, 300, 280], [250, 95]), out, "--train.max_seq_length", "200", "--seq.over_length", "error")
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    for fragment in ("3 sample(s)", "train[1] = 300", "train[2] = 280", "val[0] = 250", "max_seq_length 200", "--seq.over_length"):
+        assert fragment in run.stderr, fragment
+    assert not (out / "final").exists()
+
+
+def test_dry_run_needs_no_weights(tiny_checkpoint, make_data, tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    (checkpoint / "lit_model.pth").unlink()
+    data = make_data([100, 300], [250, 95])
+    ok = run_cli(checkpoint, data, tmp_path / "ok", "--seq.dry_run", "true")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert read_report(tmp_path / "ok")["max_seq_length"] == 330
+    assert not (tmp_path / "ok" / "final").exists()
+    gate = run_cli(checkpoint, data, tmp_path / "gate", "--seq.dry_run", "true", "--train.max_seq_length", "256", "--seq.over_length", "error")
+    assert gate.returncode == 2 and "train[1] = 300" in gate.stderr
+    missing = run_cli(checkpoint, data, tmp_path / "missing")
+    assert missing.returncode == 2 and "lit_model.pth" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_output_works_with_litgpt_generate(tiny_checkpoint, make_data, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli(tiny_checkpoint, make_data([100, 120], [110, 90]), out).returncode == 0
+    litgpt = Path(sys.executable).with_name("litgpt")
+    generated = subprocess.run(
+        [str(litgpt), "generate", str(out / "final"), "--prompt", "write a poem", "--max_new_tokens", "3"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    lora = torch.load(out / "final" / "lit_model.pth.lora")["model"]
+    assert lora and all("lora_" in name for name in lora)
+
+
+def without(data: Path, split: str, index: int, field: str) -> None:
+    samples = json.loads((data / f"{split}.json").read_text())
+    del samples[index][field]
+    (data / f"{split}.json").write_text(json.dumps(samples))
+
+
+@pytest.mark.parametrize(
+    "case, flags, expected",
+    [
+        ("negative headroom", ["--seq.headroom", "-0.5"], ["--seq.headroom", "-0.5"]),
+        ("zero override", ["--train.max_seq_length", "0"], ["--train.max_seq_length", "0"]),
+        ("empty train", [], ["train split", "empty"]),
+        ("empty val", [], ["val split", "empty"]),
+        ("no instruction", [], ["val sample 1", "'instruction'"]),
+        ("no output", [], ["train sample 2", "'output'"]),
+        ("no model_config.yaml", [], ["model_config.yaml"]),
+        ("no tokenizer", [], ["tokenizer.json or tokenizer.model"]),
+    ],
+)
+def test_bad_input_is_a_clear_error(tiny_checkpoint, make_data, tmp_path, case, flags, expected):
+    data = make_data([100, 120, 130], [110, 90])
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    if case.startswith("empty"):
+        (data / f"{case.split()[1]}.json").write_text("[]")
+    elif case == "no instruction":
+        without(data, "val", 1, "instruction")
+    elif case == "no output":
+        without(data, "train", 2, "output")
+    elif case == "no model_config.yaml":
+        (checkpoint / "model_config.yaml").unlink()
+    elif case == "no tokenizer":
+        (checkpoint / "tokenizer.json").unlink()
+    out = tmp_path / "out"
+    run = run_cli(checkpoint, data, out, *flags)
+    assert run.returncode == 2, (run.stdout[-2000:], run.stderr[-2000:])
+    assert "Traceback" not in run.stderr
+    for fragment in expected:
+        assert fragment in run.stderr, (fragment, run.stderr[-2000:])
+    assert not (out / "final").exists()
