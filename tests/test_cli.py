@@ -1,5 +1,7 @@
 """End to end: finetune_lora.py in a subprocess on a tiny checkpoint (block_size 512), asserting on the files it writes."""
 
+import csv
+import inspect
 import json
 import shutil
 import subprocess
@@ -34,16 +36,34 @@ def test_val_longer_than_train(tiny_checkpoint, make_data, tmp_path):
     assert report["splits"]["train"]["max"] == 466
     assert_trained(out, 512)
     assert (out / "step-000001" / "lit_model.pth.lora").is_file()
+    with open(next((out / "logs" / "csv").glob("version_*/metrics.csv"))) as f:
+        logged = [row for row in csv.DictReader(f) if row.get("seq/max_seq_length")]
+    assert logged and logged[0]["step"] == "0" and float(logged[0]["seq/val_max"]) == 473
     assert "max_seq_length = 512 (longest 473 in val" in run.stdout
 
 
-def test_headroom_below_block_size(tiny_checkpoint, make_data, tmp_path):
+def test_same_flags_and_defaults_as_upstream():
+    import finetune_lora
+    from litgpt.finetune import lora
+
+    ours = inspect.signature(finetune_lora.setup).parameters
+    upstream = inspect.signature(lora.setup).parameters
+    assert list(ours) == [*upstream, "seq"]
+    for name, parameter in upstream.items():
+        assert ours[name].default == parameter.default, name
+
+
+def test_config_file_with_seq_group(tiny_checkpoint, make_data, tmp_path):
+    """A litgpt-style --config file works, and the --seq group can live in it."""
+    config = tmp_path / "config.yaml"
+    config.write_text("lora_r: 4\nseq:\n  headroom: 0.25\n")
     out = tmp_path / "out"
-    run = run_cli(tiny_checkpoint, make_data([100, 300], [120, 200]), out, "--seq.headroom", "0.25")
+    run = run_cli(tiny_checkpoint, make_data([100, 300], [120, 200]), out, "--config", str(config))
     assert run.returncode == 0, run.stderr[-3000:]
     report = read_report(out)
     assert (report["max_seq_length"], report["source"], report["capped"], report["headroom"]) == (375, "auto", False, 0.25)
     assert_trained(out, 375)
+    assert yaml.safe_load((out / "final" / "hyperparameters.yaml").read_text())["lora_r"] == 4
 
 
 def test_sample_over_block_size_is_truncated_and_counted(tiny_checkpoint, make_data, tmp_path):
