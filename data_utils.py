@@ -206,6 +206,17 @@ def kept_indices(lengths: Sequence[int], limit: int) -> list[int]:
     return [i for i, n in enumerate(lengths) if n <= limit]
 
 
+def longest_batch(lengths: Sequence[int], batch_size: int) -> list[int]:
+    """Indices of the ``batch_size`` longest samples (fewer if there are fewer samples), longest first.
+
+    Padded to the longest of them and cut at max_seq_length, they make the largest micro-batch a loader of
+    this batch size can produce: the worst case the rehearsal runs. Ties go to the lower index.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))[:batch_size]
+
+
 def write_dropped(path: Path, dropped: Sequence[tuple[str, int, int, object]]) -> None:
     """One JSON line per dropped sample: its split, index, length and the sample itself, unchanged."""
     with open(path, "w", encoding="utf-8") as f:
@@ -298,3 +309,76 @@ def histogram(lengths: Sequence[int], max_seq_length: int, block_size: int, bins
     if block_size > top:
         lines.append(f"  (block_size {block_size} is beyond the longest sample)")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Length-grouped batching (--seq.group_by_length)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def grouped_batches(
+    lengths: Sequence[int],
+    micro_batch_size: int,
+    seed: int,
+    epoch: int,
+    megabatch_size: int = 50,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[list[int]]:
+    """This rank's micro-batches (lists of sample indices) for one epoch, grouped by length.
+
+    The samples are shuffled, cut into megabatches of ``megabatch_size`` micro-batches, each megabatch is sorted
+    by length (longest first) and cut into micro-batches, so a micro-batch holds samples of similar length. Then
+    the order of the micro-batches is shuffled. Everything depends only on ``(seed, epoch)``: every rank computes
+    the same global list and takes its own share.
+
+    Ranks: consecutive micro-batches of that list (similar lengths, so ranks wait little on each other at a step)
+    go to the ranks of one step, ``world_size`` at a time, and these steps are shuffled; ``megabatch_size`` is rounded
+    up to a multiple of ``world_size`` so that a step never straddles two megabatches. When the number of
+    micro-batches does not divide by ``world_size``, the last step is filled up by repeating micro-batches from
+    the start of the list (as ``DistributedSampler`` repeats samples), so every rank gets the same number of
+    micro-batches and every sample is seen at least once per epoch: exactly once when it divides, and always
+    exactly once with one rank. Only the last micro-batch of the epoch can be smaller than ``micro_batch_size``.
+    """
+    import random
+
+    if micro_batch_size < 1 or megabatch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad grouping settings: {micro_batch_size=}, {megabatch_size=}, {rank=}, {world_size=}")
+    if not lengths:
+        return []
+    rng = random.Random(f"group_by_length/{seed}/{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    megabatch_size = math.ceil(megabatch_size / world_size) * world_size  # so no step straddles two megabatches
+    span = micro_batch_size * megabatch_size
+    batches: list[list[int]] = []
+    for start in range(0, len(order), span):
+        megabatch = sorted(order[start : start + span], key=lambda i: lengths[i], reverse=True)
+        batches.extend(megabatch[j : j + micro_batch_size] for j in range(0, len(megabatch), micro_batch_size))
+    steps = math.ceil(len(batches) / world_size)
+    batches += [batches[i % len(batches)] for i in range(steps * world_size - len(batches))]
+    step_order = list(range(steps))
+    rng.shuffle(step_order)
+    return [list(batches[step * world_size + rank]) for step in step_order]
+
+
+def padding_efficiency(batches: Sequence[Sequence[int]], lengths: Sequence[int], max_seq_length: int | None = None) -> dict:
+    """Real and padded tokens of ``batches`` (index lists into ``lengths``), as the model receives them.
+
+    A micro-batch is padded to its longest sample, and every sample is cut at ``max_seq_length`` (when given):
+    real = sum of min(length, max_seq_length); padded = sum over batches of size x min(longest, max_seq_length).
+    """
+    cap = max_seq_length if max_seq_length is not None else math.inf
+    real = padded = 0
+    for batch in batches:
+        if not batch:
+            continue
+        cut = [min(lengths[i], cap) for i in batch]
+        real += sum(cut)
+        padded += len(cut) * max(cut)
+    return {
+        "count": len(batches),
+        "real_tokens": int(real),
+        "padded_tokens": int(padded),
+        "efficiency": real / padded if padded else 1.0,
+    }

@@ -8,9 +8,11 @@ A drop-in for ``litgpt finetune_lora``: same flags, same outputs, plus the ``--s
 Everything before "build GPT" needs only the tokenizer and the data. The length logic lives in ``data_utils``.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
+import random
 import sys
 import time
 import warnings
@@ -19,13 +21,14 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 import yaml
 from lightning.fabric.plugins import BitsandbytesPrecision
 from lightning.fabric.strategies import ModelParallelStrategy
 from lightning.fabric.utilities import ThroughputMonitor
 from lightning.pytorch.core.hooks import DataHooks
-from torch.utils.data import DataLoader, RandomSampler, Subset
+from torch.utils.data import DataLoader, RandomSampler, Sampler, Subset
 from torchmetrics import RunningMean
 
 import data_utils
@@ -77,6 +80,12 @@ class SeqArgs:
     """Scan, decide and report, then exit: needs only the tokenizer and the data (no lit_model.pth)."""
     scan_workers: int | None = None
     """CPU processes for the length scan. Default: the data module's num_workers (at least 1)."""
+    group_by_length: bool = False
+    """Draw each train micro-batch from samples of similar length (megabatches of 50 micro-batches sorted by length,
+    in shuffled order; deterministic under --seed), so less of the compute goes to padding. Validation is unchanged."""
+    rehearse: bool = True
+    """Before the first step, run the longest train micro-batch (forward + backward) and the longest val micro-batch
+    (forward), then undo everything (gradients, RNG), so a length or memory failure shows in the first minute."""
 
 
 def setup(
@@ -264,7 +273,22 @@ def main(
     splits = load_splits(fabric, data, tokenizer, train.micro_batch_size, max_seq_length=decision.max_seq_length)
     train_loader = keep_samples(splits["train"], kept["train"])
     val_loader = keep_samples(splits["val"], kept["val"])
-    train_loader, val_loader = fabric.setup_dataloaders(train_loader, val_loader)
+    train_lengths = [lengths["train"][i] for i in kept["train"]]  # in the order of train_loader.dataset
+    if seq.group_by_length:
+        sampler = GroupedBatchSampler(train_lengths, train.micro_batch_size, seed, fabric.global_rank, fabric.world_size)
+        train_loader = DataLoader(train_loader.dataset, batch_sampler=sampler, num_workers=train_loader.num_workers, collate_fn=train_loader.collate_fn)
+        train_loader = fabric.setup_dataloaders(train_loader, use_distributed_sampler=False)  # it splits by rank itself
+        val_loader = fabric.setup_dataloaders(val_loader)
+    else:
+        train_loader, val_loader = fabric.setup_dataloaders(train_loader, val_loader)
+    report["batches"] = measure_padding(fabric, train_loader, train_lengths, decision.max_seq_length)
+    report["batches"].update(micro_batch_size=train.micro_batch_size, group_by_length=seq.group_by_length)
+    if fabric.global_rank == 0:
+        write_report(out_dir, report)
+    fabric.print(
+        f"train batches: {report['batches']['efficiency']:.1%} of the tokens are real, the rest padding"
+        f" (epoch 1, micro_batch_size {train.micro_batch_size}, group_by_length {str(seq.group_by_length).lower()})"
+    )
     steps_per_epoch = len(train_loader) // train.gradient_accumulation_iters(devices, num_nodes)
     lr_max_steps = min(train.epochs * steps_per_epoch, (train.max_steps or float("inf")))
 
@@ -285,9 +309,16 @@ def main(
     scheduler = get_lr_scheduler(optimizer, warmup_steps=train.lr_warmup_steps, max_steps=lr_max_steps)
     load_checkpoint(fabric, model, checkpoint_dir / "lit_model.pth", strict=False)
 
-    # 3. Train, validate, save.
+    # 3. Rehearse the worst case (the longest micro-batches), then train, validate, save.
+    if seq.rehearse:
+        loaders = {"train": train_loader, "val": val_loader}
+        loader_lengths = {name: [lengths[name][i] for i in kept[name]] for name in loaders}
+        batches = rehearsal_batches(loaders, loader_lengths, train.micro_batch_size)
+        report["rehearsal"] = rehearse(fabric, model, optimizer, batches, train, decision)
+        if fabric.global_rank == 0:
+            write_report(out_dir, report)
     started = time.perf_counter()
-    token_counts = fit(fabric, model, optimizer, scheduler, train_loader, val_loader, devices, num_nodes, checkpoint_dir, out_dir, train, eval, data, tokenizer, decision)
+    token_counts = fit(fabric, model, optimizer, scheduler, train_loader, val_loader, devices, num_nodes, checkpoint_dir, out_dir, train, eval, data, tokenizer, decision, verify=not seq.rehearse)
     fabric.print(create_finetuning_performance_report(time.perf_counter() - started, token_counts, fabric.device.type))
 
     if eval.final_validation:
@@ -369,6 +400,54 @@ def keep_samples(loader: DataLoader, indices: list[int]) -> DataLoader:
     )
 
 
+class GroupedBatchSampler(Sampler[list[int]]):
+    """Batch sampler for --seq.group_by_length: ``data_utils.grouped_batches`` of this rank, a new epoch per pass."""
+
+    def __init__(self, lengths: list[int], micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.lengths, self.micro_batch_size, self.seed, self.rank, self.world_size = lengths, micro_batch_size, seed, rank, world_size
+        self.epoch = 0
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        return data_utils.grouped_batches(self.lengths, self.micro_batch_size, self.seed, epoch, rank=self.rank, world_size=self.world_size)
+
+    def __iter__(self):
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return iter(self.batches(epoch))
+
+    def __len__(self) -> int:
+        return math.ceil(math.ceil(len(self.lengths) / self.micro_batch_size) / self.world_size)
+
+
+def measure_padding(fabric: L.Fabric, loader: DataLoader, lengths: list[int], max_seq_length: int) -> dict:
+    """Real and padded tokens of the first epoch of ``loader`` (set up by Fabric), summed over the ranks.
+
+    Only the batch sampler is read (index lists, nothing is tokenized), and reading it must neither change nor miss
+    the batches the run then sees. The grouped sampler is asked for epoch 0 without advancing. A random sampler draws
+    from a generator (litgpt's data modules seed one and share it with the loader) that the loader's iterator first
+    draws one number from (its workers' base seed): that draw is made here too, then the generator is put back as it
+    was. Without a generator both draws come from the global torch RNG, which is put back too (the run reseeds it
+    before training in any case, so there the measure is of an equally likely epoch, not of the one trained on)."""
+    batch_sampler = loader.batch_sampler
+    if isinstance(batch_sampler, GroupedBatchSampler):
+        batches = batch_sampler.batches(0)
+    else:
+        generators = {id(g): g for g in (loader.generator, getattr(loader.sampler, "generator", None)) if g is not None}
+        states = {key: g.get_state() for key, g in generators.items()}
+        global_state = torch.get_rng_state()
+        torch.empty((), dtype=torch.int64).random_(generator=loader.generator)  # as DataLoader.__iter__ does
+        batches = list(batch_sampler)
+        for key, g in generators.items():
+            g.set_state(states[key])
+        torch.set_rng_state(global_state)
+    measured = data_utils.padding_efficiency(batches, lengths, max_seq_length)
+    if fabric.world_size > 1:
+        totals = fabric.all_reduce(torch.tensor([measured["real_tokens"], measured["padded_tokens"]], dtype=torch.float64, device=fabric.device), reduce_op="sum")
+        real, padded = (int(x) for x in totals.tolist())
+        measured.update(real_tokens=real, padded_tokens=padded, efficiency=real / padded if padded else 1.0, count=measured["count"] * fabric.world_size)
+    measured["efficiency"] = round(measured["efficiency"], 6)
+    return measured
+
+
 def build_report(lengths: dict[str, list[int]], kept: dict[str, list[int]], decision: data_utils.Decision, seq: SeqArgs) -> dict:
     splits = {}
     for name, split_lengths in lengths.items():
@@ -428,6 +507,102 @@ def swap_in_stable_embedding(model) -> None:
     model.transformer.wte = new.to(device=old.weight.device, dtype=old.weight.dtype)
 
 
+@contextlib.contextmanager
+def preserved_rng():
+    """Puts back the python, numpy, torch CPU and CUDA random states on the way out, whatever ran inside."""
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def rehearsal_batches(loaders: dict[str, DataLoader], lengths: dict[str, list[int]], batch_size: int) -> dict[str, dict]:
+    """For each loader, its largest micro-batch: the ``batch_size`` longest samples of its dataset (whose sample
+    lengths are ``lengths[name]``, in dataset order), collated with the loader's own collate_fn."""
+    batches = {}
+    for name, loader in loaders.items():
+        indices = data_utils.longest_batch(lengths[name], batch_size)
+        batches[name] = loader.collate_fn([loader.dataset[i] for i in indices])
+    return batches
+
+
+def rehearse(fabric: L.Fabric, model, optimizer, batches: dict[str, dict], train: TrainArgs, decision: data_utils.Decision) -> dict:
+    """One forward + backward on ``batches["train"]`` and one forward (no grad) on ``batches["val"]``, as fit and
+    validate run them. Then it is undone: gradients dropped (as a fresh optimizer has them), no optimizer step, the RNG
+    states put back, the model in train mode. Returns what it measured; out of memory is a UserInputError."""
+    shapes = {name: list(batch["input_ids"].shape) for name, batch in batches.items()}
+    shown = ", ".join(f"{name} {shape[0]} × {shape[1]}" for name, shape in shapes.items())
+    fabric.print(f"Rehearsing the longest micro-batches ({shown} tokens) ...")
+    cuda = fabric.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(fabric.device)
+        torch.cuda.reset_peak_memory_stats(fabric.device)
+        allocated_before = torch.cuda.memory_allocated(fabric.device)
+    started = time.perf_counter()
+    running = "train"
+    try:
+        with preserved_rng():
+            model.train()
+            batch = fabric.to_device(batches["train"])
+            logits = model(batch["input_ids"], lm_head_chunk_size=128)
+            logits[-1] = logits[-1][..., :-1, :]
+            loss = chunked_cross_entropy(logits, batch["labels"][..., 1:])
+            fabric.backward(loss / train.gradient_accumulation_iters(fabric.world_size, 1))
+            del logits, loss, batch
+            optimizer.zero_grad(set_to_none=True)
+
+            running = "val"
+            model.eval()
+            batch = fabric.to_device(batches["val"])
+            with torch.no_grad():
+                logits = model(batch["input_ids"])
+                chunked_cross_entropy(logits[..., :-1, :], batch["labels"][..., 1:], chunk_size=0)
+            del logits, batch
+            if cuda:
+                torch.cuda.synchronize(fabric.device)
+    except torch.OutOfMemoryError:
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.empty_cache()
+        raise UserInputError(out_of_memory_message(fabric.device, running, shapes[running], decision)) from None
+    finally:
+        model.train()
+    result = {"train_batch": shapes["train"], "val_batch": shapes["val"], "seconds": round(time.perf_counter() - started, 3), "device": str(fabric.device)}
+    if cuda:
+        result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(fabric.device)
+        result["memory_before_bytes"] = allocated_before  # weights (and whatever else was there): peak - this = the batches' share
+        result["device_memory_bytes"] = torch.cuda.get_device_properties(fabric.device).total_memory
+    peak = f", peak memory {result['peak_memory_bytes'] / 2**30:.2f} GiB" if cuda else ""
+    fabric.print(f"Rehearsal passed in {result['seconds']:.2f} s{peak}.")
+    return result
+
+
+def out_of_memory_message(device: torch.device, split: str, shape: list[int], decision: data_utils.Decision) -> str:
+    memory = ""
+    if device.type == "cuda":
+        try:
+            free, total = torch.cuda.mem_get_info(device)
+            name = torch.cuda.get_device_properties(device).name
+            memory = f" ({name}, {total / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free now)"
+        except Exception:  # what memory there is, is a detail; the message matters
+            pass
+    what = "forward and backward pass on the longest train" if split == "train" else "forward pass on the longest val"
+    return (
+        f"out of memory on {device}{memory} in the rehearsal: a {what} micro-batch, {shape[0]} × {shape[1]} tokens"
+        f" ({decision.summary()}). {'Training' if split == 'train' else 'Validation'} meets this shape whenever the longest"
+        " sample comes up, so the run would fail there later.\n"
+        "To make it fit: a smaller --train.micro_batch_size (keep --train.global_batch_size: more accumulation steps),"
+        " a lower --train.max_seq_length with --seq.over_length truncate or drop, a lighter --precision"
+        " (bf16-true, 16-true), or --quantize bnb.nf4 (bitsandbytes)."
+    )
+
+
 def fit(
     fabric: L.Fabric,
     model: GPT,
@@ -444,13 +619,20 @@ def fit(
     data: DataModule,
     tokenizer: Tokenizer,
     decision: data_utils.Decision,
+    verify: bool = True,
 ) -> dict:
-    """The training loop. max_seq_length was settled before the model was built; nothing here changes it."""
+    """The training loop. max_seq_length was settled before the model was built; nothing here changes it.
+
+    ``verify``: without an initial validation, run two val batches first as upstream does (not needed after a
+    rehearsal). They run with the RNG states put back, as the rehearsal's are, so both runs train alike.
+    """
     if eval.initial_validation:
         val_loss = f"{validate(fabric, model, val_loader, dataclasses.replace(eval, max_iters=len(val_loader))):.3f}"
     else:
-        fabric.print("Verifying settings ...")
-        validate(fabric, model, val_loader, dataclasses.replace(eval, max_iters=2), verbose=False)
+        if verify:
+            fabric.print("Verifying settings ...")
+            with preserved_rng():
+                validate(fabric, model, val_loader, dataclasses.replace(eval, max_iters=2), verbose=False)
         val_loss = "n/a"
 
     accumulation = train.gradient_accumulation_iters(devices, num_nodes)

@@ -1,0 +1,242 @@
+"""--seq.group_by_length: the grouping function, its padding measure, the batch sampler and the CLI end to end."""
+
+import csv
+import math
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import read_report, run_cli
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.data import DataLoader
+
+from data_utils import grouped_batches, padding_efficiency
+from finetune_lora import GroupedBatchSampler
+
+lengths_strategy = st.lists(st.integers(1, 2000), min_size=1, max_size=300)
+settings_strategy = dict(
+    lengths=lengths_strategy,
+    micro_batch_size=st.integers(1, 16),
+    megabatch_size=st.integers(1, 60),
+    seed=st.integers(0, 2**32),
+    epoch=st.integers(0, 100),
+)
+
+
+def flat(batches):
+    return [i for batch in batches for i in batch]
+
+
+def spread_out(n, seed, low, high):
+    rng = random.Random(seed)
+    return [rng.randint(low, high) for _ in range(n)]
+
+
+def random_batches(n, micro_batch_size, seed):
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [order[i : i + micro_batch_size] for i in range(0, n, micro_batch_size)]
+
+
+# --- grouped_batches ----------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(**settings_strategy)
+def test_every_sample_exactly_once_in_sorted_batches(lengths, micro_batch_size, megabatch_size, seed, epoch):
+    batches = grouped_batches(lengths, micro_batch_size, seed, epoch, megabatch_size)
+    assert sorted(flat(batches)) == list(range(len(lengths)))
+    assert len(batches) == math.ceil(len(lengths) / micro_batch_size)
+    assert all(1 <= len(b) <= micro_batch_size for b in batches)
+    assert sum(len(b) < micro_batch_size for b in batches) <= 1  # only the epoch's last one can be short
+    for b in batches:  # longest first within a micro-batch
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+    assert batches == grouped_batches(lengths, micro_batch_size, seed, epoch, megabatch_size)  # deterministic
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths=lengths_strategy, micro_batch_size=st.integers(1, 16), seed=st.integers(0, 2**32), shuffle_seed=st.integers(0, 2**32))
+def test_one_megabatch_sorts_everything_and_never_pads_more_than_random(lengths, micro_batch_size, seed, shuffle_seed):
+    """With one megabatch the micro-batches are consecutive runs of the sorted lengths: their length ranges do not
+    overlap, and no batching into micro-batches of that size pads less."""
+    megabatch_size = math.ceil(len(lengths) / micro_batch_size)
+    batches = grouped_batches(lengths, micro_batch_size, seed, 0, megabatch_size)
+    ranges = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in batches)
+    assert all(high <= next_low for (_, high), (next_low, _) in zip(ranges, ranges[1:]))
+    grouped = padding_efficiency(batches, lengths)
+    shuffled = padding_efficiency(random_batches(len(lengths), micro_batch_size, shuffle_seed), lengths)
+    assert grouped["real_tokens"] == shuffled["real_tokens"] == sum(lengths)
+    assert grouped["padded_tokens"] <= shuffled["padded_tokens"]
+
+
+def test_seeds_and_epochs_give_different_orders():
+    lengths = spread_out(400, seed=0, low=50, high=800)
+    first = grouped_batches(lengths, 8, seed=1, epoch=0)
+    assert first == grouped_batches(lengths, 8, seed=1, epoch=0)
+    assert first != grouped_batches(lengths, 8, seed=1, epoch=1)
+    assert first != grouped_batches(lengths, 8, seed=2, epoch=0)
+    assert len({tuple(map(tuple, grouped_batches(lengths, 8, seed=1, epoch=e))) for e in range(10)}) == 10
+
+
+def test_spread_out_lengths_pad_far_less_than_random():
+    lengths = spread_out(1000, seed=3, low=50, high=800)
+    grouped = padding_efficiency(grouped_batches(lengths, 8, seed=0, epoch=0), lengths)
+    shuffled = padding_efficiency(random_batches(len(lengths), 8, 0), lengths)
+    assert grouped["efficiency"] >= 0.95 > 0.75 > shuffled["efficiency"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(**settings_strategy, world_size=st.integers(1, 8))
+def test_simulated_ranks_are_disjoint_and_equal(lengths, micro_batch_size, megabatch_size, seed, epoch, world_size):
+    ranks = [grouped_batches(lengths, micro_batch_size, seed, epoch, megabatch_size, rank, world_size) for rank in range(world_size)]
+    total = math.ceil(len(lengths) / micro_batch_size)
+    assert {len(r) for r in ranks} == {math.ceil(total / world_size)}  # every rank the same number of steps
+    seen = Counter(flat(flat(ranks)))
+    assert set(seen) == set(range(len(lengths)))  # every sample at least once
+    repeated = [tuple(b) for b in flat(ranks)]
+    if total % world_size == 0:
+        assert all(count == 1 for count in seen.values())  # disjoint
+    # what is repeated is whole micro-batches, only to fill the last step, fewer than world_size of them
+    assert len(repeated) - len(set(repeated)) == len(ranks[0]) * world_size - total < world_size
+
+
+def test_ranks_at_one_step_hold_similar_lengths():
+    """Consecutive micro-batches of the sorted megabatch go to the ranks of one step, so ranks wait little on each other."""
+    lengths = spread_out(800, seed=5, low=50, high=800)
+    ranks = [grouped_batches(lengths, 8, 0, 0, rank=rank, world_size=4) for rank in range(4)]
+    spread = [max(max(lengths[i] for i in r[step]) for r in ranks) - min(max(lengths[i] for i in r[step]) for r in ranks) for step in range(len(ranks[0]))]
+    assert max(spread) < 150  # random micro-batches would differ by hundreds of tokens
+
+
+def test_bad_settings():
+    for kwargs in (dict(micro_batch_size=0), dict(megabatch_size=0), dict(rank=2, world_size=2), dict(world_size=0)):
+        with pytest.raises(ValueError):
+            grouped_batches([1, 2, 3], **{"micro_batch_size": 1, "seed": 0, "epoch": 0, **kwargs})
+    assert grouped_batches([], 4, 0, 0) == []
+
+
+# --- padding_efficiency -------------------------------------------------------------------------------------------
+
+
+def test_padding_efficiency_counts_what_the_model_receives():
+    lengths = [10, 4, 7, 3, 600]
+    measured = padding_efficiency([[0, 1], [2, 3, 4]], lengths)
+    assert (measured["real_tokens"], measured["padded_tokens"], measured["count"]) == (624, 20 + 1800, 2)
+    assert measured["efficiency"] == pytest.approx(624 / 1820)
+    # cut at max_seq_length 8: reals 8, 4, 7, 3, 8; batches padded to 8 and 8
+    capped = padding_efficiency([[0, 1], [2, 3, 4]], lengths, max_seq_length=8)
+    assert (capped["real_tokens"], capped["padded_tokens"]) == (30, 16 + 24)
+    assert padding_efficiency([], lengths)["efficiency"] == 1.0
+
+
+# --- the batch sampler, with litgpt's collate function ----------------------------------------------------------
+
+
+def test_sampler_in_a_dataloader_pads_as_measured():
+    from litgpt.data.base import get_sft_collate_fn
+
+    lengths = spread_out(203, seed=7, low=5, high=120)
+    dataset = [
+        {"input_ids": torch.ones(n, dtype=torch.long), "labels": torch.ones(n, dtype=torch.long), "token_counts": {"raw": n, "raw_plus_prompt_template": n}}
+        for n in lengths
+    ]
+    cap = 100
+    sampler = GroupedBatchSampler(lengths, micro_batch_size=4, seed=11)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=get_sft_collate_fn(max_seq_length=cap))
+    assert sampler.batches(0) == grouped_batches(lengths, 4, 11, 0) and sampler.epoch == 0  # asking does not advance
+    first = [batch["input_ids"] for batch in loader]
+    assert len(first) == len(loader) == 51
+    measured = padding_efficiency(sampler.batches(0), lengths, cap)
+    assert sum(ids.numel() for ids in first) == measured["padded_tokens"]
+    assert sum(min(n, cap) for n in lengths) == measured["real_tokens"]
+    assert sampler.epoch == 1
+    second = list(sampler)  # each pass is the next epoch
+    assert second == grouped_batches(lengths, 4, 11, 1) != sampler.batches(0)
+    for rank in range(3):
+        ranked = GroupedBatchSampler(lengths, 4, 11, rank=rank, world_size=3)
+        assert len(ranked) == len(list(ranked)) == 17
+
+
+# --- end to end -----------------------------------------------------------------------------------------------------
+
+
+def csv_column(out: Path, name: str) -> list[float]:
+    (metrics,) = (out / "logs").rglob("metrics.csv")
+    with open(metrics) as f:
+        return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
+
+
+def test_cli_grouped_vs_random(tiny_checkpoint, make_data, tmp_path):
+    """Two runs on the same data, one epoch each, learning rate 0 (the weights never change): the report's padding
+    figures equal what the run really fed the model, grouping pads less, and validation is identical."""
+    rng = random.Random(0)
+    train = [rng.choice([60, 70, 250, 280, 350]) for _ in range(26)]  # 350 is over the limit: dropped (a Subset)
+    data = make_data(train, [60, 200, 290, 350])
+    kept = [n for n in train if n <= 300]
+    steps = math.ceil(len(kept) / 4)  # one epoch of micro-batches of 4, one micro-batch per step
+    flags = (
+        "--train.micro_batch_size", "4", "--train.global_batch_size", "4", "--train.max_seq_length", "300",
+        "--seq.over_length", "drop", "--optimizer", '{"class_path": "torch.optim.SGD", "init_args": {"lr": 0.0}}',
+    )
+    reports, val_losses = {}, {}
+    for grouped in ("false", "true"):
+        out = tmp_path / f"out_{grouped}"
+        run = run_cli(tiny_checkpoint, data, out, *flags, "--seq.group_by_length", grouped, steps=steps)
+        assert run.returncode == 0, run.stderr[-3000:]
+        batches = read_report(out)["batches"]
+        assert batches["group_by_length"] is (grouped == "true") and batches["micro_batch_size"] == 4
+        assert batches["count"] == steps and batches["real_tokens"] == sum(kept)
+        # the cumulative padded tokens the run logged after its epoch: the measure matched the real loader
+        assert max(csv_column(out, "lengths")) == batches["padded_tokens"]
+        reports[grouped] = batches
+        val_losses[grouped] = csv_column(out, "val_loss")[-1]
+    assert reports["true"]["efficiency"] > reports["false"]["efficiency"]
+    assert reports["true"]["padded_tokens"] < reports["false"]["padded_tokens"]
+    assert val_losses["true"] == val_losses["false"]
+
+
+class FakeFabric:
+    """What measure_padding uses of Fabric; all_reduce adds what the other simulated ranks measured."""
+
+    def __init__(self, world_size=1, others=()):
+        self.world_size, self.others, self.device = world_size, others, torch.device("cpu")
+
+    def all_reduce(self, tensor, reduce_op):
+        assert reduce_op == "sum"
+        return tensor + sum(torch.tensor(o, dtype=tensor.dtype) for o in self.others)
+
+
+def test_measure_padding_sees_the_batches_the_random_loader_then_yields():
+    from litgpt.data.base import get_sft_collate_fn
+
+    from finetune_lora import measure_padding
+
+    lengths = spread_out(61, seed=9, low=1, high=50)
+    dataset = [{"input_ids": torch.ones(n, dtype=torch.long), "labels": torch.ones(n, dtype=torch.long), "token_counts": {"raw": n, "raw_plus_prompt_template": n}} for n in lengths]
+    generator = torch.Generator().manual_seed(42)
+    loader = DataLoader(dataset, batch_size=4, shuffle=True, generator=generator, collate_fn=get_sft_collate_fn(max_seq_length=40))
+    state = generator.get_state()
+    measured = measure_padding(FakeFabric(), loader, lengths, 40)
+    assert torch.equal(generator.get_state(), state)  # the run's random stream is untouched
+    assert measured["padded_tokens"] == sum(batch["input_ids"].numel() for batch in loader)  # ... and it was measured
+    assert measured["real_tokens"] == sum(min(n, 40) for n in lengths) and measured["count"] == 16
+
+
+def test_measure_padding_sums_simulated_ranks():
+    from finetune_lora import measure_padding
+
+    lengths = spread_out(50, seed=2, low=1, high=300)
+    per_rank = []
+    for rank in range(2):
+        sampler = GroupedBatchSampler(lengths, 4, seed=0, rank=rank, world_size=2)
+        per_rank.append(padding_efficiency(sampler.batches(0), lengths))
+    loader = DataLoader(lengths, batch_sampler=GroupedBatchSampler(lengths, 4, seed=0, rank=0, world_size=2))
+    other = [per_rank[1]["real_tokens"], per_rank[1]["padded_tokens"]]
+    measured = measure_padding(FakeFabric(2, [other]), loader, lengths, 1000)
+    real, padded = (sum(m[key] for m in per_rank) for key in ("real_tokens", "padded_tokens"))
+    assert (measured["real_tokens"], measured["padded_tokens"], measured["count"]) == (real, padded, 14)
+    assert measured["efficiency"] == pytest.approx(real / padded, abs=1e-6)
+    assert loader.batch_sampler.epoch == 0

@@ -1,0 +1,114 @@
+"""Two CPU ranks on gloo: each scans its own share, both end with the same full list, and bad input stops both.
+
+One two-rank run (launching costs ~10 s of imports and process-group setup) scans three times: serially, with two
+scan workers per rank, and with a bad sample in rank 1's share. The tests read what each rank wrote.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import data_utils
+import demo_assets
+from conftest import ROOT
+from litgpt.data import SFTDataset
+from litgpt.tokenizer import Tokenizer
+
+COUNT = 1_101  # odd: rank 1's share is one sample shorter; > 2 x 512, so each rank's share gets 2 scan workers
+BAD = COUNT - 2  # in rank 1's share
+
+# Run as a script: Fabric's launcher starts rank 1 by running it again with LOCAL_RANK=1.
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    sys.path.insert(0, sys.argv[1])
+    import lightning as L
+    import data_utils, finetune_lora
+    from litgpt.data import SFTDataset
+    from litgpt.tokenizer import Tokenizer
+
+    root, tokenizer_dir, data_file, out, bad = sys.argv[1:6]
+    fabric = L.Fabric(accelerator="cpu", devices=2, strategy="ddp")
+    fabric.launch()
+    rank, phase = fabric.global_rank, None
+
+    def record(sample):  # the dataset's transform runs once per scanned sample, also in forked scan workers
+        with open(os.path.join(out, f"seen-{phase}-{rank}-{os.getpid()}.txt"), "a") as f:
+            f.write(f"{sample['id']}\\n")
+        return sample
+
+    samples = json.load(open(data_file))
+    tokenizer = Tokenizer(tokenizer_dir)
+    results = {}
+    for phase, workers in (("serial", 1), ("parallel", 2), ("bad", 1)):
+        if phase == "bad":
+            del samples[int(bad)]["output"]
+        dataset = SFTDataset(samples, tokenizer, prompt_style="alpaca", transform=record)
+        try:
+            results[phase] = {"lengths": finetune_lora.scan_split(fabric, dataset, "train", workers)}
+        except data_utils.UserInputError as problem:
+            results[phase] = {"error": str(problem)}
+    with open(os.path.join(out, f"result-{rank}.json"), "w") as f:
+        json.dump(results, f)
+    """
+)
+
+
+def word_samples(count: int) -> list[dict]:
+    rng = random.Random(1)
+    words = lambda k: " ".join(rng.choices(demo_assets.WORDS, k=k))  # noqa: E731
+    return [{"id": i, "instruction": words(rng.randint(1, 9)), "input": "", "output": words(rng.randint(0, 300))} for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, tiny_checkpoint):
+    """Runs the script on two ranks; returns (its output, {rank: {phase: result}}, {(phase, rank): scanned indices})."""
+    tmp = tmp_path_factory.mktemp("ranks")
+    script, data_file, out = tmp / "scan_two_ranks.py", tmp / "samples.json", tmp / "out"
+    script.write_text(SCRIPT)
+    data_file.write_text(json.dumps(word_samples(COUNT)))
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK")}
+    env.update(PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    command = [sys.executable, str(script), str(ROOT), str(tiny_checkpoint), str(data_file), str(out), str(BAD)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the whole group: rank 0 and the rank 1 it launched
+        output, _ = process.communicate()
+        pytest.fail(f"the two ranks hung (killed after 120 s):\n{output[-3000:]}")
+    assert process.returncode == 0, output[-3000:]
+    results = {rank: json.loads((out / f"result-{rank}.json").read_text()) for rank in (0, 1)}
+    seen = {}
+    for phase in ("serial", "parallel"):
+        for rank in (0, 1):
+            files = list(out.glob(f"seen-{phase}-{rank}-*.txt"))
+            seen[phase, rank] = (sorted(int(line) for f in files for line in f.read_text().split()), len(files))
+    return output, results, seen
+
+
+@pytest.mark.parametrize("phase", ["serial", "parallel"])
+def test_each_rank_scans_its_share_and_both_get_the_whole_list(two_ranks, tiny_checkpoint, phase):
+    _, results, seen = two_ranks
+    single = data_utils.scan_lengths(SFTDataset(word_samples(COUNT), Tokenizer(tiny_checkpoint), prompt_style="alpaca"), "train")
+    assert len(single) == COUNT and len(set(single)) > 50  # lengths vary, so an out-of-order gather would show
+    assert results[0][phase]["lengths"] == single
+    assert results[1][phase]["lengths"] == single
+    share = (COUNT + 1) // 2
+    (seen_0, processes_0), (seen_1, processes_1) = seen[phase, 0], seen[phase, 1]
+    assert seen_0 == list(range(0, share))  # each index once, and only this rank's share
+    assert seen_1 == list(range(share, COUNT))
+    assert processes_0 == processes_1 == (1 if phase == "serial" else 2)
+
+
+def test_bad_input_on_one_rank_stops_both(two_ranks):
+    _, results, _ = two_ranks
+    assert f"train sample {BAD} has no field 'output'" in results[1]["bad"]["error"]
+    assert "Another rank met bad input in the train split" in results[0]["bad"]["error"]
