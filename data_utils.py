@@ -201,6 +201,23 @@ def over_length_error(lengths_by_split: Mapping[str, Sequence[int]], decision: D
     )
 
 
+def apply_over_length(lengths_by_split: Mapping[str, Sequence[int]], decision: Decision, policy: str) -> dict[str, list[int]]:
+    """The indices each split keeps under ``--seq.over_length``; raises for ``error`` with an over-long sample, and for
+    ``drop`` when it would empty the train or val split."""
+    if policy == "error" and (message := over_length_error(lengths_by_split, decision)):
+        raise UserInputError(message)
+    if policy != "drop":
+        return {split: list(range(len(lengths))) for split, lengths in lengths_by_split.items()}
+    kept = {split: kept_indices(lengths, decision.max_seq_length) for split, lengths in lengths_by_split.items()}
+    for split in ("train", "val"):
+        if split in kept and not kept[split]:
+            raise UserInputError(
+                f"--seq.over_length drop leaves the {split} split empty: all {len(lengths_by_split[split])} samples are longer"
+                f" than max_seq_length {decision.max_seq_length}. Raise --train.max_seq_length or use --seq.over_length truncate."
+            )
+    return kept
+
+
 def kept_indices(lengths: Sequence[int], limit: int) -> list[int]:
     """Indices of the samples that fit in ``limit`` (what ``--seq.over_length drop`` keeps)."""
     return [i for i, n in enumerate(lengths) if n <= limit]

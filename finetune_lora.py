@@ -151,6 +151,7 @@ def setup(
         access_token: API token for gated models on the Hugging Face Hub.
         seq: Sequence-length arguments: headroom, over-length policy, dry run.
     """
+    lora_settings = {name: value for name, value in locals().items() if name.startswith("lora_")}
     data_utils.check_settings(seq.headroom, train.max_seq_length, seq.over_length)
     try:
         validate_args(train, eval)
@@ -160,18 +161,7 @@ def setup(
     data = Alpaca() if data is None else data
     devices = parse_devices(devices)
     out_dir = init_out_dir(out_dir)
-    config = Config.from_file(
-        checkpoint_dir / "model_config.yaml",
-        lora_r=lora_r,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        lora_query=lora_query,
-        lora_key=lora_key,
-        lora_value=lora_value,
-        lora_projection=lora_projection,
-        lora_mlp=lora_mlp,
-        lora_head=lora_head,
-    )
+    config = Config.from_file(checkpoint_dir / "model_config.yaml", **lora_settings)
     precision = precision or get_default_supported_precision(training=True)
     logger = choose_logger(
         logger_name, out_dir, name=f"finetune-{config.name}", log_interval=train.log_interval, log_args=dataclasses.asdict(log)
@@ -196,7 +186,7 @@ def setup(
     fabric = L.Fabric(
         devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=logger, plugins=plugins
     )
-    fabric.launch(main, devices, seed, config, data, checkpoint_dir, out_dir, train, eval, optimizer, num_nodes, precision, seq)
+    fabric.launch(main, config, data, checkpoint_dir, out_dir, train, eval, seq, optimizer, precision, seed, devices, num_nodes)
 
 
 def find_checkpoint_dir(checkpoint_dir: Path, access_token: str | None, need_weights: bool) -> Path:
@@ -218,19 +208,8 @@ def find_checkpoint_dir(checkpoint_dir: Path, access_token: str | None, need_wei
 
 
 def main(
-    fabric: L.Fabric,
-    devices: int,
-    seed: int,
-    config: Config,
-    data: DataModule,
-    checkpoint_dir: Path,
-    out_dir: Path,
-    train: TrainArgs,
-    eval: EvalArgs,
-    optimizer: str | dict,
-    num_nodes: int,
-    precision: str | None,
-    seq: SeqArgs,
+    fabric: L.Fabric, config: Config, data: DataModule, checkpoint_dir: Path, out_dir: Path, train: TrainArgs,
+    eval: EvalArgs, seq: SeqArgs, optimizer: str | dict, precision: str | None, seed: int, devices: int, num_nodes: int,
 ) -> None:
     # 1. Lengths: tokenizer and data only.
     tokenizer = Tokenizer(checkpoint_dir)
@@ -240,18 +219,8 @@ def main(
     decision = data_utils.decide_max_seq_length(lengths, config.block_size, seq.headroom, train.max_seq_length)
     if decision.capped and decision.source == "override":
         fabric.print(f"warning: --train.max_seq_length {decision.wanted} is above the model's block_size {decision.block_size}; using {decision.block_size}.")
-    if seq.over_length == "error" and (message := data_utils.over_length_error(lengths, decision)):
-        raise UserInputError(message)
-
-    kept = {name: list(range(len(n))) for name, n in lengths.items()}
-    if seq.over_length == "drop":
-        kept = {name: data_utils.kept_indices(n, decision.max_seq_length) for name, n in lengths.items()}
-        for name in ("train", "val"):
-            if not kept[name]:
-                raise UserInputError(
-                    f"--seq.over_length drop leaves the {name} split empty: all {len(lengths[name])} samples are longer than"
-                    f" max_seq_length {decision.max_seq_length}. Raise --train.max_seq_length or use --seq.over_length truncate."
-                )
+    kept = data_utils.apply_over_length(lengths, decision, seq.over_length)
+    kept_lengths = {name: [lengths[name][i] for i in kept[name]] for name in kept}  # in the order the loaders see
     report = build_report(lengths, kept, decision, seq)
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -273,15 +242,14 @@ def main(
     splits = load_splits(fabric, data, tokenizer, train.micro_batch_size, max_seq_length=decision.max_seq_length)
     train_loader = keep_samples(splits["train"], kept["train"])
     val_loader = keep_samples(splits["val"], kept["val"])
-    train_lengths = [lengths["train"][i] for i in kept["train"]]  # in the order of train_loader.dataset
     if seq.group_by_length:
-        sampler = GroupedBatchSampler(train_lengths, train.micro_batch_size, seed, fabric.global_rank, fabric.world_size)
+        sampler = GroupedBatchSampler(kept_lengths["train"], train.micro_batch_size, seed, fabric.global_rank, fabric.world_size)
         train_loader = DataLoader(train_loader.dataset, batch_sampler=sampler, num_workers=train_loader.num_workers, collate_fn=train_loader.collate_fn)
         train_loader = fabric.setup_dataloaders(train_loader, use_distributed_sampler=False)  # it splits by rank itself
         val_loader = fabric.setup_dataloaders(val_loader)
     else:
         train_loader, val_loader = fabric.setup_dataloaders(train_loader, val_loader)
-    report["batches"] = measure_padding(fabric, train_loader, train_lengths, decision.max_seq_length)
+    report["batches"] = measure_padding(fabric, train_loader, kept_lengths["train"], decision.max_seq_length)
     report["batches"].update(micro_batch_size=train.micro_batch_size, group_by_length=seq.group_by_length)
     if fabric.global_rank == 0:
         write_report(out_dir, report)
@@ -311,14 +279,15 @@ def main(
 
     # 3. Rehearse the worst case (the longest micro-batches), then train, validate, save.
     if seq.rehearse:
-        loaders = {"train": train_loader, "val": val_loader}
-        loader_lengths = {name: [lengths[name][i] for i in kept[name]] for name in loaders}
-        batches = rehearsal_batches(loaders, loader_lengths, train.micro_batch_size)
+        batches = rehearsal_batches({"train": train_loader, "val": val_loader}, kept_lengths, train.micro_batch_size)
         report["rehearsal"] = rehearse(fabric, model, optimizer, batches, train, decision)
         if fabric.global_rank == 0:
             write_report(out_dir, report)
     started = time.perf_counter()
-    token_counts = fit(fabric, model, optimizer, scheduler, train_loader, val_loader, devices, num_nodes, checkpoint_dir, out_dir, train, eval, data, tokenizer, decision, verify=not seq.rehearse)
+    token_counts = fit(
+        fabric, model, optimizer, scheduler, train_loader, val_loader, data, tokenizer, checkpoint_dir, out_dir, train, eval,
+        decision, devices, num_nodes, verify=not seq.rehearse,
+    )
     fabric.print(create_finetuning_performance_report(time.perf_counter() - started, token_counts, fabric.device.type))
 
     if eval.final_validation:
@@ -604,22 +573,9 @@ def out_of_memory_message(device: torch.device, split: str, shape: list[int], de
 
 
 def fit(
-    fabric: L.Fabric,
-    model: GPT,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    train_loader: DataLoader,
-    val_loader: DataLoader,
-    devices: int,
-    num_nodes: int,
-    checkpoint_dir: Path,
-    out_dir: Path,
-    train: TrainArgs,
-    eval: EvalArgs,
-    data: DataModule,
-    tokenizer: Tokenizer,
-    decision: data_utils.Decision,
-    verify: bool = True,
+    fabric: L.Fabric, model: GPT, optimizer: torch.optim.Optimizer, scheduler, train_loader: DataLoader, val_loader: DataLoader,
+    data: DataModule, tokenizer: Tokenizer, checkpoint_dir: Path, out_dir: Path, train: TrainArgs, eval: EvalArgs,
+    decision: data_utils.Decision, devices: int, num_nodes: int, verify: bool = True,
 ) -> dict:
     """The training loop. max_seq_length was settled before the model was built; nothing here changes it.
 

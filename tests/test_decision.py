@@ -124,3 +124,15 @@ def test_histogram_marks_the_limits():
     text = data_utils.histogram([10, 20, 30, 120], max_seq_length=100, block_size=2048, bins=4)
     marked = [line for line in text.splitlines() if "max_seq_length 100" in line]
     assert len(marked) == 1 and "block_size 2048 is beyond" in text
+
+
+def test_apply_over_length_policies():
+    lengths = {"train": [10, 70, 20], "val": [60, 5]}
+    decision = decide_max_seq_length(lengths, block_size=100, override=50)
+    everything = {"train": [0, 1, 2], "val": [0, 1]}
+    assert data_utils.apply_over_length(lengths, decision, "truncate") == everything
+    assert data_utils.apply_over_length(lengths, decision, "drop") == {"train": [0, 2], "val": [1]}
+    with pytest.raises(UserInputError, match=r"train\[1\] = 70"):
+        data_utils.apply_over_length(lengths, decision, "error")
+    with pytest.raises(UserInputError, match="leaves the val split empty"):
+        data_utils.apply_over_length({"train": [10], "val": [60]}, decision, "drop")
