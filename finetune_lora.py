@@ -149,7 +149,7 @@ def setup(
         logger_name: Where metrics go: csv, tensorboard, wandb, ...
         seed: Random seed.
         access_token: API token for gated models on the Hugging Face Hub.
-        seq: Sequence-length arguments: headroom, over-length policy, dry run.
+        seq: Sequence-length arguments: headroom, over-length policy, dry run, scan workers, grouping, rehearsal.
     """
     lora_settings = {name: value for name, value in locals().items() if name.startswith("lora_")}
     data_utils.check_settings(seq.headroom, train.max_seq_length, seq.over_length)
