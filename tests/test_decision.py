@@ -1,7 +1,6 @@
 """The length decision and the report, on plain lists."""
 
 import json
-import math
 
 import pytest
 from hypothesis import given
