@@ -204,3 +204,22 @@ def test_bad_input_is_a_clear_error(tiny_checkpoint, make_data, tmp_path, case, 
     for fragment in expected:
         assert fragment in run.stderr, (fragment, run.stderr[-2000:])
     assert not (out / "final").exists()
+
+
+def test_a_test_split_is_scanned_too(tiny_checkpoint, make_data):
+    """A data module with a test_dataloader gets its test split scanned and counted in the decision."""
+    import lightning as L
+
+    import finetune_lora
+    from litgpt.data import JSON
+    from litgpt.tokenizer import Tokenizer
+
+    class WithTest(JSON):
+        def test_dataloader(self):
+            return self.val_dataloader()
+
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    splits = finetune_lora.load_splits(fabric, WithTest(json_path=make_data([100, 120], [90, 95])), Tokenizer(tiny_checkpoint), 1, None)
+    assert list(splits) == ["train", "val", "test"]
+    plain = finetune_lora.load_splits(fabric, JSON(json_path=make_data([100, 120], [90, 95], name="plain")), Tokenizer(tiny_checkpoint), 1, None)
+    assert list(plain) == ["train", "val"]
