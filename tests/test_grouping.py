@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import read_report, run_cli
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
@@ -61,7 +61,10 @@ def test_every_sample_exactly_once_in_sorted_batches(lengths, micro_batch_size, 
 @given(lengths=lengths_strategy, micro_batch_size=st.integers(1, 16), seed=st.integers(0, 2**32), shuffle_seed=st.integers(0, 2**32))
 def test_one_megabatch_sorts_everything_and_never_pads_more_than_random(lengths, micro_batch_size, seed, shuffle_seed):
     """With one megabatch the micro-batches are consecutive runs of the sorted lengths: their length ranges do not
-    overlap, and no batching into micro-batches of that size pads less."""
+    overlap, and, when every micro-batch is full, no batching into micro-batches of that size pads less. (With a short
+    last micro-batch that can fail: [1, 2, 1] by 2 pads to 5 sorted, but to 4 as [1, 1], [2].)"""
+    lengths = lengths[: len(lengths) // micro_batch_size * micro_batch_size]
+    assume(lengths)
     megabatch_size = math.ceil(len(lengths) / micro_batch_size)
     batches = grouped_batches(lengths, micro_batch_size, seed, 0, megabatch_size)
     ranges = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in batches)
