@@ -10,6 +10,7 @@ Everything before "build GPT" needs only the tokenizer and the data. The length 
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import random
@@ -18,6 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 import lightning as L
@@ -33,7 +35,7 @@ from torchmetrics import RunningMean
 
 import data_utils
 from data_utils import UserInputError
-from litgpt.args import EvalArgs, LogArgs, TrainArgs
+from litgpt.args import EvalArgs, TrainArgs
 from litgpt.data import Alpaca, DataModule
 from litgpt.finetune.lora import (
     generate_example,
@@ -43,27 +45,16 @@ from litgpt.finetune.lora import (
     validate,
     validate_args,
 )
+from litgpt.finetune.lora import setup as litgpt_finetune_lora
 from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
 from litgpt.parser_config import save_hyperparameters
 from litgpt.prompts import save_prompt_style
 from litgpt.scripts.merge_lora import merge_lora
 from litgpt.tokenizer import Tokenizer
-from litgpt.types import LoggerChoice
-from litgpt.utils import (
-    CLI,
-    CycleIterator,
-    auto_download_checkpoint,
-    choose_logger,
-    chunked_cross_entropy,
-    copy_config_files,
-    create_finetuning_performance_report,
-    get_default_supported_precision,
-    init_out_dir,
-    instantiate_bnb_optimizer,
-    instantiate_torch_optimizer,
-    load_checkpoint,
-    num_parameters,
-    parse_devices,
+from litgpt.utils import (  # building blocks, imported rather than rewritten
+    CLI, CycleIterator, auto_download_checkpoint, choose_logger, chunked_cross_entropy, copy_config_files,
+    create_finetuning_performance_report, get_default_supported_precision, init_out_dir, instantiate_bnb_optimizer,
+    instantiate_torch_optimizer, load_checkpoint, num_parameters, parse_devices,
 )
 
 
@@ -88,96 +79,55 @@ class SeqArgs:
     (forward), then undo everything (gradients, RNG), so a length or memory failure shows in the first minute."""
 
 
-def setup(
-    checkpoint_dir: Path,
-    out_dir: Path = Path("out/finetune/lora"),
-    precision: str | None = None,
-    quantize: Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8-training"] | None = None,
-    devices: int | str = 1,
-    num_nodes: int = 1,
-    lora_r: int = 8,
-    lora_alpha: int = 16,
-    lora_dropout: float = 0.05,
-    lora_query: bool = True,
-    lora_key: bool = False,
-    lora_value: bool = True,
-    lora_projection: bool = False,
-    lora_mlp: bool = False,
-    lora_head: bool = False,
-    data: DataModule | None = None,
-    train: TrainArgs = TrainArgs(
-        save_interval=1000,
-        log_interval=1,
-        global_batch_size=16,
-        micro_batch_size=1,
-        lr_warmup_steps=100,
-        epochs=5,
-        max_seq_length=None,
-        max_time=None,
-    ),
-    log: LogArgs = LogArgs(),
-    eval: EvalArgs = EvalArgs(interval=100, max_new_tokens=100, max_iters=100),
-    optimizer: str | dict = "AdamW",
-    logger_name: LoggerChoice = "csv",
-    seed: int = 1337,
-    access_token: str | None = None,
-    seq: SeqArgs = SeqArgs(),
-) -> None:
-    """Fine-tune a model with LoRA, with max_seq_length decided from train, val (and test) before the model is built.
+def litgpt_flags_and_seq(function):
+    """Gives ``function`` the signature and argument docs of litgpt's own ``finetune_lora`` plus ``seq``: the CLI
+    (jsonargparse reads both) then takes every upstream flag with its default and help, and stays in step with it."""
+    upstream = litgpt_finetune_lora
+    seq = inspect.Parameter("seq", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=SeqArgs(), annotation=SeqArgs)
+    function.__signature__ = inspect.signature(upstream).replace(parameters=[*inspect.signature(upstream).parameters.values(), seq])
+    upstream_arguments = upstream.__doc__.partition("Arguments:")[2].rstrip()
+    function.__doc__ += (
+        f"\n\n    Arguments:{upstream_arguments}\n"
+        "        seq: Sequence-length arguments (new here): headroom, over-length policy, dry run, scan workers, grouping,"
+        " rehearsal.\n    "
+    )
+    return function
 
-    Arguments:
-        checkpoint_dir: The base model's checkpoint directory (model_config.yaml, tokenizer, lit_model.pth).
-        out_dir: Where checkpoints, logs and the length report (seq_lengths.json) go.
-        precision: "bf16-true", "bf16-mixed", "32-true", ... Default: the best the device supports.
-        quantize: Quantize the base model with this bitsandbytes algorithm.
-        devices: How many devices (GPUs) to use.
-        num_nodes: How many nodes to use.
-        lora_r: LoRA rank.
-        lora_alpha: LoRA alpha.
-        lora_dropout: LoRA dropout.
-        lora_query: Apply LoRA to the attention query weights.
-        lora_key: Apply LoRA to the attention key weights.
-        lora_value: Apply LoRA to the attention value weights.
-        lora_projection: Apply LoRA to the attention output projection.
-        lora_mlp: Apply LoRA to the MLP weights.
-        lora_head: Apply LoRA to the output head.
-        data: The data module. Default: ``litgpt.data.Alpaca``.
-        train: Training arguments (``litgpt.args.TrainArgs``). ``max_seq_length`` overrides the size taken from the data.
-        log: Logger arguments (``litgpt.args.LogArgs``).
-        eval: Evaluation arguments (``litgpt.args.EvalArgs``).
-        optimizer: An optimizer name (such as "AdamW") or config.
-        logger_name: Where metrics go: csv, tensorboard, wandb, ...
-        seed: Random seed.
-        access_token: API token for gated models on the Hugging Face Hub.
-        seq: Sequence-length arguments: headroom, over-length policy, dry run, scan workers, grouping, rehearsal.
-    """
-    lora_settings = {name: value for name, value in locals().items() if name.startswith("lora_")}
+
+@litgpt_flags_and_seq
+def setup(*args, **kwargs) -> None:
+    """Fine-tune a model with LoRA, with max_seq_length decided from train, val (and test) before the model is built."""
+    given = setup.__signature__.bind(*args, **kwargs)
+    given.apply_defaults()
+    a = SimpleNamespace(**given.arguments)
+    lora_settings = {name: value for name, value in given.arguments.items() if name.startswith("lora_")}
+    train, eval, seq = a.train, a.eval, a.seq
     data_utils.check_settings(seq.headroom, train.max_seq_length, seq.over_length)
     try:
         validate_args(train, eval)
     except ValueError as problem:
         raise UserInputError(str(problem)) from None
-    checkpoint_dir = find_checkpoint_dir(checkpoint_dir, access_token, need_weights=not seq.dry_run)
-    data = Alpaca() if data is None else data
-    devices = parse_devices(devices)
-    out_dir = init_out_dir(out_dir)
+    checkpoint_dir = find_checkpoint_dir(Path(a.checkpoint_dir), a.access_token, need_weights=not seq.dry_run)
+    data = Alpaca() if a.data is None else a.data
+    devices, num_nodes = parse_devices(a.devices), a.num_nodes
+    out_dir = init_out_dir(Path(a.out_dir))
     config = Config.from_file(checkpoint_dir / "model_config.yaml", **lora_settings)
-    precision = precision or get_default_supported_precision(training=True)
+    precision = a.precision or get_default_supported_precision(training=True)
     logger = choose_logger(
-        logger_name, out_dir, name=f"finetune-{config.name}", log_interval=train.log_interval, log_args=dataclasses.asdict(log)
+        a.logger_name, out_dir, name=f"finetune-{config.name}", log_interval=train.log_interval, log_args=dataclasses.asdict(a.log)
     )
 
     plugins = None
-    if quantize is not None and quantize.startswith("bnb."):
+    if a.quantize is not None and a.quantize.startswith("bnb."):
         if "mixed" in precision:
             raise UserInputError("--quantize cannot be combined with a mixed --precision; use e.g. bf16-true.")
         dtype = {"16-true": torch.float16, "bf16-true": torch.bfloat16, "32-true": torch.float32}[precision]
-        plugins = BitsandbytesPrecision(quantize[4:], dtype)
+        plugins = BitsandbytesPrecision(a.quantize[4:], dtype)
         precision = None
 
     strategy = "auto"
     if devices * num_nodes > 1:
-        if quantize:
+        if a.quantize:
             raise UserInputError("--quantize works on a single device only: set --devices 1 --num_nodes 1.")
         strategy = ModelParallelStrategy(
             parallelize_fn=parallelize_fn, data_parallel_size=devices * num_nodes, tensor_parallel_size=1
@@ -186,7 +136,7 @@ def setup(
     fabric = L.Fabric(
         devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=logger, plugins=plugins
     )
-    fabric.launch(main, config, data, checkpoint_dir, out_dir, train, eval, seq, optimizer, precision, seed, devices, num_nodes)
+    fabric.launch(main, config, data, checkpoint_dir, out_dir, train, eval, seq, a.optimizer, precision, a.seed, devices, num_nodes)
 
 
 def find_checkpoint_dir(checkpoint_dir: Path, access_token: str | None, need_weights: bool) -> Path:
@@ -228,7 +178,7 @@ def main(
             dropped = [
                 (name, i, n[i], splits[name].dataset.data[i])
                 for name, n in lengths.items()
-                for i in sorted(set(range(len(n))) - set(kept[name]))
+                for i in data_utils.over_limit(n, decision.max_seq_length)
             ]
             data_utils.write_dropped(out_dir / "dropped_samples.jsonl", dropped)
         print_report(fabric, report, lengths, decision)
@@ -655,16 +605,7 @@ def fit(
             fabric.log_dict(metrics, step=iteration)
 
         if not accumulating and step % eval.interval == 0:
-            validation_started = time.perf_counter()
-            loss_now = validate(fabric, model, val_loader, eval)
-            if fabric.global_rank == 0:
-                generate_example(fabric, model, tokenizer, eval, data)
-            fabric.barrier()
-            mean_loss = fabric.all_reduce(loss_now.detach().clone().to(fabric.device), reduce_op="mean")
-            val_loss = f"{mean_loss.item():.3f}"
-            fabric.print(f"iter {iteration}: val loss {mean_loss.item():.4f}, val time: {(time.perf_counter() - validation_started) * 1000:.2f} ms")
-            fabric.log_dict({"val_loss": mean_loss, "val_ppl": math.exp(mean_loss)}, step=iteration)
-            fabric.barrier()
+            val_loss = periodic_validation(fabric, model, val_loader, eval, tokenizer, data, iteration)
 
         if train.save_interval is not None and not accumulating and step % train.save_interval == 0:
             save_checkpoint(fabric, model, out_dir / f"step-{step:06d}", checkpoint_dir, data, decision)
@@ -675,6 +616,19 @@ def fit(
         "raw_tokens_plus_prompt_template": totals["template"],
         "raw_tokens_plus_prompt_template_and_padding": totals["padded"],
     }
+
+
+def periodic_validation(fabric: L.Fabric, model, val_loader: DataLoader, eval: EvalArgs, tokenizer: Tokenizer, data: DataModule, iteration: int) -> str:
+    """Validation during training: the val loss averaged over the ranks, printed and logged, and (on rank 0) an
+    example generated from the model. Returns the loss as the progress lines show it."""
+    started = time.perf_counter()
+    rank_loss = validate(fabric, model, val_loader, eval)
+    if fabric.global_rank == 0:
+        generate_example(fabric, model, tokenizer, eval, data)
+    loss = fabric.all_reduce(rank_loss.to(fabric.device), reduce_op="mean")  # a collective: every rank waits here
+    fabric.print(f"iter {iteration}: val loss {loss.item():.4f}, val time: {(time.perf_counter() - started) * 1000:.2f} ms")
+    fabric.log_dict({"val_loss": loss, "val_ppl": math.exp(loss)}, step=iteration)
+    return f"{loss.item():.3f}"
 
 
 def save_checkpoint(fabric: L.Fabric, model, directory: Path, checkpoint_dir: Path, data: DataModule, decision: data_utils.Decision) -> None:
