@@ -6,18 +6,26 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo_run
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test test-fast lint demo bench clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 venv: $(VENV)/.installed
 
-test: venv
+test: venv lint
 	$(PY) -m pytest -q
+
+test-fast: venv  # pure and in-process tests only (seconds)
+	$(PY) -m pytest -q -m "not e2e"
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 demo: venv
 	rm -rf $(DEMO_DIR)
@@ -31,4 +39,4 @@ bench: venv
 	$(PY) bench/padding.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .hypothesis build *.egg-info

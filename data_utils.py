@@ -142,11 +142,17 @@ class Decision:
 def check_settings(headroom: float, override: int | None, over_length: str) -> None:
     """Fail early, with the flag to change, on settings that can never work."""
     if not (isinstance(headroom, (int, float)) and headroom >= 0 and math.isfinite(headroom)):
-        raise UserInputError(f"--seq.headroom must be a number >= 0 (0.1 means 10% above the longest sample), got {headroom!r}.")
+        raise UserInputError(
+            f"--seq.headroom must be a number >= 0 (0.1 means 10% above the longest sample), got {headroom!r}."
+        )
     if override is not None and override < 1:
-        raise UserInputError(f"--train.max_seq_length must be at least 1 (or left unset to size it from the data), got {override}.")
+        raise UserInputError(
+            f"--train.max_seq_length must be at least 1 (or left unset to size it from the data), got {override}."
+        )
     if over_length not in OVER_LENGTH_POLICIES:
-        raise UserInputError(f"--seq.over_length must be one of {', '.join(OVER_LENGTH_POLICIES)}, got {over_length!r}.")
+        raise UserInputError(
+            f"--seq.over_length must be one of {', '.join(OVER_LENGTH_POLICIES)}, got {over_length!r}."
+        )
 
 
 def decide_max_seq_length(
@@ -181,13 +187,23 @@ def decide_max_seq_length(
 
 
 def over_limit(lengths: Sequence[int], limit: int) -> list[int]:
-    """Indices of the samples longer than ``limit``."""
+    """Indices of the samples longer than ``limit``: the one place that says which samples do not fit."""
     return [i for i, n in enumerate(lengths) if n > limit]
+
+
+def cut_by(lengths: Sequence[int], limit: int) -> tuple[int, int]:
+    """What ``limit`` cuts from ``lengths``: (samples longer than it, tokens beyond it)."""
+    over = [lengths[i] for i in over_limit(lengths, limit)]
+    return len(over), sum(over) - limit * len(over)
 
 
 def over_length_error(lengths_by_split: Mapping[str, Sequence[int]], decision: Decision, shown: int = 5) -> str | None:
     """The message for ``--seq.over_length error``, or None when every sample fits."""
-    offenders = [(split, i, lengths[i]) for split, lengths in lengths_by_split.items() for i in over_limit(lengths, decision.max_seq_length)]
+    offenders = [
+        (split, i, lengths[i])
+        for split, lengths in lengths_by_split.items()
+        for i in over_limit(lengths, decision.max_seq_length)
+    ]
     if not offenders:
         return None
     listed = ", ".join(f"{split}[{i}] = {n}" for split, i, n in offenders[:shown])
@@ -201,14 +217,19 @@ def over_length_error(lengths_by_split: Mapping[str, Sequence[int]], decision: D
     )
 
 
-def apply_over_length(lengths_by_split: Mapping[str, Sequence[int]], decision: Decision, policy: str) -> dict[str, list[int]]:
+def apply_over_length(
+    lengths_by_split: Mapping[str, Sequence[int]], decision: Decision, policy: str
+) -> dict[str, list[int]]:
     """The indices each split keeps under ``--seq.over_length``; raises for ``error`` with an over-long sample, and for
     ``drop`` when it would empty the train or val split."""
     if policy == "error" and (message := over_length_error(lengths_by_split, decision)):
         raise UserInputError(message)
     if policy != "drop":
         return {split: list(range(len(lengths))) for split, lengths in lengths_by_split.items()}
-    kept = {split: kept_indices(lengths, decision.max_seq_length) for split, lengths in lengths_by_split.items()}
+    kept = {}
+    for split, lengths in lengths_by_split.items():
+        over = set(over_limit(lengths, decision.max_seq_length))
+        kept[split] = [i for i in range(len(lengths)) if i not in over]
     for split in ("train", "val"):
         if split in kept and not kept[split]:
             raise UserInputError(
@@ -216,11 +237,6 @@ def apply_over_length(lengths_by_split: Mapping[str, Sequence[int]], decision: D
                 f" than max_seq_length {decision.max_seq_length}. Raise --train.max_seq_length or use --seq.over_length truncate."
             )
     return kept
-
-
-def kept_indices(lengths: Sequence[int], limit: int) -> list[int]:
-    """Indices of the samples that fit in ``limit`` (what ``--seq.over_length drop`` keeps)."""
-    return [i for i, n in enumerate(lengths) if n <= limit]
 
 
 def longest_batch(lengths: Sequence[int], batch_size: int) -> list[int]:
@@ -238,7 +254,10 @@ def write_dropped(path: Path, dropped: Sequence[tuple[str, int, int, object]]) -
     """One JSON line per dropped sample: its split, index, length and the sample itself, unchanged."""
     with open(path, "w", encoding="utf-8") as f:
         for split, index, length, sample in dropped:
-            f.write(json.dumps({"split": split, "index": index, "length": length, "sample": sample}, ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps({"split": split, "index": index, "length": length, "sample": sample}, ensure_ascii=False)
+                + "\n"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,9 +272,13 @@ def percentile(sorted_lengths: Sequence[int], p: float) -> int:
 
 
 def split_stats(lengths: Sequence[int], limit: int) -> dict:
-    """Count, spread, and what ``limit`` does to one split."""
+    """Count, spread, and what ``limit`` does to one split (an empty split has only its count)."""
+    if not lengths:
+        empty = dict.fromkeys(("min", "mean", "p50", "p90", "p99", "max", "argmax"))
+        return {"count": 0, **empty, "over_limit": 0, "tokens_truncated": 0}
     ordered = sorted(lengths)
     longest = ordered[-1]
+    samples_cut, tokens_cut = cut_by(lengths, limit)
     return {
         "count": len(lengths),
         "min": ordered[0],
@@ -265,8 +288,8 @@ def split_stats(lengths: Sequence[int], limit: int) -> dict:
         "p99": percentile(ordered, 99),
         "max": longest,
         "argmax": lengths.index(longest),
-        "over_limit": sum(n > limit for n in lengths),
-        "tokens_truncated": sum(n - limit for n in lengths if n > limit),
+        "over_limit": samples_cut,
+        "tokens_truncated": tokens_cut,
     }
 
 
@@ -283,19 +306,24 @@ def what_if(lengths: Sequence[int], block_size: int, chosen: int | None = None) 
     while power <= block_size:
         labels.setdefault(power, [])
         power *= 2
-    for name, value in (("p90", percentile(ordered, 90)), ("p95", percentile(ordered, 95)), ("p99", percentile(ordered, 99)), ("max", ordered[-1])):
+    for name, value in (
+        ("p90", percentile(ordered, 90)),
+        ("p95", percentile(ordered, 95)),
+        ("p99", percentile(ordered, 99)),
+        ("max", ordered[-1]),
+    ):
         labels.setdefault(value, []).append(name)
     rows = []
     for limit in sorted(labels):
-        cut = [n for n in ordered if n > limit]
+        samples_cut, tokens_cut = cut_by(ordered, limit)
         rows.append(
             {
                 "max_seq_length": limit,
                 "label": "/".join(labels[limit]),
-                "samples_cut": len(cut),
-                "samples_cut_share": len(cut) / len(ordered),
-                "tokens_cut": sum(cut) - limit * len(cut),
-                "tokens_cut_share": (sum(cut) - limit * len(cut)) / total_tokens,
+                "samples_cut": samples_cut,
+                "samples_cut_share": samples_cut / len(ordered),
+                "tokens_cut": tokens_cut,
+                "tokens_cut_share": tokens_cut / total_tokens,
             }
         )
     return rows
@@ -305,12 +333,16 @@ def format_what_if(rows: Sequence[dict], block_size: int) -> str:
     lines = ["what if max_seq_length were ...   samples cut    tokens cut"]
     for row in rows:
         label = "/".join(filter(None, [row["label"], "block_size" if row["max_seq_length"] == block_size else ""]))
-        lines.append(f"  {row['max_seq_length']:>7} {label:<20} {row['samples_cut_share']:>10.1%}  {row['tokens_cut_share']:>11.2%}")
+        lines.append(
+            f"  {row['max_seq_length']:>7} {label:<20} {row['samples_cut_share']:>10.1%}  {row['tokens_cut_share']:>11.2%}"
+        )
     return "\n".join(lines)
 
 
 def histogram(lengths: Sequence[int], max_seq_length: int, block_size: int, bins: int = 12, width: int = 40) -> str:
     """A terminal histogram of lengths, with the bins that hold max_seq_length and block_size marked."""
+    if not lengths:
+        return "  (no samples)"
     top = max(max(lengths), max_seq_length)
     step = max(1, math.ceil(top / bins))
     counts = [0] * math.ceil((top + 1) / step)
@@ -320,7 +352,11 @@ def histogram(lengths: Sequence[int], max_seq_length: int, block_size: int, bins
     lines = []
     for b, count in enumerate(counts):
         lo, hi = b * step, (b + 1) * step - 1
-        marks = [f"{name} {value}" for name, value in (("max_seq_length", max_seq_length), ("block_size", block_size)) if lo <= value <= hi]
+        marks = [
+            f"{name} {value}"
+            for name, value in (("max_seq_length", max_seq_length), ("block_size", block_size))
+            if lo <= value <= hi
+        ]
         bar = "#" * math.ceil(width * count / peak) if count else ""
         lines.append(f"  {lo:>6}-{hi:<6} {bar:<{width}} {count:>7}" + (f"  <- {', '.join(marks)}" if marks else ""))
     if block_size > top:
@@ -379,7 +415,9 @@ def grouped_batches(
     return [list(batches[step * world_size + rank]) for step in step_order]
 
 
-def padding_efficiency(batches: Sequence[Sequence[int]], lengths: Sequence[int], max_seq_length: int | None = None) -> dict:
+def padding_efficiency(
+    batches: Sequence[Sequence[int]], lengths: Sequence[int], max_seq_length: int | None = None
+) -> dict:
     """Real and padded tokens of ``batches`` (index lists into ``lengths``), as the model receives them.
 
     A micro-batch is padded to its longest sample, and every sample is cut at ``max_seq_length`` (when given):
@@ -399,3 +437,35 @@ def padding_efficiency(batches: Sequence[Sequence[int]], lengths: Sequence[int],
         "padded_tokens": int(padded),
         "efficiency": real / padded if padded else 1.0,
     }
+
+
+def estimate_padding(
+    lengths: Sequence[int],
+    micro_batch_size: int,
+    max_seq_length: int,
+    group_by_length: bool,
+    seed: int,
+    world_size: int = 1,
+) -> dict:
+    """Padding of one training epoch, estimated before training from the plan alone, summed over the ranks.
+
+    Grouped batches are a function of (seed, epoch), so epoch 1 is computed exactly. Random batches depend on the
+    loader's generator: this is one equally likely epoch (samples shuffled with ``seed``, cut into micro-batches,
+    dealt to the ranks), not necessarily the one the run will draw. The run's exact counts come from ``fit``.
+    """
+    if group_by_length:
+        batches = [
+            b
+            for rank in range(world_size)
+            for b in grouped_batches(lengths, micro_batch_size, seed, 0, rank=rank, world_size=world_size)
+        ]
+    else:
+        import random
+
+        order = list(range(len(lengths)))
+        random.Random(f"estimate/{seed}").shuffle(order)
+        shares = [order[rank::world_size] for rank in range(world_size)]  # as DistributedSampler deals them
+        batches = [share[j : j + micro_batch_size] for share in shares for j in range(0, len(share), micro_batch_size)]
+    estimate = padding_efficiency(batches, lengths, max_seq_length)
+    estimate["efficiency"] = round(estimate["efficiency"], 6)
+    return estimate

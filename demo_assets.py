@@ -21,9 +21,8 @@ SPECIALS = ["<unk>", "<s>", "</s>"]
 
 def build_tokenizer(directory: Path, extra_words=()) -> None:
     """A word-level Hugging Face tokenizer.json (+ tokenizer_config.json with BOS on) over the demo vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     from litgpt.prompts import Alpaca
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
     split_words = pre_tokenizers.Whitespace()
     templates = Alpaca().apply("x", input="y") + Alpaca().apply("x")
@@ -34,14 +33,22 @@ def build_tokenizer(directory: Path, extra_words=()) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(
-        json.dumps({"add_bos_token": True, "bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"})
+        json.dumps(
+            {
+                "add_bos_token": True,
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "tokenizer_class": "PreTrainedTokenizerFast",
+            }
+        )
     )
 
 
-def build_checkpoint(directory: Path, block_size: int = 2048, n_layer: int = 2, n_embd: int = 32, seed: int = 0) -> None:
+def build_checkpoint(
+    directory: Path, block_size: int = 2048, n_layer: int = 2, n_embd: int = 32, seed: int = 0
+) -> None:
     """model_config.yaml + random-weight lit_model.pth of a tiny GPT, beside the tokenizer in ``directory``."""
     import torch
-
     from litgpt import GPT, Config
     from litgpt.utils import save_config
 

@@ -24,18 +24,16 @@ import time
 from pathlib import Path
 
 import torch
+from litgpt.data import SFTDataset
+from litgpt.data.base import get_sft_collate_fn
+from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
+from litgpt.prompts import Alpaca
+from litgpt.tokenizer import Tokenizer
+
+import data_utils
+from training_loss import train_loss
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import data_utils  # noqa: E402
-from litgpt.data import SFTDataset  # noqa: E402
-from litgpt.data.base import get_sft_collate_fn  # noqa: E402
-from litgpt.lora import GPT, Config, mark_only_lora_as_trainable  # noqa: E402
-from litgpt.prompts import Alpaca  # noqa: E402
-from litgpt.tokenizer import Tokenizer  # noqa: E402
-from litgpt.utils import chunked_cross_entropy  # noqa: E402
-
 SHARED = ROOT.parent / "shared"
 SEED = 42  # litgpt's data modules' default seed
 
@@ -52,17 +50,40 @@ def random_batches(n: int, micro_batch_size: int, epoch: int) -> list[list[int]]
 
 
 def efficiency(lengths: list[int], micro_batch_size: int, epochs: int) -> tuple[float, float]:
-    shuffled = [data_utils.padding_efficiency(random_batches(len(lengths), micro_batch_size, e), lengths)["efficiency"] for e in range(epochs)]
-    grouped = [data_utils.padding_efficiency(data_utils.grouped_batches(lengths, micro_batch_size, SEED, e), lengths)["efficiency"] for e in range(epochs)]
+    shuffled = [
+        data_utils.padding_efficiency(random_batches(len(lengths), micro_batch_size, e), lengths)["efficiency"]
+        for e in range(epochs)
+    ]
+    grouped = [
+        data_utils.padding_efficiency(data_utils.grouped_batches(lengths, micro_batch_size, SEED, e), lengths)[
+            "efficiency"
+        ]
+        for e in range(epochs)
+    ]
     return statistics.mean(shuffled), statistics.mean(grouped)
 
 
 def tiny_model() -> GPT:
     torch.manual_seed(0)
     config = Config(
-        name="bench-tiny", block_size=1024, vocab_size=32000, padded_vocab_size=32000, n_layer=2, n_head=4, n_embd=64,
-        rotary_percentage=1.0, parallel_residual=False, bias=False, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
-        intermediate_size=128, lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_query=True, lora_value=True,
+        name="bench-tiny",
+        block_size=1024,
+        vocab_size=32000,
+        padded_vocab_size=32000,
+        n_layer=2,
+        n_head=4,
+        n_embd=64,
+        rotary_percentage=1.0,
+        parallel_residual=False,
+        bias=False,
+        norm_class_name="RMSNorm",
+        mlp_class_name="LLaMAMLP",
+        intermediate_size=128,
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        lora_query=True,
+        lora_value=True,
     )
     model = GPT(config)
     mark_only_lora_as_trainable(model)
@@ -73,10 +94,7 @@ def tiny_model() -> GPT:
 def train_step(model: GPT, optimizer: torch.optim.Optimizer, batch: dict) -> float:
     """Forward, backward and an optimizer step on one micro-batch, as fit runs them; returns the seconds taken."""
     started = time.perf_counter()
-    logits = model(batch["input_ids"], lm_head_chunk_size=128)
-    logits[-1] = logits[-1][..., :-1, :]
-    loss = chunked_cross_entropy(logits, batch["labels"][..., 1:])
-    loss.backward()
+    train_loss(model, batch).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - started
@@ -108,8 +126,16 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tokenizer = Tokenizer(SHARED / "tokenizers" / "llama2-sentencepiece")
     model = tiny_model()
-    warm_up = get_sft_collate_fn()([{"input_ids": torch.ones(64, dtype=torch.long), "labels": torch.ones(64, dtype=torch.long),
-                                    "token_counts": {"raw": 64, "raw_plus_prompt_template": 64}}] * 2)
+    warm_up = get_sft_collate_fn()(
+        [
+            {
+                "input_ids": torch.ones(64, dtype=torch.long),
+                "labels": torch.ones(64, dtype=torch.long),
+                "token_counts": {"raw": 64, "raw_plus_prompt_template": 64},
+            }
+        ]
+        * 2
+    )
     timed_runs(model, {"warm-up": [warm_up] * 2})
     rows = []
     for name in args.data:
@@ -121,20 +147,33 @@ def main() -> None:
             chosen = random.Random(SEED).sample(range(len(lengths)), min(args.time_samples, len(lengths)))
             shuffled = [chosen[i : i + micro_batch_size] for i in range(0, len(chosen), micro_batch_size)]
             subset_lengths = [lengths[i] for i in chosen]
-            grouped = [[chosen[j] for j in batch] for batch in data_utils.grouped_batches(subset_lengths, micro_batch_size, SEED, 0)]
+            grouped = [
+                [chosen[j] for j in batch]
+                for batch in data_utils.grouped_batches(subset_lengths, micro_batch_size, SEED, 0)
+            ]
             steps = len(shuffled)
             timed = None
             if name in args.time:
                 runs = {"random": shuffled, "grouped": grouped}
-                seconds = timed_runs(model, {label: [collate([dataset[i] for i in b]) for b in batches] for label, batches in runs.items()})
+                seconds = timed_runs(
+                    model,
+                    {label: [collate([dataset[i] for i in b]) for b in batches] for label, batches in runs.items()},
+                )
                 timed = {label: (seconds[label], data_utils.padding_efficiency(runs[label], lengths)) for label in runs}
-                print(f"  {name} mbs {micro_batch_size}: {seconds['random']:.1f} s random, {seconds['grouped']:.1f} s grouped", file=sys.stderr)
+                print(
+                    f"  {name} mbs {micro_batch_size}: {seconds['random']:.1f} s random, {seconds['grouped']:.1f} s grouped",
+                    file=sys.stderr,
+                )
             rows.append((name, micro_batch_size, shuffled_eff, grouped_eff, steps, timed))
 
-    print(f"\nPadding efficiency (real / processed tokens), Llama 2 SentencePiece tokenizer, Alpaca prompt style;"
-          f" efficiency averaged over {args.epochs} epochs. Wall time: tiny LoRA GPT (2 layers, n_embd 64, vocab 32000),"
-          f" CPU, {torch.get_num_threads()} threads, the same samples both ways.\n")
-    print("| data | micro_batch_size | random | grouped | timed steps | padded tokens random / grouped | wall time random / grouped |")
+    print(
+        f"\nPadding efficiency (real / processed tokens), Llama 2 SentencePiece tokenizer, Alpaca prompt style;"
+        f" efficiency averaged over {args.epochs} epochs. Wall time: tiny LoRA GPT (2 layers, n_embd 64, vocab 32000),"
+        f" CPU, {torch.get_num_threads()} threads, the same samples both ways.\n"
+    )
+    print(
+        "| data | micro_batch_size | random | grouped | timed steps | padded tokens random / grouped | wall time random / grouped |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, micro_batch_size, shuffled_eff, grouped_eff, steps, timed in rows:
         if timed is None:

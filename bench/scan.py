@@ -19,18 +19,16 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
+from litgpt.data import SFTDataset
+from litgpt.finetune.lora import get_longest_seq_length
+from litgpt.tokenizer import Tokenizer
+from torch.utils.data import ConcatDataset
+
+import data_utils
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-from torch.utils.data import ConcatDataset  # noqa: E402
-
-import data_utils  # noqa: E402
-from litgpt.data import SFTDataset  # noqa: E402
-from litgpt.finetune.lora import get_longest_seq_length  # noqa: E402
-from litgpt.tokenizer import Tokenizer  # noqa: E402
-
 TOKENIZERS = ("llama2-hf", "llama2-sentencepiece")
 VAL_FRACTION = 0.05
 
@@ -50,12 +48,18 @@ def timed(function):
 
 
 def project_scan(train, val, workers: int) -> list[int]:
-    return data_utils.scan_lengths(train, "train", workers=workers) + data_utils.scan_lengths(val, "val", workers=workers)
+    return data_utils.scan_lengths(train, "train", workers=workers) + data_utils.scan_lengths(
+        val, "val", workers=workers
+    )
 
 
 def rss_peak_kib() -> int | None:
     try:
-        return int(next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM")).split()[1])
+        return int(
+            next(
+                line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM")
+            ).split()[1]
+        )
     except (OSError, StopIteration):
         return None
 
@@ -102,8 +106,10 @@ def main() -> int:
 
     samples = load_samples(args.samples)
     cut = len(samples) - int(len(samples) * VAL_FRACTION)
-    print(f"{len(samples)} samples (../shared en + zh, repeated), train {cut} / val {len(samples) - cut}, prompt style alpaca;"
-          f" {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; best of {args.repeats} interleaved runs\n")
+    print(
+        f"{len(samples)} samples (../shared en + zh, repeated), train {cut} / val {len(samples) - cut}, prompt style alpaca;"
+        f" {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; best of {args.repeats} interleaved runs\n"
+    )
     scan_rows, reuse_rows, mismatches = [], [], []
     for name in TOKENIZERS:
         tokenizer = Tokenizer(SHARED / "tokenizers" / name)
@@ -127,10 +133,18 @@ def main() -> int:
         for workers in (1, 2):
             ours = results[workers]
             if ours != item_lengths:
-                wrong = next(i for i, (a, b) in enumerate(zip(ours, item_lengths)) if a != b) if len(ours) == len(item_lengths) else "count"
-                mismatches.append(f"{name}, {workers} worker(s): per-sample lengths differ from len(dataset[i]['input_ids']) (first at {wrong})")
+                wrong = (
+                    next(i for i, (a, b) in enumerate(zip(ours, item_lengths)) if a != b)
+                    if len(ours) == len(item_lengths)
+                    else "count"
+                )
+                mismatches.append(
+                    f"{name}, {workers} worker(s): per-sample lengths differ from len(dataset[i]['input_ids']) (first at {wrong})"
+                )
             if (max(ours), ours.index(max(ours))) != (longest, longest_index):
-                mismatches.append(f"{name}, {workers} worker(s): longest {max(ours)} at {ours.index(max(ours))}, litgpt {longest} at {longest_index}")
+                mismatches.append(
+                    f"{name}, {workers} worker(s): longest {max(ours)} at {ours.index(max(ours))}, litgpt {longest} at {longest_index}"
+                )
 
         rate = {key: len(both) / seconds for key, seconds in best.items()}
         scan_rows.append(
@@ -143,15 +157,22 @@ def main() -> int:
             f"| {name} | {epoch_seconds:.1f} | {epoch_seconds / len(both) * 1e6:.0f} | {tokens:,} | {kept_bytes / 2**20:.1f}"
             f" | {kept_bytes / len(both) * 1e6 / 2**20:,.0f} |"
         )
-        print(f"{name}: done ({best['litgpt']:.1f} s litgpt, {best[1]:.1f} s / {best[2]:.1f} s project with 1 / 2 workers)", flush=True)
+        print(
+            f"{name}: done ({best['litgpt']:.1f} s litgpt, {best[1]:.1f} s / {best[2]:.1f} s project with 1 / 2 workers)",
+            flush=True,
+        )
 
     print("\n### Scan: samples/second, best of", args.repeats, "\n")
-    print("| tokenizer | samples | litgpt `get_longest_seq_length` | project, 1 worker | ratio | project, 2 workers | ratio"
-          " | longest (litgpt / project) | per-sample lengths equal | scan heap peak MiB (tracemalloc, 1 worker) | scan RSS peak rise MiB (VmHWM, 1 worker) |")
+    print(
+        "| tokenizer | samples | litgpt `get_longest_seq_length` | project, 1 worker | ratio | project, 2 workers | ratio"
+        " | longest (litgpt / project) | per-sample lengths equal | scan heap peak MiB (tracemalloc, 1 worker) | scan RSS peak rise MiB (VmHWM, 1 worker) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     print("\n".join(scan_rows))
     print("\n### Reuse: what keeping the scan's token ids for training would save and cost\n")
-    print("| tokenizer | one epoch of `dataset[i]`, 1 process (s) | µs per sample | tokens | ids kept as int32 + offsets (MiB) | same per 1M samples (MiB) |")
+    print(
+        "| tokenizer | one epoch of `dataset[i]`, 1 process (s) | µs per sample | tokens | ids kept as int32 + offsets (MiB) | same per 1M samples (MiB) |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     print("\n".join(reuse_rows))
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")

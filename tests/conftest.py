@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+import demo_assets
+
 # The same examples on every run, so CI cannot pass or fail by chance; HYPOTHESIS_PROFILE=explore draws new ones.
 settings.register_profile("ci", derandomize=True)
 settings.register_profile("explore", derandomize=False)
@@ -16,9 +18,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
-sys.path.insert(0, str(ROOT))
-
-import demo_assets  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -42,14 +41,38 @@ def make_data(tmp_path, tiny_checkpoint):
     return make
 
 
-def run_cli(checkpoint: Path, data_dir: Path, out_dir: Path, *flags: str, steps: int = 2) -> subprocess.CompletedProcess:
+def run_cli(
+    checkpoint: Path, data_dir: Path, out_dir: Path, *flags: str, steps: int = 2
+) -> subprocess.CompletedProcess:
     """Runs finetune_lora.py in a subprocess for a few CPU steps; returns the finished process (never raises on exit code)."""
     command = [
-        sys.executable, str(ROOT / "finetune_lora.py"), str(checkpoint),
-        "--data", "JSON", "--data.json_path", str(data_dir), "--data.num_workers", "0",
-        "--out_dir", str(out_dir), "--precision", "32-true",
-        "--train.global_batch_size", "2", "--train.micro_batch_size", "2", "--train.max_steps", str(steps),
-        "--train.lr_warmup_steps", "1", "--eval.interval", "1000", "--eval.max_new_tokens", "4", "--eval.max_iters", "2",
+        sys.executable,
+        str(ROOT / "finetune_lora.py"),
+        str(checkpoint),
+        "--data",
+        "JSON",
+        "--data.json_path",
+        str(data_dir),
+        "--data.num_workers",
+        "0",
+        "--out_dir",
+        str(out_dir),
+        "--precision",
+        "32-true",
+        "--train.global_batch_size",
+        "2",
+        "--train.micro_batch_size",
+        "2",
+        "--train.max_steps",
+        str(steps),
+        "--train.lr_warmup_steps",
+        "1",
+        "--eval.interval",
+        "1000",
+        "--eval.max_new_tokens",
+        "4",
+        "--eval.max_iters",
+        "2",
         *flags,
     ]
     env = dict(os.environ, PYTHONWARNINGS="ignore")

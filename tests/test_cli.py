@@ -1,7 +1,6 @@
 """End to end: finetune_lora.py in a subprocess on a tiny checkpoint (block_size 512), asserting on the files it writes."""
 
 import csv
-import inspect
 import json
 import shutil
 import subprocess
@@ -11,12 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
 from conftest import read_report, run_cli
+
+pytestmark = pytest.mark.e2e
 
 
 def assert_trained(out: Path, max_seq_length: int) -> None:
     final = out / "final"
-    for name in ("lit_model.pth.lora", "lit_model.pth", "hyperparameters.yaml", "model_config.yaml", "prompt_style.yaml", "tokenizer.json"):
+    for name in (
+        "lit_model.pth.lora",
+        "lit_model.pth",
+        "hyperparameters.yaml",
+        "model_config.yaml",
+        "prompt_style.yaml",
+        "tokenizer.json",
+    ):
         assert (final / name).is_file(), name
     assert (out / "logs").is_dir()
     hyperparameters = yaml.safe_load((final / "hyperparameters.yaml").read_text())
@@ -27,11 +36,26 @@ def test_val_longer_than_train(tiny_checkpoint, make_data, tmp_path):
     """The reported crash: train tops out at 466 tokens, val at 473. Validation (initial, periodic, final) must run."""
     data = make_data([100, 466, 200, 150], [473, 90])
     out = tmp_path / "out"
-    run = run_cli(tiny_checkpoint, data, out, "--eval.initial_validation", "true", "--eval.interval", "1", "--train.save_interval", "1")
+    run = run_cli(
+        tiny_checkpoint,
+        data,
+        out,
+        "--eval.initial_validation",
+        "true",
+        "--eval.interval",
+        "1",
+        "--train.save_interval",
+        "1",
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     report = read_report(out)
     # 473 * 1.1 = 520.3 -> 521, above the block_size 512 of this checkpoint, so capped.
-    assert (report["longest"], report["longest_split"], report["max_seq_length"], report["capped"]) == (473, "val", 512, True)
+    assert (report["longest"], report["longest_split"], report["max_seq_length"], report["capped"]) == (
+        473,
+        "val",
+        512,
+        True,
+    )
     assert report["splits"]["val"]["max"] == 473 and report["splits"]["val"]["argmax"] == 0
     assert report["splits"]["train"]["max"] == 466
     assert_trained(out, 512)
@@ -42,17 +66,6 @@ def test_val_longer_than_train(tiny_checkpoint, make_data, tmp_path):
     assert "max_seq_length = 512 (longest 473 in val" in run.stdout
 
 
-def test_same_flags_and_defaults_as_upstream():
-    import finetune_lora
-    from litgpt.finetune import lora
-
-    ours = inspect.signature(finetune_lora.setup).parameters
-    upstream = inspect.signature(lora.setup).parameters
-    assert list(ours) == [*upstream, "seq"]
-    for name, parameter in upstream.items():
-        assert ours[name].default == parameter.default, name
-
-
 def test_config_file_with_seq_group(tiny_checkpoint, make_data, tmp_path):
     """A litgpt-style --config file works, and the --seq group can live in it."""
     config = tmp_path / "config.yaml"
@@ -61,7 +74,12 @@ def test_config_file_with_seq_group(tiny_checkpoint, make_data, tmp_path):
     run = run_cli(tiny_checkpoint, make_data([100, 300], [120, 200]), out, "--config", str(config))
     assert run.returncode == 0, run.stderr[-3000:]
     report = read_report(out)
-    assert (report["max_seq_length"], report["source"], report["capped"], report["headroom"]) == (375, "auto", False, 0.25)
+    assert (report["max_seq_length"], report["source"], report["capped"], report["headroom"]) == (
+        375,
+        "auto",
+        False,
+        0.25,
+    )
     assert_trained(out, 375)
     assert yaml.safe_load((out / "final" / "hyperparameters.yaml").read_text())["lora_r"] == 4
 
@@ -107,7 +125,11 @@ def test_drop_loses_nothing(tiny_checkpoint, make_data, tmp_path):
     report = read_report(out)
     assert report["splits"]["train"]["dropped"] == 2 and report["splits"]["val"]["dropped"] == 1
     dropped = [json.loads(line) for line in (out / "dropped_samples.jsonl").read_text().splitlines()]
-    assert [(d["split"], d["index"], d["length"]) for d in dropped] == [("train", 1, 300), ("train", 3, 280), ("val", 0, 250)]
+    assert [(d["split"], d["index"], d["length"]) for d in dropped] == [
+        ("train", 1, 300),
+        ("train", 3, 280),
+        ("val", 0, 250),
+    ]
     for name, lengths in (("train", train), ("val", val)):
         original = json.loads((data / f"{name}.json").read_text())
         kept = [original[i] for i, n in enumerate(lengths) if n <= 200]
@@ -118,7 +140,15 @@ def test_drop_loses_nothing(tiny_checkpoint, make_data, tmp_path):
 
 
 def test_drop_that_empties_a_split_is_an_error(tiny_checkpoint, make_data, tmp_path):
-    run = run_cli(tiny_checkpoint, make_data([100, 300], [250, 260]), tmp_path / "out", "--train.max_seq_length", "200", "--seq.over_length", "drop")
+    run = run_cli(
+        tiny_checkpoint,
+        make_data([100, 300], [250, 260]),
+        tmp_path / "out",
+        "--train.max_seq_length",
+        "200",
+        "--seq.over_length",
+        "drop",
+    )
     assert run.returncode == 2
     assert "val split empty" in run.stderr and "Traceback" not in run.stderr
 
@@ -128,10 +158,25 @@ def test_error_policy_stops_before_weights_are_read(tiny_checkpoint, make_data, 
     shutil.copytree(tiny_checkpoint, checkpoint)
     (checkpoint / "lit_model.pth").write_bytes(b"not a checkpoint")  # any attempt to load it would fail differently
     out = tmp_path / "out"
-    run = run_cli(checkpoint, make_data([100, 300, 280], [250, 95]), out, "--train.max_seq_length", "200", "--seq.over_length", "error")
+    run = run_cli(
+        checkpoint,
+        make_data([100, 300, 280], [250, 95]),
+        out,
+        "--train.max_seq_length",
+        "200",
+        "--seq.over_length",
+        "error",
+    )
     assert run.returncode == 2, run.stderr[-3000:]
     assert "Traceback" not in run.stderr
-    for fragment in ("3 sample(s)", "train[1] = 300", "train[2] = 280", "val[0] = 250", "max_seq_length 200", "--seq.over_length"):
+    for fragment in (
+        "3 sample(s)",
+        "train[1] = 300",
+        "train[2] = 280",
+        "val[0] = 250",
+        "max_seq_length 200",
+        "--seq.over_length",
+    ):
         assert fragment in run.stderr, fragment
     assert not (out / "final").exists()
 
@@ -145,7 +190,17 @@ def test_dry_run_needs_no_weights(tiny_checkpoint, make_data, tmp_path):
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert read_report(tmp_path / "ok")["max_seq_length"] == 330
     assert not (tmp_path / "ok" / "final").exists()
-    gate = run_cli(checkpoint, data, tmp_path / "gate", "--seq.dry_run", "true", "--train.max_seq_length", "256", "--seq.over_length", "error")
+    gate = run_cli(
+        checkpoint,
+        data,
+        tmp_path / "gate",
+        "--seq.dry_run",
+        "true",
+        "--train.max_seq_length",
+        "256",
+        "--seq.over_length",
+        "error",
+    )
     assert gate.returncode == 2 and "train[1] = 300" in gate.stderr
     missing = run_cli(checkpoint, data, tmp_path / "missing")
     assert missing.returncode == 2 and "lit_model.pth" in missing.stderr and "Traceback" not in missing.stderr
@@ -157,7 +212,9 @@ def test_output_works_with_litgpt_generate(tiny_checkpoint, make_data, tmp_path)
     litgpt = Path(sys.executable).with_name("litgpt")
     generated = subprocess.run(
         [str(litgpt), "generate", str(out / "final"), "--prompt", "write a poem", "--max_new_tokens", "3"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert generated.returncode == 0, generated.stderr[-3000:]
     lora = torch.load(out / "final" / "lit_model.pth.lora")["model"]
@@ -204,22 +261,3 @@ def test_bad_input_is_a_clear_error(tiny_checkpoint, make_data, tmp_path, case, 
     for fragment in expected:
         assert fragment in run.stderr, (fragment, run.stderr[-2000:])
     assert not (out / "final").exists()
-
-
-def test_a_test_split_is_scanned_too(tiny_checkpoint, make_data):
-    """A data module with a test_dataloader gets its test split scanned and counted in the decision."""
-    import lightning as L
-
-    import finetune_lora
-    from litgpt.data import JSON
-    from litgpt.tokenizer import Tokenizer
-
-    class WithTest(JSON):
-        def test_dataloader(self):
-            return self.val_dataloader()
-
-    fabric = L.Fabric(accelerator="cpu", devices=1)
-    splits = finetune_lora.load_splits(fabric, WithTest(json_path=make_data([100, 120], [90, 95])), Tokenizer(tiny_checkpoint), 1, None)
-    assert list(splits) == ["train", "val", "test"]
-    plain = finetune_lora.load_splits(fabric, JSON(json_path=make_data([100, 120], [90, 95], name="plain")), Tokenizer(tiny_checkpoint), 1, None)
-    assert list(plain) == ["train", "val"]

@@ -66,7 +66,13 @@ def test_cap_at_block_size():
 
 @pytest.mark.parametrize(
     "headroom, override, policy",
-    [(-0.1, None, "truncate"), (float("nan"), None, "truncate"), (0.1, 0, "truncate"), (0.1, -5, "truncate"), (0.1, None, "cut")],
+    [
+        (-0.1, None, "truncate"),
+        (float("nan"), None, "truncate"),
+        (0.1, 0, "truncate"),
+        (0.1, -5, "truncate"),
+        (0.1, None, "cut"),
+    ],
 )
 def test_bad_settings_are_refused(headroom, override, policy):
     with pytest.raises(UserInputError):
@@ -76,7 +82,14 @@ def test_bad_settings_are_refused(headroom, override, policy):
 def test_split_stats_hand_checked():
     stats = data_utils.split_stats([5, 1, 9, 3, 9, 2, 7, 4, 6, 8], limit=6)
     assert stats == {
-        "count": 10, "min": 1, "mean": 5.4, "p50": 5, "p90": 9, "p99": 9, "max": 9, "argmax": 2,
+        "count": 10,
+        "min": 1,
+        "mean": 5.4,
+        "p50": 5,
+        "p90": 9,
+        "p99": 9,
+        "max": 9,
+        "argmax": 2,
         "over_limit": 4,  # 9, 9, 7, 8
         "tokens_truncated": 3 + 3 + 1 + 2,
     }
@@ -106,17 +119,51 @@ def test_over_length_error_names_samples_and_flags():
 
 
 @given(st.lists(st.integers(min_value=1, max_value=100), min_size=1), st.integers(min_value=1, max_value=100))
-def test_drop_keeps_exactly_the_samples_that_fit(lengths, limit):
-    kept = data_utils.kept_indices(lengths, limit)
-    dropped = data_utils.over_limit(lengths, limit)
-    assert sorted(kept + dropped) == list(range(len(lengths)))
-    assert all(lengths[i] <= limit for i in kept) and all(lengths[i] > limit for i in dropped)
+def test_drop_and_error_agree_on_what_does_not_fit(lengths, limit):
+    """drop keeps exactly the samples within the limit, in order; error stops exactly when drop would drop one."""
+    decision = decide_max_seq_length({"train": lengths}, block_size=100, override=limit)
+    try:
+        kept = data_utils.apply_over_length({"train": lengths, "val": [1]}, decision, "drop")["train"]
+    except UserInputError:  # drop would empty train: then every sample is over the limit
+        assert min(lengths) > limit
+        return
+    assert kept == sorted(kept) and all(lengths[i] <= limit for i in kept)
+    assert all(lengths[i] > limit for i in set(range(len(lengths))) - set(kept))
+    would_drop = len(kept) < len(lengths)
+    try:
+        data_utils.apply_over_length({"train": lengths}, decision, "error")
+        stopped = False
+    except UserInputError:
+        stopped = True
+    assert stopped == would_drop
+    assert data_utils.split_stats(lengths, limit)["over_limit"] == len(lengths) - len(kept)
+
+
+def test_an_empty_split_has_stats_and_a_histogram():
+    assert data_utils.split_stats([], 10) == {
+        "count": 0,
+        "min": None,
+        "mean": None,
+        "p50": None,
+        "p90": None,
+        "p99": None,
+        "max": None,
+        "argmax": None,
+        "over_limit": 0,
+        "tokens_truncated": 0,
+    }
+    assert "no samples" in data_utils.histogram([], 10, 20)
 
 
 def test_write_dropped_keeps_samples_unchanged(tmp_path):
     sample = {"instruction": "héllo", "output": "x", "extra": [1, 2]}
     data_utils.write_dropped(tmp_path / "d.jsonl", [("val", 3, 99, sample)])
-    assert json.loads((tmp_path / "d.jsonl").read_text()) == {"split": "val", "index": 3, "length": 99, "sample": sample}
+    assert json.loads((tmp_path / "d.jsonl").read_text()) == {
+        "split": "val",
+        "index": 3,
+        "length": 99,
+        "sample": sample,
+    }
 
 
 def test_histogram_marks_the_limits():

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_report, run_cli
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from data_utils import grouped_batches, padding_efficiency
-from finetune_lora import GroupedBatchSampler
+from conftest import read_report, run_cli
+from data_utils import estimate_padding, grouped_batches, padding_efficiency
+from seq_data import GroupedBatchSampler
 
 lengths_strategy = st.lists(st.integers(1, 2000), min_size=1, max_size=300)
 settings_strategy = dict(
@@ -58,7 +58,12 @@ def test_every_sample_exactly_once_in_sorted_batches(lengths, micro_batch_size, 
 
 
 @settings(max_examples=100, deadline=None)
-@given(lengths=lengths_strategy, micro_batch_size=st.integers(1, 16), seed=st.integers(0, 2**32), shuffle_seed=st.integers(0, 2**32))
+@given(
+    lengths=lengths_strategy,
+    micro_batch_size=st.integers(1, 16),
+    seed=st.integers(0, 2**32),
+    shuffle_seed=st.integers(0, 2**32),
+)
 def test_one_megabatch_sorts_everything_and_never_pads_more_than_random(lengths, micro_batch_size, seed, shuffle_seed):
     """With one megabatch the micro-batches are consecutive runs of the sorted lengths: their length ranges do not
     overlap, and, when every micro-batch is full, no batching into micro-batches of that size pads less. (With a short
@@ -94,7 +99,10 @@ def test_spread_out_lengths_pad_far_less_than_random():
 @settings(max_examples=150, deadline=None)
 @given(**settings_strategy, world_size=st.integers(1, 8))
 def test_simulated_ranks_are_disjoint_and_equal(lengths, micro_batch_size, megabatch_size, seed, epoch, world_size):
-    ranks = [grouped_batches(lengths, micro_batch_size, seed, epoch, megabatch_size, rank, world_size) for rank in range(world_size)]
+    ranks = [
+        grouped_batches(lengths, micro_batch_size, seed, epoch, megabatch_size, rank, world_size)
+        for rank in range(world_size)
+    ]
     total = math.ceil(len(lengths) / micro_batch_size)
     assert {len(r) for r in ranks} == {math.ceil(total / world_size)}  # every rank the same number of steps
     seen = Counter(flat(flat(ranks)))
@@ -110,7 +118,10 @@ def test_ranks_at_one_step_hold_similar_lengths():
     """Consecutive micro-batches of the sorted megabatch go to the ranks of one step, so ranks wait little on each other."""
     lengths = spread_out(800, seed=5, low=50, high=800)
     ranks = [grouped_batches(lengths, 8, 0, 0, rank=rank, world_size=4) for rank in range(4)]
-    spread = [max(max(lengths[i] for i in r[step]) for r in ranks) - min(max(lengths[i] for i in r[step]) for r in ranks) for step in range(len(ranks[0]))]
+    spread = [
+        max(max(lengths[i] for i in r[step]) for r in ranks) - min(max(lengths[i] for i in r[step]) for r in ranks)
+        for step in range(len(ranks[0]))
+    ]
     assert max(spread) < 150  # random micro-batches would differ by hundreds of tokens
 
 
@@ -143,7 +154,11 @@ def test_sampler_in_a_dataloader_pads_as_measured():
 
     lengths = spread_out(203, seed=7, low=5, high=120)
     dataset = [
-        {"input_ids": torch.ones(n, dtype=torch.long), "labels": torch.ones(n, dtype=torch.long), "token_counts": {"raw": n, "raw_plus_prompt_template": n}}
+        {
+            "input_ids": torch.ones(n, dtype=torch.long),
+            "labels": torch.ones(n, dtype=torch.long),
+            "token_counts": {"raw": n, "raw_plus_prompt_template": n},
+        }
         for n in lengths
     ]
     cap = 100
@@ -172,6 +187,7 @@ def csv_column(out: Path, name: str) -> list[float]:
         return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
 
 
+@pytest.mark.e2e
 def test_cli_grouped_vs_random(tiny_checkpoint, make_data, tmp_path):
     """Two runs on the same data, one epoch each, learning rate 0 (the weights never change): the report's padding
     figures equal what the run really fed the model, grouping pads less, and validation is identical."""
@@ -181,19 +197,31 @@ def test_cli_grouped_vs_random(tiny_checkpoint, make_data, tmp_path):
     kept = [n for n in train if n <= 300]
     steps = math.ceil(len(kept) / 4)  # one epoch of micro-batches of 4, one micro-batch per step
     flags = (
-        "--train.micro_batch_size", "4", "--train.global_batch_size", "4", "--train.max_seq_length", "300",
-        "--seq.over_length", "drop", "--optimizer", '{"class_path": "torch.optim.SGD", "init_args": {"lr": 0.0}}',
+        "--train.micro_batch_size",
+        "4",
+        "--train.global_batch_size",
+        "4",
+        "--train.max_seq_length",
+        "300",
+        "--seq.over_length",
+        "drop",
+        "--optimizer",
+        '{"class_path": "torch.optim.SGD", "init_args": {"lr": 0.0}}',
     )
     reports, val_losses = {}, {}
     for grouped in ("false", "true"):
         out = tmp_path / f"out_{grouped}"
         run = run_cli(tiny_checkpoint, data, out, *flags, "--seq.group_by_length", grouped, steps=steps)
         assert run.returncode == 0, run.stderr[-3000:]
-        batches = read_report(out)["batches"]
+        report = read_report(out)
+        batches, estimate = report["batches"], report["batches_estimate"]
         assert batches["group_by_length"] is (grouped == "true") and batches["micro_batch_size"] == 4
         assert batches["count"] == steps and batches["real_tokens"] == sum(kept)
-        # the cumulative padded tokens the run logged after its epoch: the measure matched the real loader
+        # the cumulative padded tokens the run logged after its epoch: the report holds what the model processed
         assert max(csv_column(out, "lengths")) == batches["padded_tokens"]
+        assert estimate["real_tokens"] == sum(kept) and estimate["count"] == steps
+        if grouped == "true":  # grouped batches are a function of (seed, epoch): the estimate is exact
+            assert estimate == batches
         reports[grouped] = batches
         val_losses[grouped] = csv_column(out, "val_loss")[-1]
     assert reports["true"]["efficiency"] > reports["false"]["efficiency"]
@@ -201,45 +229,21 @@ def test_cli_grouped_vs_random(tiny_checkpoint, make_data, tmp_path):
     assert val_losses["true"] == val_losses["false"]
 
 
-class FakeFabric:
-    """What measure_padding uses of Fabric; all_reduce adds what the other simulated ranks measured."""
-
-    def __init__(self, world_size=1, others=()):
-        self.world_size, self.others, self.device = world_size, others, torch.device("cpu")
-
-    def all_reduce(self, tensor, reduce_op):
-        assert reduce_op == "sum"
-        return tensor + sum(torch.tensor(o, dtype=tensor.dtype) for o in self.others)
-
-
-def test_measure_padding_sees_the_batches_the_random_loader_then_yields():
-    from litgpt.data.base import get_sft_collate_fn
-
-    from finetune_lora import measure_padding
-
-    lengths = spread_out(61, seed=9, low=1, high=50)
-    dataset = [{"input_ids": torch.ones(n, dtype=torch.long), "labels": torch.ones(n, dtype=torch.long), "token_counts": {"raw": n, "raw_plus_prompt_template": n}} for n in lengths]
-    generator = torch.Generator().manual_seed(42)
-    loader = DataLoader(dataset, batch_size=4, shuffle=True, generator=generator, collate_fn=get_sft_collate_fn(max_seq_length=40))
-    state = generator.get_state()
-    measured = measure_padding(FakeFabric(), loader, lengths, 40)
-    assert torch.equal(generator.get_state(), state)  # the run's random stream is untouched
-    assert measured["padded_tokens"] == sum(batch["input_ids"].numel() for batch in loader)  # ... and it was measured
-    assert measured["real_tokens"] == sum(min(n, 40) for n in lengths) and measured["count"] == 16
-
-
-def test_measure_padding_sums_simulated_ranks():
-    from finetune_lora import measure_padding
-
+def test_estimate_of_grouped_batches_is_the_epoch_each_rank_yields():
     lengths = spread_out(50, seed=2, low=1, high=300)
-    per_rank = []
-    for rank in range(2):
-        sampler = GroupedBatchSampler(lengths, 4, seed=0, rank=rank, world_size=2)
-        per_rank.append(padding_efficiency(sampler.batches(0), lengths))
-    loader = DataLoader(lengths, batch_sampler=GroupedBatchSampler(lengths, 4, seed=0, rank=0, world_size=2))
-    other = [per_rank[1]["real_tokens"], per_rank[1]["padded_tokens"]]
-    measured = measure_padding(FakeFabric(2, [other]), loader, lengths, 1000)
+    per_rank = [
+        padding_efficiency(GroupedBatchSampler(lengths, 4, seed=0, rank=r, world_size=2).batches(0), lengths, 250)
+        for r in range(2)
+    ]
+    estimate = estimate_padding(lengths, 4, 250, group_by_length=True, seed=0, world_size=2)
     real, padded = (sum(m[key] for m in per_rank) for key in ("real_tokens", "padded_tokens"))
-    assert (measured["real_tokens"], measured["padded_tokens"], measured["count"]) == (real, padded, 14)
-    assert measured["efficiency"] == pytest.approx(real / padded, abs=1e-6)
-    assert loader.batch_sampler.epoch == 0
+    assert (estimate["real_tokens"], estimate["padded_tokens"], estimate["count"]) == (real, padded, 14)
+
+
+@given(lengths=lengths_strategy, micro_batch_size=st.integers(1, 16), world_size=st.integers(1, 4))
+def test_estimate_of_random_batches_sees_every_sample_once(lengths, micro_batch_size, world_size):
+    estimate = estimate_padding(lengths, micro_batch_size, 1000, group_by_length=False, seed=1, world_size=world_size)
+    assert estimate["real_tokens"] == sum(min(n, 1000) for n in lengths)
+    per_rank = [math.ceil(len(lengths[r::world_size]) / micro_batch_size) for r in range(world_size)]
+    assert estimate["count"] == sum(per_rank)
+    assert estimate["real_tokens"] <= estimate["padded_tokens"] <= sum(per_rank) * micro_batch_size * 1000

@@ -13,12 +13,14 @@ import sys
 import textwrap
 
 import pytest
+from litgpt.data import SFTDataset
+from litgpt.tokenizer import Tokenizer
 
 import data_utils
 import demo_assets
 from conftest import ROOT
-from litgpt.data import SFTDataset
-from litgpt.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.e2e
 
 COUNT = 1_101  # odd: rank 1's share is one sample shorter; > 2 x 512, so each rank's share gets 2 scan workers
 BAD = COUNT - 2  # in rank 1's share
@@ -27,9 +29,8 @@ BAD = COUNT - 2  # in rank 1's share
 SCRIPT = textwrap.dedent(
     """
     import json, os, sys
-    sys.path.insert(0, sys.argv[1])
     import lightning as L
-    import data_utils, finetune_lora
+    import data_utils, seq_data
     from litgpt.data import SFTDataset
     from litgpt.tokenizer import Tokenizer
 
@@ -51,7 +52,7 @@ SCRIPT = textwrap.dedent(
             del samples[int(bad)]["output"]
         dataset = SFTDataset(samples, tokenizer, prompt_style="alpaca", transform=record)
         try:
-            results[phase] = {"lengths": finetune_lora.scan_split(fabric, dataset, "train", workers)}
+            results[phase] = {"lengths": seq_data.scan_split(fabric, dataset, "train", workers)}
         except data_utils.UserInputError as problem:
             results[phase] = {"error": str(problem)}
     with open(os.path.join(out, f"result-{rank}.json"), "w") as f:
@@ -63,7 +64,10 @@ SCRIPT = textwrap.dedent(
 def word_samples(count: int) -> list[dict]:
     rng = random.Random(1)
     words = lambda k: " ".join(rng.choices(demo_assets.WORDS, k=k))  # noqa: E731
-    return [{"id": i, "instruction": words(rng.randint(1, 9)), "input": "", "output": words(rng.randint(0, 300))} for i in range(count)]
+    return [
+        {"id": i, "instruction": words(rng.randint(1, 9)), "input": "", "output": words(rng.randint(0, 300))}
+        for i in range(count)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +81,9 @@ def two_ranks(tmp_path_factory, tiny_checkpoint):
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK")}
     env.update(PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     command = [sys.executable, str(script), str(ROOT), str(tiny_checkpoint), str(data_file), str(out), str(BAD)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
     try:
         output, _ = process.communicate(timeout=120)
     except subprocess.TimeoutExpired:
@@ -97,7 +103,9 @@ def two_ranks(tmp_path_factory, tiny_checkpoint):
 @pytest.mark.parametrize("phase", ["serial", "parallel"])
 def test_each_rank_scans_its_share_and_both_get_the_whole_list(two_ranks, tiny_checkpoint, phase):
     _, results, seen = two_ranks
-    single = data_utils.scan_lengths(SFTDataset(word_samples(COUNT), Tokenizer(tiny_checkpoint), prompt_style="alpaca"), "train")
+    single = data_utils.scan_lengths(
+        SFTDataset(word_samples(COUNT), Tokenizer(tiny_checkpoint), prompt_style="alpaca"), "train"
+    )
     assert len(single) == COUNT and len(set(single)) > 50  # lengths vary, so an out-of-order gather would show
     assert results[0][phase]["lengths"] == single
     assert results[1][phase]["lengths"] == single

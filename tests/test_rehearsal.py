@@ -12,11 +12,12 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from litgpt.args import TrainArgs
 
 import data_utils
-import finetune_lora
-from conftest import ROOT, read_report, run_cli
-
+import rehearsal
+import seq_data
+from conftest import read_report, run_cli
 
 # --- which samples: plain lists ------------------------------------------------------------------------------
 
@@ -51,13 +52,15 @@ def loaders_for(checkpoint, data_dir, batch_size, max_seq_length):
 
     fabric = L.Fabric(accelerator="cpu", devices=1)
     data = JSON(json_path=data_dir, num_workers=0)
-    return finetune_lora.load_splits(fabric, data, Tokenizer(checkpoint), batch_size, max_seq_length)
+    return seq_data.load_splits(fabric, data, Tokenizer(checkpoint), batch_size, max_seq_length)
 
 
 def test_rehearsal_batch_is_the_longest(make_data, tiny_checkpoint):
     train, val = [64, 90, 66, 120, 70, 80], [62, 95, 65]
     splits = loaders_for(tiny_checkpoint, make_data(train, val), batch_size=2, max_seq_length=200)
-    batches = finetune_lora.rehearsal_batches({"train": splits["train"], "val": splits["val"]}, {"train": train, "val": val}, 2)
+    batches = rehearsal.rehearsal_batches(
+        {"train": splits["train"], "val": splits["val"]}, {"train": train, "val": val}, 2
+    )
     assert list(batches["train"]["input_ids"].shape) == [2, 120]
     assert list(batches["val"]["input_ids"].shape) == [2, 95]
     # exactly samples 3 and 1 as the loader's collate_fn builds them
@@ -71,7 +74,9 @@ def test_rehearsal_batch_is_the_longest(make_data, tiny_checkpoint):
 def test_rehearsal_batch_is_cut_at_max_seq_length(make_data, tiny_checkpoint):
     train, val = [70, 90, 66], [62, 75]
     splits = loaders_for(tiny_checkpoint, make_data(train, val), batch_size=2, max_seq_length=64)
-    batches = finetune_lora.rehearsal_batches({"train": splits["train"], "val": splits["val"]}, {"train": train, "val": val}, 2)
+    batches = rehearsal.rehearsal_batches(
+        {"train": splits["train"], "val": splits["val"]}, {"train": train, "val": val}, 2
+    )
     assert list(batches["train"]["input_ids"].shape) == [2, 64]
     assert list(batches["val"]["input_ids"].shape) == [2, 64]
 
@@ -88,8 +93,18 @@ def tiny_run():
     fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
     fabric.seed_everything(3)
     config = Config(
-        block_size=64, vocab_size=50, padded_vocab_size=50, n_layer=1, n_head=2, n_embd=16,
-        lora_r=4, lora_alpha=8, lora_dropout=0.5, lora_query=True, lora_value=True, lora_mlp=True,
+        block_size=64,
+        vocab_size=50,
+        padded_vocab_size=50,
+        n_layer=1,
+        n_head=2,
+        n_embd=16,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.5,
+        lora_query=True,
+        lora_value=True,
+        lora_mlp=True,
     )
     model = GPT(config)
     model.max_seq_length = 48
@@ -100,8 +115,11 @@ def tiny_run():
     fabric.backward(model(batch["input_ids"]).sum())
     optimizer.step()
     optimizer.zero_grad()
-    batches = {"train": batch, "val": {"input_ids": torch.randint(0, 50, (2, 48)), "labels": torch.randint(0, 50, (2, 48))}}
-    train_args = finetune_lora.TrainArgs(global_batch_size=2, micro_batch_size=2)
+    batches = {
+        "train": batch,
+        "val": {"input_ids": torch.randint(0, 50, (2, 48)), "labels": torch.randint(0, 50, (2, 48))},
+    }
+    train_args = TrainArgs(global_batch_size=2, micro_batch_size=2)
     decision = data_utils.decide_max_seq_length({"train": [40], "val": [48]}, 64, 0.0)
     return fabric, model, optimizer, batches, train_args, decision
 
@@ -127,7 +145,7 @@ def test_rehearsal_leaves_weights_optimizer_and_rng_as_they_were(tiny_run):
     weights = copy.deepcopy(model.state_dict())
     optimizer_state = copy.deepcopy(optimizer.state_dict())
     states = rng_states()
-    result = finetune_lora.rehearse(fabric, model, optimizer, batches, train_args, decision)
+    result = rehearsal.rehearse(fabric, model, optimizer, batches, train_args, decision)
     after = rng_states()
 
     assert result["train_batch"] == [2, 40] and result["val_batch"] == [2, 48] and result["seconds"] >= 0
@@ -150,10 +168,16 @@ def test_rehearsal_out_of_memory_is_a_user_error(tiny_run, monkeypatch):
 
     monkeypatch.setattr(type(model.module), "forward", out_of_memory)
     with pytest.raises(data_utils.UserInputError) as caught:
-        finetune_lora.rehearse(fabric, model, optimizer, batches, train_args, decision)
+        rehearsal.rehearse(fabric, model, optimizer, batches, train_args, decision)
     message = str(caught.value)
     assert "2 × 40" in message and "cpu" in message
-    for flag in ("--train.micro_batch_size", "--train.max_seq_length", "--seq.over_length", "--precision", "--quantize"):
+    for flag in (
+        "--train.micro_batch_size",
+        "--train.max_seq_length",
+        "--seq.over_length",
+        "--precision",
+        "--quantize",
+    ):
         assert flag in message
     assert model.training
 
@@ -166,6 +190,7 @@ def lora_weights(out_dir):
     return state.get("model", state)
 
 
+@pytest.mark.e2e
 def test_final_weights_are_the_same_with_and_without_rehearsal(make_data, tiny_checkpoint, tmp_path):
     # over_length drop makes the loaders' datasets Subsets: the rehearsal must map kept indices back
     data_dir = make_data([64, 90, 150, 70, 120, 66, 72, 80], [62, 130, 75, 68])
@@ -187,6 +212,7 @@ def test_final_weights_are_the_same_with_and_without_rehearsal(make_data, tiny_c
     assert any(v.abs().sum() > 0 for k, v in on.items() if "lora_B" in k)  # it did train
 
 
+@pytest.mark.e2e
 def test_out_of_memory_in_rehearsal_stops_with_a_clear_message(make_data, tiny_checkpoint, tmp_path):
     wrapper = tmp_path / "oom.py"
     wrapper.write_text(
@@ -194,20 +220,43 @@ def test_out_of_memory_in_rehearsal_stops_with_a_clear_message(make_data, tiny_c
         "def forward(self, *args, **kwargs):\n"
         "    raise torch.OutOfMemoryError('CUDA out of memory (injected)')\n"
         "litgpt.lora.GPT.forward = forward\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
         "import finetune_lora\n"
         "finetune_lora.cli()\n"
     )
     out_dir = tmp_path / "out"
     command = [
-        sys.executable, str(wrapper), str(tiny_checkpoint), "--data", "JSON", "--data.json_path", str(make_data([64, 90], [62, 70])),
-        "--data.num_workers", "0", "--out_dir", str(out_dir), "--precision", "32-true",
-        "--train.global_batch_size", "2", "--train.micro_batch_size", "2", "--train.max_steps", "1",
+        sys.executable,
+        str(wrapper),
+        str(tiny_checkpoint),
+        "--data",
+        "JSON",
+        "--data.json_path",
+        str(make_data([64, 90], [62, 70])),
+        "--data.num_workers",
+        "0",
+        "--out_dir",
+        str(out_dir),
+        "--precision",
+        "32-true",
+        "--train.global_batch_size",
+        "2",
+        "--train.micro_batch_size",
+        "2",
+        "--train.max_steps",
+        "1",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"), timeout=600)
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"), timeout=600
+    )
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     assert "error: out of memory" in done.stderr and "2 × 90" in done.stderr
-    for flag in ("--train.micro_batch_size", "--train.max_seq_length", "--seq.over_length", "--precision", "--quantize"):
+    for flag in (
+        "--train.micro_batch_size",
+        "--train.max_seq_length",
+        "--seq.over_length",
+        "--precision",
+        "--quantize",
+    ):
         assert flag in done.stderr
     assert not (out_dir / "final").exists()

@@ -12,14 +12,18 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from litgpt.data import SFTDataset
+from litgpt.tokenizer import Tokenizer
 
 import data_utils
 import demo_assets
 from conftest import SHARED, requires_shared
-from litgpt.data import SFTDataset
-from litgpt.tokenizer import Tokenizer
 
-PROMPT_STYLES = ("alpaca", "llama2", "qwen3")  # alpaca uses `input`; the others ignore it; qwen3 adds special-looking text
+PROMPT_STYLES = (
+    "alpaca",
+    "llama2",
+    "qwen3",
+)  # alpaca uses `input`; the others ignore it; qwen3 adds special-looking text
 CORPUS = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
     "### Instruction:\n### Input:\n### Response:\n[INST] <<SYS>> <</SYS>> [/INST] <|im_start|>user<|im_end|>",
@@ -30,7 +34,9 @@ CORPUS = [
 
 def _config(directory, add_bos: bool, tokenizer_class: str) -> None:
     (directory / "tokenizer_config.json").write_text(
-        json.dumps({"add_bos_token": add_bos, "bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": tokenizer_class})
+        json.dumps(
+            {"add_bos_token": add_bos, "bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": tokenizer_class}
+        )
     )
 
 
@@ -56,8 +62,14 @@ def _sentencepiece(directory) -> None:
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS), model_writer=model, vocab_size=400, model_type="bpe",
-        byte_fallback=True, character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
+        sentence_iterator=iter(CORPUS),
+        model_writer=model,
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        minloglevel=2,
     )
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "tokenizer.model").write_bytes(model.getvalue())
@@ -89,14 +101,18 @@ def getitem_lengths(dataset) -> list[int]:
 
 
 WHITESPACE = st.sampled_from([" ", "  ", "\n", "\t", "\r\n", "\u3000", "\xa0", " \n "])
-PIECES = st.sampled_from(["<s>", "</s>", "<unk>", "### Response:", "[INST]", "<|im_end|>", "日本語", "🙂", "Ωmega", "the fox"])
+PIECES = st.sampled_from(
+    ["<s>", "</s>", "<unk>", "### Response:", "[INST]", "<|im_end|>", "日本語", "🙂", "Ωmega", "the fox"]
+)
 TEXT = st.lists(
     st.one_of(st.text(st.characters(exclude_categories=("Cs",)), max_size=12), WHITESPACE, PIECES), max_size=8
 ).map("".join)
 SAMPLE = st.fixed_dictionaries({"instruction": TEXT, "input": st.one_of(st.just(""), TEXT), "output": TEXT})
 
 
-@pytest.mark.parametrize("name", [f"{n}-bos-{b}" for n in ("hf-bpe", "hf-word", "sentencepiece") for b in (True, False)])
+@pytest.mark.parametrize(
+    "name", [f"{n}-bos-{b}" for n in ("hf-bpe", "hf-word", "sentencepiece") for b in (True, False)]
+)
 @settings(max_examples=25, deadline=None)
 @given(samples=st.lists(SAMPLE, min_size=1, max_size=4))
 def test_scan_equals_sft_dataset_on_random_text(local_tokenizers, name, samples):
@@ -127,7 +143,11 @@ def _word_samples(count: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     words = lambda k: " ".join(rng.choices(demo_assets.WORDS, k=k))  # noqa: E731
     return [
-        {"instruction": words(rng.randint(1, 20)), "input": words(rng.randint(0, 5)), "output": words(rng.randint(0, 200))}
+        {
+            "instruction": words(rng.randint(1, 20)),
+            "input": words(rng.randint(0, 5)),
+            "output": words(rng.randint(0, 200)),
+        }
         for _ in range(count)
     ]
 

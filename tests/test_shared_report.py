@@ -4,14 +4,14 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import SHARED, read_report, requires_shared, run_cli
-
 from litgpt import Config
 from litgpt.data import JSON
 from litgpt.tokenizer import Tokenizer
 from litgpt.utils import save_config
 
-pytestmark = requires_shared
+from conftest import SHARED, read_report, requires_shared, run_cli
+
+pytestmark = [requires_shared, pytest.mark.e2e]
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,9 @@ def llama2_checkpoint(tmp_path_factory):
     directory = tmp_path_factory.mktemp("llama2")
     for name in ("tokenizer.model", "tokenizer_config.json"):
         shutil.copy(SHARED / "tokenizers" / "llama2-sentencepiece" / name, directory)
-    save_config(Config(name="llama2-shaped", block_size=1024, vocab_size=32000, n_layer=1, n_head=1, n_embd=8), directory)
+    save_config(
+        Config(name="llama2-shaped", block_size=1024, vocab_size=32000, n_layer=1, n_head=1, n_embd=8), directory
+    )
     return directory
 
 

@@ -1,0 +1,117 @@
+"""--seq.rehearse: run the worst case (the longest micro-batches) before the first step, then undo it.
+
+A length or memory failure then shows in the first minute rather than hours in, when the longest sample first comes
+up. The rehearsal trains with ``training_loss.train_loss`` and validates with litgpt's ``validate``, as the run does.
+"""
+
+import contextlib
+import random
+import time
+
+import lightning as L
+import numpy as np
+import torch
+from litgpt.args import EvalArgs, TrainArgs
+from litgpt.finetune.lora import validate
+from torch.utils.data import DataLoader
+
+import data_utils
+from data_utils import Decision, UserInputError
+from training_loss import train_loss
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Puts back the python, numpy, torch CPU and CUDA random states on the way out, whatever ran inside."""
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def rehearsal_batches(
+    loaders: dict[str, DataLoader], lengths: dict[str, list[int]], batch_size: int
+) -> dict[str, dict]:
+    """For each loader, its largest micro-batch: the ``batch_size`` longest samples of its dataset (whose sample
+    lengths are ``lengths[name]``, in dataset order), collated with the loader's own collate_fn."""
+    batches = {}
+    for name, loader in loaders.items():
+        indices = data_utils.longest_batch(lengths[name], batch_size)
+        batches[name] = loader.collate_fn([loader.dataset[i] for i in indices])
+    return batches
+
+
+def rehearse(
+    fabric: L.Fabric, model, optimizer, batches: dict[str, dict], train: TrainArgs, decision: Decision
+) -> dict:
+    """One forward + backward on ``batches["train"]`` and one validation batch on ``batches["val"]``, as fit and
+    validate run them. Then it is undone: gradients dropped (as a fresh optimizer has them), no optimizer step, the RNG
+    states put back, the model in train mode. Returns what it measured; out of memory is a UserInputError."""
+    shapes = {name: list(batch["input_ids"].shape) for name, batch in batches.items()}
+    shown = ", ".join(f"{name} {shape[0]} × {shape[1]}" for name, shape in shapes.items())
+    fabric.print(f"Rehearsing the longest micro-batches ({shown} tokens) ...")
+    cuda = fabric.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(fabric.device)
+        torch.cuda.reset_peak_memory_stats(fabric.device)
+        allocated_before = torch.cuda.memory_allocated(fabric.device)
+    started = time.perf_counter()
+    running = "train"
+    try:
+        with preserved_rng():
+            model.train()
+            loss = train_loss(model, fabric.to_device(batches["train"]))
+            fabric.backward(loss / train.gradient_accumulation_iters(fabric.world_size, 1))
+            del loss
+            optimizer.zero_grad(set_to_none=True)
+            running = "val"
+            with torch.no_grad():
+                validate(fabric, model, [fabric.to_device(batches["val"])], EvalArgs(max_iters=1), verbose=False)
+            if cuda:
+                torch.cuda.synchronize(fabric.device)
+    except torch.OutOfMemoryError:
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.empty_cache()
+        raise UserInputError(out_of_memory_message(fabric.device, running, shapes[running], decision)) from None
+    finally:
+        model.train()
+    result = {
+        "train_batch": shapes["train"],
+        "val_batch": shapes["val"],
+        "seconds": round(time.perf_counter() - started, 3),
+        "device": str(fabric.device),
+    }
+    if cuda:
+        result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(fabric.device)
+        result["memory_before_bytes"] = allocated_before  # weights and whatever else: peak - this = the batches' share
+        result["device_memory_bytes"] = torch.cuda.get_device_properties(fabric.device).total_memory
+    peak = f", peak memory {result['peak_memory_bytes'] / 2**30:.2f} GiB" if cuda else ""
+    fabric.print(f"Rehearsal passed in {result['seconds']:.2f} s{peak}.")
+    return result
+
+
+def out_of_memory_message(device: torch.device, split: str, shape: list[int], decision: Decision) -> str:
+    memory = ""
+    if device.type == "cuda":
+        try:
+            free, total = torch.cuda.mem_get_info(device)
+            name = torch.cuda.get_device_properties(device).name
+            memory = f" ({name}, {total / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free now)"
+        except Exception:  # what memory there is, is a detail; the message matters
+            pass
+    what = "forward and backward pass on the longest train" if split == "train" else "forward pass on the longest val"
+    return (
+        f"out of memory on {device}{memory} in the rehearsal: a {what} micro-batch, {shape[0]} × {shape[1]} tokens"
+        f" ({decision.summary()}). {'Training' if split == 'train' else 'Validation'} meets this shape whenever the longest"
+        " sample comes up, so the run would fail there later.\n"
+        "To make it fit: a smaller --train.micro_batch_size (keep --train.global_batch_size: more accumulation steps),"
+        " a lower --train.max_seq_length with --seq.over_length truncate or drop, a lighter --precision"
+        " (bf16-true, 16-true), or --quantize bnb.nf4 (bitsandbytes)."
+    )

@@ -1,0 +1,25 @@
+"""The ``--seq.*`` flags: how this entry point decides, applies and reports sequence lengths."""
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class SeqArgs:
+    """Sequence-length arguments (new in this entry point)"""
+
+    headroom: float = 0.1
+    """Margin above the longest sample when max_seq_length is sized from the data: 0.1 adds 10%. Capped at block_size."""
+    over_length: Literal["truncate", "drop", "error"] = "truncate"
+    """What happens to samples longer than max_seq_length: cut them, leave them out (kept in
+    OUT_DIR/dropped_samples.jsonl), or stop before the model is built."""
+    dry_run: bool = False
+    """Scan, decide and report, then exit: needs only the tokenizer and the data (no lit_model.pth)."""
+    scan_workers: int | None = None
+    """CPU processes for the length scan. Default: the data module's num_workers (at least 1)."""
+    group_by_length: bool = False
+    """Draw each train micro-batch from samples of similar length (megabatches of 50 micro-batches sorted by length,
+    in shuffled order; deterministic under --seed), so less of the compute goes to padding. Validation is unchanged."""
+    rehearse: bool = True
+    """Before the first step, run the longest train micro-batch (forward + backward) and the longest val micro-batch
+    (forward), then undo everything (gradients, RNG), so a length or memory failure shows in the first minute."""

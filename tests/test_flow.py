@@ -1,0 +1,136 @@
+"""The flow in process: the command line against litgpt's own, litgpt's own test of its LoRA script, the plan."""
+
+import json
+import os
+from contextlib import redirect_stdout
+from io import StringIO
+from unittest import mock
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from jsonargparse import capture_parser
+from litgpt.args import EvalArgs, TrainArgs
+from litgpt.data import JSON, Alpaca
+from litgpt.finetune import lora as upstream
+from litgpt.tokenizer import Tokenizer
+from litgpt.utils import CLI
+
+import finetune_lora
+import seq_data
+from seq_args import SeqArgs
+
+
+def options(parser) -> dict[str, tuple]:
+    """Every option of a jsonargparse parser (nested groups included): its default and help text."""
+    found = {}
+    for action in parser._actions:
+        for option in action.option_strings:
+            if option.startswith("--") and option not in ("--help", "--print_config"):
+                found[option] = (action.default, action.help)
+    return found
+
+
+def test_the_command_line_is_litgpts_plus_seq():
+    """An independent reference: the parser litgpt's own CLI builds for `litgpt finetune_lora`."""
+    theirs = options(capture_parser(lambda: CLI(upstream.setup)))
+    ours = options(finetune_lora.build_parser())
+    assert len(theirs) > 40 and "--train.micro_batch_size" in theirs and "--lora_r" in theirs
+    missing = sorted(set(theirs) - set(ours))
+    assert not missing, missing
+    changed = sorted(option for option in theirs if option != "--config" and ours[option] != theirs[option])
+    assert not changed, [(option, theirs[option], ours[option]) for option in changed]
+    added = sorted(set(ours) - set(theirs))
+    assert added == sorted(["--seq", *(f"--seq.{field}" for field in SeqArgs.__dataclass_fields__)])
+
+
+def test_litgpts_own_lora_script_test(tmp_path, monkeypatch):
+    """litgpt 0.5.13's tests/test_lora.py::test_lora_script, with finetune_lora in place of litgpt.finetune.lora:
+    the same patched module attributes, the same calls and the same assertions on the output and the log."""
+    monkeypatch.chdir(tmp_path)
+    checkpoint_dir = tmp_path / "checkpoints" / "tmp"
+    checkpoint_dir.mkdir(parents=True)
+    for name in ("lit_model.pth", "tokenizer.json", "tokenizer_config.json"):
+        (checkpoint_dir / name).touch()
+    model_config = dict(block_size=128, n_layer=2, n_embd=8, n_head=4, padded_vocab_size=8)
+    (checkpoint_dir / "model_config.yaml").write_text(yaml.dump(model_config))
+    alpaca_path = tmp_path / "alpaca.json"
+    samples = [{"instruction": f"Say {i} things.", "input": "", "output": f"Here are {i} things."} for i in range(24)]
+    alpaca_path.write_text(json.dumps(samples))
+    monkeypatch.setattr(finetune_lora, "load_checkpoint", mock.Mock())
+    monkeypatch.setattr(finetune_lora, "merge_lora", mock.Mock())
+    tokenizer = mock.Mock()
+    tokenizer.return_value = tokenizer
+    tokenizer.encode = lambda *_, **__: torch.tensor([3, 2, 1])
+    monkeypatch.setattr(finetune_lora, "Tokenizer", tokenizer)
+
+    out_dir = tmp_path / "out"
+    stdout = StringIO()
+    with redirect_stdout(stdout), mock.patch("sys.argv", ["lora.py", str(checkpoint_dir)]):
+        finetune_lora.setup(
+            checkpoint_dir,
+            data=Alpaca(download_dir=tmp_path, file_name=alpaca_path.name, val_split_fraction=0.5, num_workers=0),
+            out_dir=out_dir,
+            precision="32-true",
+            train=TrainArgs(global_batch_size=1, save_interval=2, epochs=1, max_steps=6, micro_batch_size=1),
+            eval=EvalArgs(interval=2, max_iters=2, max_new_tokens=1),
+        )
+
+    checkpoint_dirs = {"step-000002", "step-000004", "step-000006", "final"}
+    assert checkpoint_dirs.issubset(set(os.listdir(out_dir)))
+    for name in checkpoint_dirs:
+        assert {p.name for p in (out_dir / name).iterdir()} == {
+            "lit_model.pth.lora",
+            "model_config.yaml",
+            "tokenizer_config.json",
+            "tokenizer.json",
+            "hyperparameters.yaml",
+            "prompt_style.yaml",
+        }
+    assert (out_dir / "logs" / "csv" / "version_0" / "metrics.csv").is_file()
+    logs = stdout.getvalue()
+    assert logs.count("(step)") == 6
+    assert logs.count("val loss") == 4  # 3 validations + 1 final validation
+    assert logs.count("Final evaluation") == 1
+    assert "of trainable parameters: 512" in logs
+
+
+def test_a_test_split_is_scanned_and_decides(tiny_checkpoint, make_data):
+    """A data module with a test split: its samples are scanned, and the longest of them sets the length."""
+
+    class WithTest(JSON):
+        def test_dataloader(self):
+            test = type(self)(json_path=make_data([100, 120], [300, 95], name="test_split"))
+            test.connect(self.tokenizer, self.batch_size, None if self.max_seq_length < 0 else self.max_seq_length)
+            test.setup()
+            return test.val_dataloader()
+
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    data = WithTest(json_path=make_data([100, 120], [90, 95]), num_workers=0)
+    plan = seq_data.plan_lengths(fabric, data, Tokenizer(tiny_checkpoint), TrainArgs(), SeqArgs(headroom=0), 512)
+    assert list(plan.lengths) == ["train", "val", "test"]
+    assert plan.lengths["test"] == [300, 95]
+    assert (plan.decision.longest, plan.decision.longest_split, plan.decision.max_seq_length) == (300, "test", 300)
+    plain = seq_data.load_splits(
+        fabric, JSON(json_path=make_data([100, 120], [90, 95], name="plain")), Tokenizer(tiny_checkpoint), 1, None
+    )
+    assert list(plain) == ["train", "val"]
+
+
+def test_an_empty_test_split_is_reported_not_a_crash(tiny_checkpoint, make_data, tmp_path):
+    class EmptyTest(JSON):
+        def test_dataloader(self):
+            return torch.utils.data.DataLoader([])
+
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    data = EmptyTest(json_path=make_data([100, 120], [90, 95]), num_workers=0)
+    plan = seq_data.plan_lengths(fabric, data, Tokenizer(tiny_checkpoint), TrainArgs(), SeqArgs(), 512)
+    report = seq_data.publish_plan(fabric, tmp_path, plan, SeqArgs(), micro_batch_size=1, seed=0)
+    assert report["splits"]["test"]["count"] == 0 and report["longest"] == 120
+    assert json.loads((tmp_path / "seq_lengths.json").read_text())["splits"]["test"]["max"] is None
+
+
+def test_setup_refuses_a_flag_litgpt_does_not_have(tmp_path):
+    with pytest.raises(finetune_lora.UserInputError, match="not_a_flag"):
+        finetune_lora.setup(tmp_path, not_a_flag=1)
