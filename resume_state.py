@@ -165,12 +165,15 @@ def remove_stale_temporaries(out_dir: Path) -> list[Path]:
     return removed
 
 
-def write_checkpoint_dir_atomically(final_path: Path, write_fn: Callable[[Path], None], is_writer: bool = True) -> None:
+def write_checkpoint_dir_atomically(
+    final_path: Path, write_fn: Callable[[Path], None], is_writer: bool = True, barrier: Callable[[], None] = lambda: None
+) -> None:
     """Runs ``write_fn(temporary_dir)``, then renames the temporary directory to ``final_path`` (replacing an older
     one). Killed at any moment, ``final_path`` is either absent, the old one, or the new one whole.
 
     Several ranks: all call it (``write_fn`` may hold collectives, like ``save_lora_checkpoint``); only the rank with
-    ``is_writer`` creates, syncs and renames, so ``write_fn`` must write files on that rank only.
+    ``is_writer`` creates, syncs and renames, so ``write_fn`` must write files on that rank only. ``barrier`` keeps
+    the others from touching the temporary directory before it exists or after it is renamed.
     """
     final_path = Path(final_path)
     temporary = temp_path_for(final_path)
@@ -178,12 +181,15 @@ def write_checkpoint_dir_atomically(final_path: Path, write_fn: Callable[[Path],
         if temporary.exists():
             shutil.rmtree(temporary)
         temporary.mkdir(parents=True)
+    barrier()
     write_fn(temporary)
+    barrier()
     if is_writer:
         for file in temporary.rglob("*"):
             if file.is_file():
                 fsync_path(file)
         replace_dir(temporary, final_path)
+    barrier()
 
 
 def replace_dir(source: Path, target: Path) -> None:
@@ -229,10 +235,21 @@ def save_resumable_checkpoint(
     step_dir = Path(step_dir)
     if rank == 0:
         drop_training_state(step_dir)
-    write_checkpoint_dir_atomically(step_dir, write_step_files, is_writer=rank == 0)
-    barrier()
+    write_checkpoint_dir_atomically(step_dir, write_step_files, is_writer=rank == 0, barrier=barrier)
     lora_sha256 = file_sha256(step_dir / LORA_FILE) if rank == 0 else ""
     save_training_state(step_dir, {**header, "lora_sha256": lora_sha256}, rank_state, rank, world_size, barrier)
+
+
+def forget_training_states(out_dir: Path) -> list[str]:
+    """For a run that starts fresh in an ``out_dir`` holding another run's checkpoints: removes their training
+    states (their step directories stay usable for generate and merge), so a later ``--resume auto`` cannot pick a
+    checkpoint of the old run that is newer than any of this one. Returns the step directory names it made
+    non-resumable. Rank 0 only."""
+    state_root = Path(out_dir) / STATE_DIR
+    forgotten = sorted(path.name for path in state_root.glob("step-*")) if state_root.is_dir() else []
+    for name in forgotten:
+        drop_training_state(Path(out_dir) / name)
+    return forgotten
 
 
 def drop_training_state(step_dir: Path) -> None:
@@ -296,6 +313,23 @@ def restore_rank_training_state(state: dict, optimizer, scheduler, running_loss,
     for key, value in state["token_counts"].items():
         token_counts[key].fill_(value)
     restore_rng(state["rng"])
+
+
+def load_lora_weights(model, step_dir: Path, world_size: int = 1) -> None:
+    """The checkpoint's exact LoRA tensors (``save_lora_checkpoint`` saves the parameters themselves, in their own
+    dtype) into ``model``, after the base weights. Several ranks (FSDP2): a full state dict, sharded on loading."""
+    lora = torch.load(Path(step_dir) / LORA_FILE, map_location="cpu", weights_only=True, mmap=True)["model"]
+    if world_size == 1:
+        missing = set(lora) - set(model.state_dict())
+        if missing:
+            raise UserInputError(f"--resume {step_dir}: its {LORA_FILE} holds {sorted(missing)[:3]}, which this model"
+                                 " lacks: were the --lora_* flags different?")
+        model.load_state_dict(lora, strict=False)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    module = getattr(model, "module", model)  # Fabric's wrapper holds the sharded module
+    set_model_state_dict(module, lora, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def read_header(step_dir: Path) -> dict:
@@ -393,8 +427,8 @@ def capture_rng() -> dict:
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # this rank's device only: no context on the others
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -405,7 +439,7 @@ def restore_rng(state: dict) -> None:
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
 
 
 def running_mean_state(metric) -> dict:

@@ -116,6 +116,56 @@ def test_a_write_that_fails_midway_leaves_the_old_checkpoint_and_a_temporary_tha
     assert rs.remove_stale_temporaries(tmp_path) == [tmp_path / ".tmp-step-000002"]
 
 
+class Killed(BaseException):
+    pass
+
+
+def test_a_kill_at_any_file_operation_of_a_rewrite_leaves_only_whole_checkpoints(tmp_path, monkeypatch):
+    """Rewriting step-000004 (as a fresh run in the same out_dir does), "killed" at its n-th rename or removal, for
+    every n: auto resume then chooses a checkpoint whose LoRA file and state belong together, and once the rewrite
+    has got through, the new one."""
+    real = {"replace": os.replace, "rmtree": rs.shutil.rmtree}
+    n = 0
+    while True:
+        out_dir = tmp_path / f"kill-{n}"
+        save_checkpoint(out_dir, 2, value=2.0)
+        save_checkpoint(out_dir, 4, value=4.0)
+        calls = []
+
+        def dying(name):
+            def operation(*args, **kwargs):
+                calls.append(name)
+                if len(calls) > n:
+                    raise Killed
+                return real[name](*args, **kwargs)
+            return operation
+
+        monkeypatch.setattr(rs.os, "replace", dying("replace"))
+        monkeypatch.setattr(rs.shutil, "rmtree", dying("rmtree"))
+        try:
+            rs.save_resumable_checkpoint(out_dir / "step-000004", lambda tmp: write_lora_file(tmp, 40.0),
+                                         {"progress": {"step": 40}}, {})
+            finished = True
+        except Killed:
+            finished = False
+        monkeypatch.undo()
+        chosen = rs.find_checkpoint(out_dir, "auto", log=lambda _: None)
+        value = torch.load(chosen / rs.LORA_FILE)["model"]["lora_A"][0, 0].item()
+        assert value == {2: 2.0, 4: 4.0, 40: 40.0}[rs.read_header(chosen)["progress"]["step"]]
+        if finished:
+            assert value == 40.0 and not list(out_dir.rglob(".tmp-*")) and n >= 4
+            break
+        n += 1
+
+
+def test_a_fresh_run_forgets_the_old_runs_states_but_keeps_their_weights(tmp_path):
+    save_checkpoint(tmp_path, 2)
+    save_checkpoint(tmp_path, 4)
+    assert rs.forget_training_states(tmp_path) == ["step-000002", "step-000004"]
+    assert rs.find_checkpoint(tmp_path, "auto", log=lambda _: None) is None
+    assert (tmp_path / "step-000004" / rs.LORA_FILE).is_file()
+
+
 @pytest.mark.e2e
 def test_sigkill_during_a_save_never_leaves_a_complete_looking_checkpoint(tmp_path):
     """A process saves checkpoints in a loop (big files, so saves take a while) and is SIGKILLed mid-way; whatever
@@ -364,7 +414,7 @@ def test_a_resumed_run_ends_bit_identical(tmp_path, kind, stop_at):
     saved = rs.read_header(chosen)
     rs.check_same_run(saved, {"run": {"seed": SEED}, "data": rs.data_fingerprint({"train": LENGTHS})})
     model, optimizer, scheduler, sampler, loader, running, counts = build(kind)
-    model.load_state_dict(torch.load(chosen / rs.LORA_FILE, weights_only=True)["model"], strict=False)
+    rs.load_lora_weights(model, chosen)
     progress = saved["progress"]
     batches = rs.EpochBatches(loader, sampler, progress["epoch"], progress["position"])
     rs.restore_rank_training_state(rs.read_rank_state(chosen), optimizer, scheduler, running, counts)
