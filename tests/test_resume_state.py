@@ -13,16 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from litgpt.data.base import get_sft_collate_fn
+from litgpt.finetune.lora import get_lr_scheduler
+from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
+from litgpt.utils import chunked_cross_entropy
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 from torchmetrics import RunningMean
 
 import data_utils
 import resume_state as rs
 from data_utils import UserInputError
-from litgpt.data.base import get_sft_collate_fn
-from litgpt.finetune.lora import get_lr_scheduler
-from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
-from litgpt.utils import chunked_cross_entropy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,7 +132,7 @@ def test_a_kill_at_any_file_operation_of_a_rewrite_leaves_only_whole_checkpoints
         save_checkpoint(out_dir, 4, value=4.0)
         calls = []
 
-        def dying(name):
+        def dying(name, calls=calls, n=n):
             def operation(*args, **kwargs):
                 calls.append(name)
                 if len(calls) > n:
@@ -327,6 +327,30 @@ def test_skipping_reads_only_the_remaining_batches_of_the_epoch(kind):
     assert (resumed.epoch, resumed.position) == (2, 2)
 
 
+def test_fabric_wrapped_loader_keeps_the_order_and_the_global_rng(tmp_path):
+    """Set up by Fabric as the flow does (use_distributed_sampler=False), the loader hands out the sampler's batches
+    in order across epochs, and starting an epoch draws nothing from the global torch RNG (dropout's)."""
+    import lightning as L
+
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    lengths = [3, 9, 4, 7, 5]
+    dataset = CountingDataset(lengths)
+    sampler = make_sampler("random", lengths, 2, seed=3)
+    loader = fabric.setup_dataloaders(
+        rs.resumable_loader(DataLoader(dataset, collate_fn=get_sft_collate_fn()), sampler, seed=3),
+        use_distributed_sampler=False,
+    )
+    assert len(loader) == 3
+    batches = rs.EpochBatches(loader, sampler, epoch=1, position=1)
+    torch.manual_seed(0)
+    expected_draw = torch.rand(1)
+    torch.manual_seed(0)
+    for _ in range(4):
+        next(batches)
+    assert torch.equal(torch.rand(1), expected_draw)
+    assert dataset.reads == [i for batch in sampler.batches(1)[1:] + sampler.batches(2)[:2] for i in batch]
+
+
 def test_an_epoch_ended_exactly_at_the_checkpoint_continues_with_the_next():
     lengths = [3, 4, 5, 6]
     sampler = make_sampler("random", lengths, 2, seed=1)
@@ -506,3 +530,76 @@ def test_handlers_are_put_back():
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested and stop.exit_code == 143
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Two ranks (gloo on CPU): each saves and restores its own sampler share and random states
+# ---------------------------------------------------------------------------------------------------------------
+
+TWO_RANKS = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+from torch.utils.data import DataLoader
+from litgpt.data.base import get_sft_collate_fn
+import resume_state as rs
+sys.path.insert(0, {tests!r})
+from test_resume_state import CountingDataset
+
+LENGTHS = list(range(3, 14))  # 11 samples: the two ranks' shares pad to 12
+
+def run(rank, out):
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    def pieces():
+        dataset = CountingDataset(LENGTHS)
+        sampler = rs.ResumableBatchSampler(lambda e: rs.random_batches(len(LENGTHS), 2, 5, e, rank, 2))
+        return dataset, sampler, rs.resumable_loader(DataLoader(dataset, collate_fn=get_sft_collate_fn()), sampler, 5)
+    def go_on(batches, n):
+        seen = []
+        for _ in range(n):
+            batch = next(batches)
+            seen.append([batch["input_ids"].shape[1], torch.rand(2).tolist()])  # a dropout-like draw per micro-batch
+        return seen
+    torch.manual_seed(100 + rank)
+    dataset, sampler, loader = pieces()
+    batches = rs.EpochBatches(loader, sampler)
+    go_on(batches, 5)  # 3 micro-batches per epoch and rank: stops in epoch 2
+    header = rs.training_header(5, 5, batches, 0.0, {{}}, {{}}, {{}})
+    rs.save_training_state(out / "step-000005", {{**header, "lora_sha256": ""}}, {{"rng": rs.capture_rng()}}, rank, 2, dist.barrier)
+    straight = go_on(batches, 4)
+
+    torch.manual_seed(7)
+    dataset, sampler, loader = pieces()
+    progress = rs.read_header(out / "step-000005")["progress"]
+    batches = rs.EpochBatches(loader, sampler, progress["epoch"], progress["position"])
+    rs.restore_rng(rs.read_rank_state(out / "step-000005", rank)["rng"])
+    resumed = go_on(batches, 4)
+    epoch_0 = [i for batch in sampler.batches(0) for i in batch]
+    (out / f"rank-{{rank}}.json").write_text(json.dumps({{"straight": straight, "resumed": resumed, "epoch_0": epoch_0,
+                                                         "progress": progress, "reads": dataset.reads}}))
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    from pathlib import Path
+    mp.spawn(run, args=(Path(sys.argv[1]),), nprocs=2)
+"""
+
+
+@pytest.mark.e2e
+def test_two_ranks_resume_their_own_share_and_random_states(tmp_path):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS.format(root=str(ROOT), tests=str(ROOT / "tests"), port=port))
+    finished = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120, check=False)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(2)]
+    assert sorted(ranks[0]["epoch_0"] + ranks[1]["epoch_0"]) == sorted(list(range(11)) + [ranks[0]["epoch_0"][0]])
+    for rank in ranks:
+        assert rank["progress"]["epoch"] == 1 and rank["progress"]["position"] == 2
+        assert rank["resumed"] == rank["straight"]
+    assert ranks[0]["straight"] != ranks[1]["straight"]  # each rank its own data and its own random draws
+    assert sorted(p.name for p in (tmp_path / "resume" / "step-000005").iterdir()) == ["rank-0.pt", "rank-1.pt", "state.json"]
