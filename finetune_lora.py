@@ -27,6 +27,7 @@ from lightning.fabric.strategies import ModelParallelStrategy
 from lightning.fabric.utilities import ThroughputMonitor
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.data import Alpaca, DataModule
+from litgpt.finetune.full import setup as litgpt_finetune_full
 from litgpt.finetune.lora import (
     generate_example,
     get_lr_scheduler,
@@ -41,7 +42,6 @@ from litgpt.prompts import save_prompt_style
 from litgpt.scripts.merge_lora import merge_lora
 from litgpt.tokenizer import Tokenizer
 from litgpt.utils import (
-    CycleIterator,
     auto_download_checkpoint,
     choose_logger,
     copy_config_files,
@@ -59,18 +59,22 @@ from torchmetrics import RunningMean
 
 import data_utils
 import rehearsal
+import resume_state
 import seq_data
 from data_utils import UserInputError
 from seq_args import SeqArgs
 from training_loss import train_loss
 
 
-def setup(checkpoint_dir: Path, seq: SeqArgs = SeqArgs(), **litgpt_flags) -> None:
+def setup(checkpoint_dir: Path, seq: SeqArgs = SeqArgs(), resume: resume_state.Resume = False, **litgpt_flags) -> None:
     """Fine-tune a model with LoRA, with max_seq_length decided from train, val (and test) before the model is built.
 
     ``litgpt_flags`` are the keyword flags of litgpt's own ``finetune_lora`` (``out_dir``, ``precision``, ``train``,
-    ``eval``, ``lora_r``, ...), with its defaults; ``seq`` holds the flags this entry point adds.
+    ``eval``, ``lora_r``, ...), with its defaults; ``seq`` holds the flags this entry point adds; ``resume`` is
+    litgpt ``finetune_full``'s: a ``step-*`` directory, ``True`` (the newest complete checkpoint in ``out_dir``,
+    an error when there is none), ``"auto"`` (the same, but start fresh when there is none) or ``False``.
     """
+    resume = resume_state.parse_resume(resume)
     try:
         flags = inspect.signature(litgpt_finetune_lora).bind(checkpoint_dir, **litgpt_flags)
     except TypeError as problem:
@@ -97,6 +101,7 @@ def setup(checkpoint_dir: Path, seq: SeqArgs = SeqArgs(), **litgpt_flags) -> Non
         name=f"finetune-{config.name}",
         log_interval=train.log_interval,
         log_args=dataclasses.asdict(flags["log"]),
+        resume=bool(resume),
     )
 
     plugins = None
@@ -129,6 +134,7 @@ def setup(checkpoint_dir: Path, seq: SeqArgs = SeqArgs(), **litgpt_flags) -> Non
         optimizer=flags["optimizer"],
         precision=precision,
         seed=seed,
+        resume=resume,
     )
 
 
@@ -171,13 +177,23 @@ def main(
     optimizer: str | dict,
     precision: str | None,
     seed: int,
+    resume: resume_state.Resume = False,
 ) -> None:
-    # 1. Lengths, from the tokenizer and the data only: scan, decide, apply the policy, report.
+    # 1. Lengths, from the tokenizer and the data only: scan, decide, apply the policy, report. On resume, the
+    #    checkpoint must be of this model, this data and these flags, and its length decision is kept.
     hyperparameters = captured_hyperparameters()
+    resume_from = resume_state.find_checkpoint(out_dir, resume, log=fabric.print)
+    if resume_from is not None:
+        resume_state.check_same_model(resume_from, checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
     plan = seq_data.plan_lengths(fabric, data, tokenizer, train, seq, config.block_size)
+    run = resume_state.run_flags(train, seq, seed, fabric.world_size, optimizer, precision, config)
+    resumption, plan = resume_state.begin(fabric, out_dir, resume_from, plan, run, saves=bool(train.save_interval))
     decision = plan.decision
     report = seq_data.publish_plan(fabric, out_dir, plan, seq, train.micro_batch_size, seed)
+    if resumption.report():
+        report["resumed_from"] = resumption.report()
+        seq_data.write_report(fabric, out_dir, report)
     if seq.dry_run:
         fabric.print("dry run: nothing trained (--seq.dry_run true).")
         return
@@ -205,6 +221,8 @@ def main(
     optimizer = fabric.setup_optimizers(optimizer)
     scheduler = get_lr_scheduler(optimizer, warmup_steps=train.lr_warmup_steps, max_steps=lr_max_steps)
     load_checkpoint(fabric, model, checkpoint_dir / "lit_model.pth", strict=False)
+    if resume_from is not None:
+        resume_state.load_lora_weights(model, resume_from, fabric.world_size)
 
     # 3. Rehearse the worst case (the longest micro-batches), then train, validate, save.
     if seq.rehearse:
@@ -215,21 +233,26 @@ def main(
         seq_data.write_report(fabric, out_dir, report)
     save = partial(save_checkpoint, checkpoint_dir=checkpoint_dir, data=data, hyperparameters=hyperparameters)
     started = time.perf_counter()
-    token_counts = fit(
-        fabric,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        train_loader=train_loader,
-        val_loader=val_loader,
-        data=data,
-        tokenizer=tokenizer,
-        out_dir=out_dir,
-        train=train,
-        eval=eval,
-        save=save,
-        verify=not seq.rehearse,
-    )
+    with resume_state.GracefulStop(log=fabric.print) as signals:
+        token_counts = fit(
+            fabric,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            train_loader=train_loader,
+            val_loader=val_loader,
+            data=data,
+            tokenizer=tokenizer,
+            out_dir=out_dir,
+            train=train,
+            eval=eval,
+            save=save,
+            verify=not seq.rehearse,
+            resumption=resumption,
+            signals=signals,
+        )
+    if signals.checkpoint is not None:
+        sys.exit(signals.exit_code)  # 143 (SIGTERM) / 130 (SIGINT): the step directory is the result, no final/
     fabric.print(create_finetuning_performance_report(time.perf_counter() - started, token_counts, fabric.device.type))
     report["batches"] = seq_data.batches_trained(token_counts, train.micro_batch_size, seq.group_by_length)
     seq_data.write_report(fabric, out_dir, report)
@@ -261,12 +284,17 @@ def fit(
     eval: EvalArgs,
     save: Callable,
     verify: bool = True,
+    resumption: resume_state.Resumption,
+    signals: resume_state.GracefulStop | None = None,
 ) -> dict:
     """The training loop. max_seq_length was settled before the model was built; nothing here changes it.
 
     ``save(fabric, model, directory)`` writes a checkpoint. ``verify``: without an initial validation, run two val
     batches first as upstream does (not needed after a rehearsal). They run with the RNG states put back, as the
-    rehearsal's are, so both runs train alike. Returns the run's token counts, summed over the ranks.
+    rehearsal's are, so both runs train alike. ``resumption``: the checkpoint to go on from (its state is put back
+    after the initial validation) and what every checkpoint records; ``signals``: SIGTERM or SIGINT ends the loop after the
+    optimizer step it arrives in, with a checkpoint (``signals.checkpoint``). Returns the run's token counts, summed
+    over the ranks.
     """
     if eval.initial_validation:
         val_loss = f"{validate(fabric, model, val_loader, dataclasses.replace(eval, max_iters=len(val_loader))):.3f}"
@@ -278,14 +306,19 @@ def fit(
         val_loss = "n/a"
 
     accumulation = train.gradient_accumulation_iters(fabric.world_size, 1)
-    batches = CycleIterator(train_loader)
+    batches = resume_state.EpochBatches(train_loader)
     throughput = ThroughputMonitor(fabric, window_size=50)
     running_loss = RunningMean(window=accumulation, sync_on_compute=False).to(fabric.device)
     max_steps = train.max_steps or float("inf")
     max_time = train.max_time or float("inf")
     counts = {key: torch.tensor(0, device=fabric.device, dtype=torch.long) for key in ("raw", "template", "padded")}
     step = iteration = 0
-    started = time.perf_counter()
+    trained_before = 0.0  # seconds, by the run that saved the checkpoint (--train.max_time counts the whole run)
+    if resumption.step_dir is not None:
+        step, iteration, trained_before = resumption.restore(
+            fabric, batches, optimizer, scheduler, running_loss, counts
+        )
+    started = time.perf_counter() - trained_before
 
     while step < max_steps:
         iteration += 1
@@ -346,8 +379,28 @@ def fit(
         if not accumulating and step % eval.interval == 0:
             val_loss = periodic_validation(fabric, model, val_loader, eval, tokenizer, data, iteration)
 
-        if train.save_interval is not None and not accumulating and step % train.save_interval == 0:
-            save(fabric, model, out_dir / f"step-{step:06d}")
+        if accumulating:
+            continue
+        stopping = signals is not None and signals.requested_on_any_rank(fabric)
+        if stopping or (train.save_interval is not None and step % train.save_interval == 0):
+            step_dir = out_dir / f"step-{step:06d}"
+            resumption.save(
+                fabric,
+                step_dir,
+                partial(save, fabric, model),
+                step=step,
+                iteration=iteration,
+                batches=batches,
+                elapsed_seconds=time.perf_counter() - started,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                running_loss=running_loss,
+                token_counts=counts,
+            )
+        if stopping:
+            signals.checkpoint = step_dir
+            fabric.print(f"Stopped at step {step}. To resume: {resume_state.resume_command(sys.argv, step_dir)}")
+            break
 
     totals = {key: fabric.all_reduce(value, reduce_op="sum").item() for key, value in counts.items()}
     return {
@@ -412,6 +465,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--config", action=ActionConfigFile, help="Path to a configuration file (yaml).")
     parser.add_function_arguments(litgpt_finetune_lora, as_group=False, as_positional=True, sub_configs=True)
     parser.add_class_arguments(SeqArgs, "seq", sub_configs=True)
+    not_resume = set(inspect.signature(litgpt_finetune_full).parameters) - {"resume"}
+    parser.add_function_arguments(litgpt_finetune_full, as_group=False, skip=not_resume)  # --resume, as upstream's
     return parser
 
 
@@ -433,6 +488,9 @@ def cli() -> None:
     except UserInputError as problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without a traceback
+        print("Interrupted.", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import shutil
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -84,7 +85,9 @@ def find_checkpoint(out_dir: Path, resume: object, log: Callable[[str], None] = 
     for step_dir in step_dirs_newest_first(out_dir):
         problem = incomplete_reason(step_dir)
         if problem is None:
-            log(f"Resuming from {step_dir}, the newest complete checkpoint in --out_dir {out_dir} (--resume {flag(resume)}).")
+            log(
+                f"Resuming from {step_dir}, the newest complete checkpoint in --out_dir {out_dir} (--resume {flag(resume)})."
+            )
             return step_dir
         log(f"Skipping {step_dir}: {problem}.")
     if resume == "auto":
@@ -129,7 +132,9 @@ def incomplete_reason(step_dir: Path) -> str | None:
         return f"its training state {state_dir / HEADER} is unreadable ({error})"
     if header.get("format") != FORMAT or header.get("step_dir") != step_dir.name:
         return f"{state_dir / HEADER} belongs to {header.get('step_dir')!r}, format {header.get('format')!r}"
-    missing = [f"rank-{rank}.pt" for rank in range(header["world_size"]) if not (state_dir / f"rank-{rank}.pt").is_file()]
+    missing = [
+        f"rank-{rank}.pt" for rank in range(header["world_size"]) if not (state_dir / f"rank-{rank}.pt").is_file()
+    ]
     if missing:
         return f"{state_dir} lacks {', '.join(missing)}"
     if file_sha256(step_dir / LORA_FILE) != header["lora_sha256"]:
@@ -166,7 +171,10 @@ def remove_stale_temporaries(out_dir: Path) -> list[Path]:
 
 
 def write_checkpoint_dir_atomically(
-    final_path: Path, write_fn: Callable[[Path], None], is_writer: bool = True, barrier: Callable[[], None] = lambda: None
+    final_path: Path,
+    write_fn: Callable[[Path], None],
+    is_writer: bool = True,
+    barrier: Callable[[], None] = lambda: None,
 ) -> None:
     """Runs ``write_fn(temporary_dir)``, then renames the temporary directory to ``final_path`` (replacing an older
     one). Killed at any moment, ``final_path`` is either absent, the old one, or the new one whole.
@@ -265,7 +273,12 @@ def drop_training_state(step_dir: Path) -> None:
 
 
 def save_training_state(
-    step_dir: Path, header: dict, rank_state: dict, rank: int = 0, world_size: int = 1, barrier: Callable[[], None] = lambda: None
+    step_dir: Path,
+    header: dict,
+    rank_state: dict,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None,
 ) -> None:
     """Writes ``OUT_DIR/resume/<step dir name>/``: each rank its ``rank-<r>.pt``, rank 0 ``state.json`` last, then the
     directory is renamed into place. ``header`` needs ``lora_sha256`` (see ``save_resumable_checkpoint``)."""
@@ -288,7 +301,9 @@ def save_training_state(
     barrier()
 
 
-def training_header(step: int, iteration: int, batches: EpochBatches, elapsed_seconds: float, run: dict, data: dict, decision: dict) -> dict:
+def training_header(
+    step: int, iteration: int, batches: EpochBatches, elapsed_seconds: float, run: dict, data: dict, decision: dict
+) -> dict:
     """What state.json holds besides its bookkeeping: where the run is, and what must match to go on."""
     progress = {"step": step, "iteration": iteration, **batches.state(), "elapsed_seconds": elapsed_seconds}
     return {"progress": progress, "run": run, "data": data, "decision": decision}
@@ -305,7 +320,9 @@ def rank_training_state(optimizer, scheduler, running_loss, token_counts: Mappin
     }
 
 
-def restore_rank_training_state(state: dict, optimizer, scheduler, running_loss, token_counts: Mapping[str, torch.Tensor]) -> None:
+def restore_rank_training_state(
+    state: dict, optimizer, scheduler, running_loss, token_counts: Mapping[str, torch.Tensor]
+) -> None:
     """Puts ``rank_training_state``'s output back; the random states last, so nothing after draws from them."""
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -322,8 +339,10 @@ def load_lora_weights(model, step_dir: Path, world_size: int = 1) -> None:
     if world_size == 1:
         missing = set(lora) - set(model.state_dict())
         if missing:
-            raise UserInputError(f"--resume {step_dir}: its {LORA_FILE} holds {sorted(missing)[:3]}, which this model"
-                                 " lacks: were the --lora_* flags different?")
+            raise UserInputError(
+                f"--resume {step_dir}: its {LORA_FILE} holds {sorted(missing)[:3]}, which this model"
+                " lacks: were the --lora_* flags different?"
+            )
         model.load_state_dict(lora, strict=False)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -349,7 +368,11 @@ def read_rank_state(step_dir: Path, rank: int = 0, map_location: str | torch.dev
 def data_fingerprint(lengths: Mapping[str, Sequence[int]]) -> dict:
     """Per split: the sample count, a sha256 of the token lengths, and the lengths (to say where they differ)."""
     return {
-        name: {"count": len(values), "sha256": hashlib.sha256(json.dumps(list(values)).encode()).hexdigest(), "lengths": list(values)}
+        name: {
+            "count": len(values),
+            "sha256": hashlib.sha256(json.dumps(list(values)).encode()).hexdigest(),
+            "lengths": list(values),
+        }
         for name, values in lengths.items()
     }
 
@@ -385,11 +408,16 @@ def check_same_run(saved: dict, current: dict, checkpoint: str = "the checkpoint
             problems.append(f"the {split} split had {was['count']} samples, now {now['count']}")
         elif now["sha256"] != was["sha256"]:
             index = next((i for i, (a, b) in enumerate(zip(was["lengths"], now["lengths"])) if a != b), None)
-            where = f": {split} sample {index} had {was['lengths'][index]} tokens, now {now['lengths'][index]}" if index is not None else ""
+            where = (
+                f": {split} sample {index} had {was['lengths'][index]} tokens, now {now['lengths'][index]}"
+                if index is not None
+                else ""
+            )
             problems.append(f"the {split} split has the same count but other token lengths{where}")
     if problems:
         raise UserInputError(
-            f"cannot resume from {checkpoint}: this run differs from the one that saved it: " + "; ".join(problems)
+            f"cannot resume from {checkpoint}: this run differs from the one that saved it: "
+            + "; ".join(problems)
             + ". Resume with the same data and flags, or start a new run with --resume false (or another --out_dir)."
         )
 
@@ -423,8 +451,13 @@ def capture_rng() -> dict:
     kind, keys, position, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # this rank's device only: no context on the others
@@ -436,7 +469,9 @@ def restore_rng(state: dict) -> None:
     python = state["python"]
     random.setstate((python[0], tuple(python[1]), python[2]))
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
@@ -444,8 +479,10 @@ def restore_rng(state: dict) -> None:
 
 def running_mean_state(metric) -> dict:
     """A torchmetrics ``RunningMean``'s window (its per-slot states) and where its next value goes."""
-    return {"values": {key: value.detach().cpu().clone() for key, value in metric.metric_state.items()},
-            "seen": metric._num_vals_seen}
+    return {
+        "values": {key: value.detach().cpu().clone() for key, value in metric.metric_state.items()},
+        "seen": metric._num_vals_seen,
+    }
 
 
 def restore_running_mean(metric, state: dict) -> None:
@@ -459,7 +496,9 @@ def restore_running_mean(metric, state: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def random_batches(num_samples: int, micro_batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+def random_batches(
+    num_samples: int, micro_batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+) -> list[list[int]]:
     """This rank's micro-batches for one epoch of shuffled samples: the order ``DistributedSampler(shuffle=True,
     seed=seed)`` gives after ``set_epoch(epoch)`` (a permutation from ``seed + epoch``, padded by repeating its start to
     a multiple of ``world_size``, every ``world_size``-th index from ``rank``), cut into micro-batches (the last may be
@@ -523,8 +562,8 @@ class EpochBatches:
     one ends; ``epoch`` counts finished epochs as CycleIterator's does. ``position`` is how many micro-batches of the
     current epoch were handed out, so ``EpochBatches(loader, sampler, epoch, position)`` continues exactly there."""
 
-    def __init__(self, loader, sampler: ResumableBatchSampler, epoch: int = 0, position: int = 0) -> None:
-        self.loader, self.sampler = loader, sampler
+    def __init__(self, loader, sampler: ResumableBatchSampler | None = None, epoch: int = 0, position: int = 0) -> None:
+        self.loader, self.sampler = loader, sampler if sampler is not None else loader.batch_sampler
         self.epoch, self.position = epoch, position
         self._iterator = None
 
@@ -543,12 +582,138 @@ class EpochBatches:
         self.position += 1
         return batch
 
+    def seek(self, epoch: int, position: int) -> None:
+        """Continue at ``position`` micro-batches into ``epoch`` (before the first ``next()``)."""
+        self.epoch, self.position, self._iterator = epoch, position, None
+
     def _start(self, skip: int):
         self.sampler.set_position(self.epoch, skip)
         return iter(self.loader)
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The flow's side: one object that main builds in section 1 and fit uses to restore and to save
+# ---------------------------------------------------------------------------------------------------------------
+
+# --seq.* flags that do not change what is trained (every other, present or future, must match to resume)
+SEQ_FLAGS_NOT_RUN_CHANGING = ("dry_run", "scan_workers", "rehearse")
+
+
+def run_flags(train, seq, seed: int, world_size: int, optimizer, precision, config) -> dict:
+    """The flags that change the trained weights, keyed by flag name (so a mismatch reads ``--seed was 1, now 2``)."""
+    flags = {
+        f"train.{name}": getattr(train, name)
+        for name in (
+            "micro_batch_size",
+            "global_batch_size",
+            "max_seq_length",
+            "epochs",
+            "max_steps",
+            "lr_warmup_steps",
+        )
+    }
+    flags.update(seed=seed, devices=world_size, optimizer=optimizer, precision=precision)
+    flags.update(
+        {f"seq.{name}": value for name, value in asdict(seq).items() if name not in SEQ_FLAGS_NOT_RUN_CHANGING}
+    )
+    lora = ("lora_r", "lora_alpha", "lora_dropout", "lora_query", "lora_key", "lora_value", "lora_projection")
+    flags.update({name: getattr(config, name) for name in (*lora, "lora_mlp", "lora_head")})
+    return normalized(flags)
+
+
+@dataclass
+class Resumption:
+    """Where this run resumed from (``step_dir`` None: it started fresh) and what its checkpoints record."""
+
+    step_dir: Path | None
+    saved: dict | None  # the checkpoint's state.json
+    header_parts: dict  # run flags, data fingerprint, length decision: written into every checkpoint of this run
+
+    def report(self) -> dict | None:
+        """For seq_lengths.json: ``{"step_dir", "step"}``, or None for a fresh run."""
+        if self.step_dir is None:
+            return None
+        return {"step_dir": str(self.step_dir), "step": self.saved["progress"]["step"]}
+
+    def restore(
+        self, fabric, batches: EpochBatches, optimizer, scheduler, running_loss, token_counts
+    ) -> tuple[int, int, float]:
+        """Puts the checkpoint's training state back (the RNG last: nothing may draw between this and the loop) and
+        moves ``batches`` to where it stopped. Returns (step, iteration, seconds trained before)."""
+        progress = self.saved["progress"]
+        batches.seek(progress["epoch"], progress["position"])
+        state = read_rank_state(self.step_dir, fabric.global_rank)
+        restore_rank_training_state(state, optimizer, scheduler, running_loss, token_counts)
+        fabric.print(
+            f"Resumed at step {progress['step']} (epoch {progress['epoch'] + 1}, {progress['position']} micro-batches"
+            f" in; none re-read) from {self.step_dir}"
+        )
+        fabric.log_dict({"resumed_from_step": progress["step"]}, step=progress["iteration"])
+        return progress["step"], progress["iteration"], progress["elapsed_seconds"]
+
+    def save(
+        self,
+        fabric,
+        step_dir: Path,
+        write_step_files: Callable[[Path], None],
+        *,
+        step: int,
+        iteration: int,
+        batches: EpochBatches,
+        elapsed_seconds: float,
+        optimizer,
+        scheduler,
+        running_loss,
+        token_counts,
+    ) -> None:
+        """A crash-safe, resumable checkpoint: upstream's files in ``step_dir``, the training state beside it."""
+        header = training_header(step, iteration, batches, elapsed_seconds, **self.header_parts)
+        state = rank_training_state(optimizer, scheduler, running_loss, token_counts)
+        save_resumable_checkpoint(
+            step_dir, write_step_files, header, state, fabric.global_rank, fabric.world_size, fabric.barrier
+        )
+
+
+def begin(fabric, out_dir: Path, step_dir: Path | None, plan, run: dict, saves: bool):
+    """After the scan, before any weight: checks this run against the checkpoint (``step_dir``; None for a fresh
+    run), takes the length decision from it, and tidies ``out_dir`` (what a killed save left; a fresh run that saves
+    makes an old run's checkpoints non-resumable). ``plan`` is a ``seq_data.LengthPlan``. Returns (Resumption, plan)."""
+    data = data_fingerprint({name: plan.lengths[name] for name in ("train", "val")})
+    saved = None
+    if step_dir is not None:
+        saved = read_header(step_dir)
+        check_same_run(saved, {"run": run, "data": data}, str(step_dir))
+        plan = plan_as_saved(fabric, plan, saved["decision"])
+    if fabric.global_rank == 0:
+        for path in remove_stale_temporaries(out_dir):
+            fabric.print(f"Removed {path}: left by a save that did not finish.")
+        forgotten = forget_training_states(out_dir) if step_dir is None and saves else []
+        if forgotten:
+            fabric.print(
+                f"Starting fresh (--resume false) in --out_dir {out_dir}: {', '.join(forgotten)} of an earlier run are"
+                " no longer resumable (their weights stay)."
+            )
+    fabric.barrier()
+    counts = {name: len(plan.lengths[name]) for name in plan.kept}
+    decision = decision_record(plan.decision.max_seq_length, plan.kept, counts)
+    return Resumption(step_dir, saved, {"run": run, "data": data, "decision": decision}), plan
+
+
+def plan_as_saved(fabric, plan, record: dict):
+    """The plan with the checkpoint's length decision (max_seq_length, kept samples). With the same data and flags
+    (checked before) they agree unless this version decides differently; then the checkpoint's wins, with a note."""
+    kept = kept_from_record(record)
+    if record["max_seq_length"] == plan.decision.max_seq_length and kept == plan.kept:
+        return plan
+    fabric.print(
+        f"note: keeping the checkpoint's length decision (max_seq_length {record['max_seq_length']}, its kept samples)"
+        f" over this run's (max_seq_length {plan.decision.max_seq_length})."
+    )
+    decision = replace(plan.decision, max_seq_length=record["max_seq_length"])
+    return replace(plan, decision=decision, kept=kept)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -563,9 +728,12 @@ class GracefulStop:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, log: Callable[[str], None] = lambda message: print(message, file=sys.stderr, flush=True)) -> None:
+    def __init__(
+        self, log: Callable[[str], None] = lambda message: print(message, file=sys.stderr, flush=True)
+    ) -> None:
         self.log = log
         self.signal_number: int | None = None
+        self.checkpoint: Path | None = None  # set by the loop when it saved and left early
         self._previous: dict[int, object] = {}
 
     @property
@@ -590,7 +758,9 @@ class GracefulStop:
         name = signal.Signals(number).name
         if self.signal_number is None:
             self.signal_number = number
-            self.log(f"{name} received: stopping after this optimizer step, with a checkpoint. Ctrl-C again to stop at once.")
+            self.log(
+                f"{name} received: stopping after this optimizer step, with a checkpoint. Ctrl-C again to stop at once."
+            )
         elif number == signal.SIGINT:
             raise KeyboardInterrupt
         else:

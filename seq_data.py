@@ -6,7 +6,9 @@ DataLoader and to the ranks of a Fabric run. Nothing here builds a model or read
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -15,9 +17,10 @@ from lightning.pytorch.core.hooks import DataHooks
 from litgpt.args import TrainArgs
 from litgpt.data import DataModule
 from litgpt.tokenizer import Tokenizer
-from torch.utils.data import DataLoader, RandomSampler, Sampler, Subset
+from torch.utils.data import DataLoader, RandomSampler, Subset
 
 import data_utils
+import resume_state
 from data_utils import Decision, UserInputError
 from seq_args import SeqArgs
 
@@ -137,21 +140,22 @@ def make_loaders(
         check_same_split(name, plan.datasets[name], splits[name].dataset, data)
     train_loader = keep_samples(splits["train"], plan.kept["train"])
     val_loader = keep_samples(splits["val"], plan.kept["val"])
-    if not group_by_length:
-        return fabric.setup_dataloaders(train_loader, val_loader)
-    sampler = GroupedBatchSampler(
-        plan.kept_lengths("train"), micro_batch_size, seed, fabric.global_rank, fabric.world_size
-    )
-    train_loader = DataLoader(
-        train_loader.dataset,
-        batch_sampler=sampler,
-        num_workers=train_loader.num_workers,
-        collate_fn=train_loader.collate_fn,
-    )
-    train_loader = fabric.setup_dataloaders(
-        train_loader, use_distributed_sampler=False
-    )  # the sampler splits by rank itself
+    order = train_batches(plan, micro_batch_size, group_by_length, seed, fabric.global_rank, fabric.world_size)
+    train_loader = resume_state.resumable_loader(train_loader, resume_state.ResumableBatchSampler(order), seed)
+    train_loader = fabric.setup_dataloaders(train_loader, use_distributed_sampler=False)  # the order splits by rank
     return train_loader, fabric.setup_dataloaders(val_loader)
+
+
+def train_batches(
+    plan: LengthPlan, micro_batch_size: int, group_by_length: bool, seed: int, rank: int, world_size: int
+) -> Callable[[int], list[list[int]]]:
+    """This rank's train micro-batches (kept-sample indices) as a function of the epoch, so a run can resume at any
+    micro-batch without reading the ones before: grouped by length, or shuffled as DistributedSampler does."""
+    if group_by_length:
+        lengths = plan.kept_lengths("train")
+        return partial(data_utils.grouped_batches, lengths, micro_batch_size, seed, rank=rank, world_size=world_size)
+    count = len(plan.kept["train"])
+    return partial(resume_state.random_batches, count, micro_batch_size, seed, rank=rank, world_size=world_size)
 
 
 def check_same_split(name: str, scanned, connected, data: DataModule) -> None:
@@ -184,32 +188,14 @@ def keep_samples(loader: DataLoader, indices: list[int]) -> DataLoader:
     )
 
 
-class GroupedBatchSampler(Sampler[list[int]]):
+class GroupedBatchSampler(resume_state.ResumableBatchSampler):
     """Batch sampler for --seq.group_by_length: ``data_utils.grouped_batches`` of this rank, a new epoch per pass."""
 
     def __init__(
         self, lengths: list[int], micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1
     ) -> None:
-        self.lengths, self.micro_batch_size, self.seed, self.rank, self.world_size = (
-            lengths,
-            micro_batch_size,
-            seed,
-            rank,
-            world_size,
-        )
-        self.epoch = 0
-
-    def batches(self, epoch: int) -> list[list[int]]:
-        return data_utils.grouped_batches(
-            self.lengths, self.micro_batch_size, self.seed, epoch, rank=self.rank, world_size=self.world_size
-        )
-
-    def __iter__(self):
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        return iter(self.batches(epoch))
-
-    def __len__(self) -> int:
-        return math.ceil(math.ceil(len(self.lengths) / self.micro_batch_size) / self.world_size)
+        batches = partial(data_utils.grouped_batches, lengths, micro_batch_size, seed, rank=rank, world_size=world_size)
+        super().__init__(batches)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -41,11 +41,9 @@ def make_data(tmp_path, tiny_checkpoint):
     return make
 
 
-def run_cli(
-    checkpoint: Path, data_dir: Path, out_dir: Path, *flags: str, steps: int = 2
-) -> subprocess.CompletedProcess:
-    """Runs finetune_lora.py in a subprocess for a few CPU steps; returns the finished process (never raises on exit code)."""
-    command = [
+def cli_command(checkpoint: Path, data_dir: Path, out_dir: Path, *flags: str, steps: int = 2) -> list[str]:
+    """The command line run_cli runs: finetune_lora.py for a few CPU steps (later ``flags`` override earlier ones)."""
+    return [
         sys.executable,
         str(ROOT / "finetune_lora.py"),
         str(checkpoint),
@@ -75,6 +73,13 @@ def run_cli(
         "2",
         *flags,
     ]
+
+
+def run_cli(
+    checkpoint: Path, data_dir: Path, out_dir: Path, *flags: str, steps: int = 2
+) -> subprocess.CompletedProcess:
+    """Runs finetune_lora.py in a subprocess for a few CPU steps; returns the finished process (never raises on exit code)."""
+    command = cli_command(checkpoint, data_dir, out_dir, *flags, steps=steps)
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=out_dir.parent, timeout=600)
 

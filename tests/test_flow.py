@@ -13,6 +13,7 @@ import yaml
 from jsonargparse import capture_parser
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.data import JSON, Alpaca
+from litgpt.finetune import full as upstream_full
 from litgpt.finetune import lora as upstream
 from litgpt.tokenizer import Tokenizer
 from litgpt.utils import CLI
@@ -42,7 +43,10 @@ def test_the_command_line_is_litgpts_plus_seq():
     changed = sorted(option for option in theirs if option != "--config" and ours[option] != theirs[option])
     assert not changed, [(option, theirs[option], ours[option]) for option in changed]
     added = sorted(set(ours) - set(theirs))
-    assert added == sorted(["--seq", *(f"--seq.{field}" for field in SeqArgs.__dataclass_fields__)])
+    assert added == sorted(["--resume", "--seq", *(f"--seq.{field}" for field in SeqArgs.__dataclass_fields__)])
+    # --resume is not litgpt finetune_lora's: it is finetune_full's, with its default and help
+    full_resume = options(capture_parser(lambda: CLI(upstream_full.setup)))["--resume"]
+    assert ours["--resume"] == full_resume and full_resume[0] is False and "auto" in full_resume[1]
 
 
 def test_litgpts_own_lora_script_test(tmp_path, monkeypatch):
