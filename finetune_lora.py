@@ -188,7 +188,7 @@ def main(
     tokenizer = Tokenizer(checkpoint_dir)
     plan = seq_data.plan_lengths(fabric, data, tokenizer, train, seq, config.block_size)
     run = resume_state.run_flags(train, seq, seed, fabric.world_size, optimizer, precision, config)
-    resumption, plan = resume_state.begin(fabric, out_dir, resume_from, plan, run, saves=bool(train.save_interval))
+    resumption, plan = resume_state.begin(fabric, out_dir, resume_from, plan, run, saves=not seq.dry_run)
     decision = plan.decision
     report = seq_data.publish_plan(fabric, out_dir, plan, seq, train.micro_batch_size, seed)
     if resumption.report():
