@@ -516,8 +516,8 @@ def random_batches(
 class ResumableBatchSampler(Sampler[list[int]]):
     """A batch sampler whose epoch order is ``batches_for_epoch(epoch)`` and that can start an epoch part-way.
 
-    Each ``iter()`` hands out the current epoch's index lists from ``skip`` on and moves to the next epoch (so a plain
-    DataLoader over it cycles epochs, as ``GroupedBatchSampler`` does). ``set_position(epoch, skip)`` chooses what
+    Each pass hands out the current epoch's index lists from ``skip`` on and, once used up, moves to the next epoch
+    (so a plain DataLoader over it cycles epochs). ``set_position(epoch, skip)`` chooses what
     the next ``iter()`` gives. The skipped index lists are never handed to the DataLoader, so no sample is read.
     (No ``set_epoch`` method on purpose: Fabric would call it with its own count of iterations.)
     """
@@ -535,9 +535,10 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.epoch, self.skip = epoch, skip
 
     def __iter__(self):
-        batches = self.batches(self.epoch)[self.skip :]
-        self.epoch, self.skip = self.epoch + 1, 0
-        return iter(batches)
+        # Advances only when a pass is used up: a DataLoader with workers calls iter() twice per pass.
+        epoch, skip = self.epoch, self.skip
+        yield from self.batches(epoch)[skip:]
+        self.epoch, self.skip = epoch + 1, 0
 
     def __len__(self) -> int:
         return self._length

@@ -139,20 +139,27 @@ def uninterrupted_long(tiny_checkpoint, resume_data, tmp_path_factory) -> Path:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("signal_number, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(
+    "signal_number, exit_code, workers, to_group",
+    # Ctrl-C in a terminal signals the whole group, workers too; the reference run has no workers (same weights)
+    [(signal.SIGTERM, 143, "0", False), (signal.SIGINT, 130, "2", True)],
+)
 def test_a_signal_saves_after_the_step_exits_and_the_printed_command_ends_bit_identical(
-    signal_number, exit_code, uninterrupted_long, tiny_checkpoint, resume_data, tmp_path
+    signal_number, exit_code, workers, to_group, uninterrupted_long, tiny_checkpoint, resume_data, tmp_path
 ):
     out_dir = tmp_path / "out"
-    command = cli_command(tiny_checkpoint, resume_data, out_dir, "--train.global_batch_size", "4", steps=SIGNAL_STEPS)
+    flags = ("--train.global_batch_size", "4", "--data.num_workers", workers)
+    command = cli_command(tiny_checkpoint, resume_data, out_dir, *flags, steps=SIGNAL_STEPS)
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
     with open(tmp_path / "stderr.txt", "w") as stderr:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=tmp_path)
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=tmp_path, start_new_session=True
+        )
         lines = []
         for line in process.stdout:
             lines.append(line)
             if "(step)" in line:  # training is under way: interrupt it
-                process.send_signal(signal_number)
+                os.killpg(process.pid, signal_number) if to_group else process.send_signal(signal_number)
                 break
         lines += process.stdout.readlines()
         process.wait(timeout=300)

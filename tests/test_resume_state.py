@@ -356,6 +356,17 @@ def test_skipping_reads_only_the_remaining_batches_of_the_epoch(kind):
     assert (resumed.epoch, resumed.position) == (2, 2)
 
 
+def test_worker_processes_see_each_epoch_once_in_order():
+    """A DataLoader with workers calls the batch sampler's iter() twice per pass; epochs must still go 0, 1, 2."""
+    lengths = [5, 12, 7, 9, 3, 14, 6]
+    sampler = rs.ResumableBatchSampler(lambda epoch: rs.random_batches(len(lengths), 2, 7, epoch))
+    loader = DataLoader(list(range(len(lengths))), batch_sampler=sampler, num_workers=2, collate_fn=list)
+    passes = [list(loader) for _ in range(3)]
+    assert passes == [rs.random_batches(len(lengths), 2, 7, epoch) for epoch in range(3)]
+    sampler.set_position(1, 2)
+    assert list(loader) == rs.random_batches(len(lengths), 2, 7, 1)[2:]
+
+
 def test_fabric_wrapped_loader_keeps_the_order_and_the_global_rng(tmp_path):
     """Set up by Fabric as the flow does (use_distributed_sampler=False), the loader hands out the sampler's batches
     in order across epochs, and starting an epoch draws nothing from the global torch RNG (dropout's)."""
