@@ -86,14 +86,32 @@ def packed_batches(
     list are repeated to fill the last step (as ``DistributedSampler`` repeats samples), so every rank takes the same
     number of steps; every sample is then seen at least once, and exactly once when it divides or with one rank.
     """
-    if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"bad packing settings: {micro_batch_size=}, {rank=}, {world_size=}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"bad packing settings: {rank=}, {world_size=}")
+    everyone = all_ranks_batches(lengths, max_seq_length, micro_batch_size, seed, epoch, world_size, group_size)
+    return everyone[rank::world_size]
+
+
+def all_ranks_batches(
+    lengths: Sequence[int], max_seq_length: int, micro_batch_size: int, seed: int, epoch: int, world_size: int = 1,
+    group_size: int = DEFAULT_GROUP_SIZE,
+) -> list[list[list[int]]]:
+    """The micro-batches of all ranks for one epoch (those of rank ``r`` at ``r::world_size``), with the repeats that
+    even out the last step: what the report measures."""
+    if micro_batch_size < 1 or world_size < 1:
+        raise ValueError(f"bad packing settings: {micro_batch_size=}, {world_size=}")
     rows = pack_rows(lengths, max_seq_length, seed, epoch, group_size)
-    if not rows:
-        return []
     batches = [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
-    batches += [batches[i % len(batches)] for i in range(-len(batches) % world_size)]
-    return [[list(row) for row in batch] for batch in batches[rank::world_size]]
+    if batches:
+        batches += [batches[i % len(batches)] for i in range(-len(batches) % world_size)]
+    return [[list(row) for row in batch] for batch in batches]
+
+
+def fullest_rows(lengths: Sequence[int], max_seq_length: int, micro_batch_size: int) -> list[list[int]]:
+    """The largest packed micro-batch this data can give, for the rehearsal: the ``micro_batch_size`` fullest rows of
+    all samples packed together (``micro_batch_size`` rows of up to max_seq_length tokens)."""
+    rows = best_fit_decreasing(range(len(lengths)), lengths, max_seq_length)
+    return sorted(rows, key=lambda row: -row_tokens(row, lengths, max_seq_length))[:micro_batch_size]
 
 
 def packing_efficiency(batches: Sequence[Sequence[Sequence[int]]], lengths: Sequence[int], max_seq_length: int) -> dict:
@@ -216,16 +234,26 @@ class PackedBatchSampler(torch.utils.data.Sampler):
         self, lengths: Sequence[int], max_seq_length: int, micro_batch_size: int, seed: int, rank: int = 0,
         world_size: int = 1, group_size: int = DEFAULT_GROUP_SIZE,
     ) -> None:
-        self.settings = dict(lengths=list(lengths), max_seq_length=max_seq_length, micro_batch_size=micro_batch_size,
-                             seed=seed, rank=rank, world_size=world_size, group_size=group_size)
+        self.lengths, self.max_seq_length, self.micro_batch_size = list(lengths), max_seq_length, micro_batch_size
+        self.seed, self.rank, self.world_size, self.group_size = seed, rank, world_size, group_size
         self.epoch = 0
-        self.count = len(packed_batches(epoch=0, **self.settings))
+        self.count = len(self.batches(0))
+
+    def batches(self, epoch: int) -> list[list[list[int]]]:
+        return packed_batches(self.lengths, self.max_seq_length, self.micro_batch_size, self.seed, epoch, self.rank,
+                              self.world_size, self.group_size)
 
     def __len__(self) -> int:
         return self.count
 
     def __iter__(self):
-        batches = packed_batches(epoch=self.epoch, **self.settings)
-        self.epoch += 1
-        return iter(batches)
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return iter(self.batches(epoch))
 
+    def report(self) -> dict:
+        """The report's ``batches`` for the first epoch, all ranks together (every rank computes the same)."""
+        everyone = all_ranks_batches(self.lengths, self.max_seq_length, self.micro_batch_size, self.seed, 0,
+                                     self.world_size, self.group_size)
+        measured = packing_efficiency(everyone, self.lengths, self.max_seq_length)
+        measured["efficiency"] = round(measured["efficiency"], 6)
+        return {**measured, "packed": True, "micro_batch_size": self.micro_batch_size, "group_size": self.group_size}

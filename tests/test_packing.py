@@ -12,29 +12,29 @@ from packed_forward import batch_logits, check_packable, packed_forward
 from packing import PADDING_SEGMENT, packed_collate
 from token_loss import micro_batch_loss_sum
 
-LORA = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_query=True, lora_key=True, lora_value=True,
-            lora_projection=True, lora_mlp=True, lora_head=True)
+LORA = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_query": True, "lora_key": True, "lora_value": True,
+            "lora_projection": True, "lora_mlp": True, "lora_head": True}
 TINY = dict(block_size=64, vocab_size=96, padded_vocab_size=96, n_layer=2, n_head=4, n_embd=32, **LORA)
 CONFIGS = {
     # Llama: RMSNorm, LLaMAMLP, full rotary, grouped-query attention
-    "llama": dict(rotary_percentage=1.0, parallel_residual=False, bias=False, norm_class_name="RMSNorm",
-                  mlp_class_name="LLaMAMLP", intermediate_size=64, n_query_groups=2),
+    "llama": {"rotary_percentage": 1.0, "parallel_residual": False, "bias": False, "norm_class_name": "RMSNorm",
+                  "mlp_class_name": "LLaMAMLP", "intermediate_size": 64, "n_query_groups": 2},
     # Pythia / GPT-NeoX: parallel residual, a quarter of each head rotated, LayerNorm, biases
-    "pythia": dict(rotary_percentage=0.25, parallel_residual=True, bias=True, norm_class_name="LayerNorm",
-                   mlp_class_name="GptNeoxMLP", n_embd=64),
+    "pythia": {"rotary_percentage": 0.25, "parallel_residual": True, "bias": True, "norm_class_name": "LayerNorm",
+                   "mlp_class_name": "GptNeoxMLP", "n_embd": 64},
     # Gemma-2-like without its sliding window: both softcappings, scaled embeddings, extra norms, GemmaMLP, MQA
-    "softcapped": dict(rotary_percentage=1.0, parallel_residual=False, bias=False, norm_class_name="RMSNorm",
-                       mlp_class_name="GemmaMLP", intermediate_size=64, n_query_groups=1, scale_embeddings=True,
-                       attention_logit_softcapping=5.0, final_logit_softcapping=3.0, post_attention_norm=True,
-                       post_mlp_norm=True, attention_scores_scalar=16),
+    "softcapped": {"rotary_percentage": 1.0, "parallel_residual": False, "bias": False, "norm_class_name": "RMSNorm",
+                       "mlp_class_name": "GemmaMLP", "intermediate_size": 64, "n_query_groups": 1, "scale_embeddings": True,
+                       "attention_logit_softcapping": 5.0, "final_logit_softcapping": 3.0, "post_attention_norm": True,
+                       "post_mlp_norm": True, "attention_scores_scalar": 16},
     # Gemma-3-like without windows: a local rope base for some layers (rope_indices), norms on q and k
-    "dual_rope": dict(rotary_percentage=1.0, parallel_residual=False, bias=False, norm_class_name="RMSNorm",
-                      mlp_class_name="LLaMAMLP", intermediate_size=64, rope_local_base_freq=100.0,
-                      rope_indices=[1, 0], norm_qk=True),
+    "dual_rope": {"rotary_percentage": 1.0, "parallel_residual": False, "bias": False, "norm_class_name": "RMSNorm",
+                      "mlp_class_name": "LLaMAMLP", "intermediate_size": 64, "rope_local_base_freq": 100.0,
+                      "rope_indices": [1, 0], "norm_qk": True},
     # Mixture of experts: routing is per token
-    "moe": dict(rotary_percentage=1.0, parallel_residual=False, bias=False, norm_class_name="RMSNorm",
-                mlp_class_name="LLaMAMoE", intermediate_size=64, moe_intermediate_size=32, n_expert=4,
-                n_expert_per_token=2),
+    "moe": {"rotary_percentage": 1.0, "parallel_residual": False, "bias": False, "norm_class_name": "RMSNorm",
+                "mlp_class_name": "LLaMAMoE", "intermediate_size": 64, "moe_intermediate_size": 32, "n_expert": 4,
+                "n_expert_per_token": 2},
 }
 
 

@@ -13,18 +13,26 @@ from litgpt.utils import CycleIterator
 from torch.utils.data import DataLoader
 
 from packing import (
-    PADDING_SEGMENT, PackedBatchSampler, PackedRows, best_fit_decreasing, expected_efficiency, pack_rows,
-    packed_batches, packed_collate, packing_efficiency,
+    PADDING_SEGMENT,
+    PackedBatchSampler,
+    PackedRows,
+    best_fit_decreasing,
+    expected_efficiency,
+    fullest_rows,
+    pack_rows,
+    packed_batches,
+    packed_collate,
+    packing_efficiency,
 )
 
-plans = dict(
-    lengths=st.lists(st.integers(1, 600), min_size=1, max_size=300),
-    max_seq_length=st.integers(1, 700),
-    micro_batch_size=st.integers(1, 8),
-    seed=st.integers(0, 2**32),
-    epoch=st.integers(0, 50),
-    group_size=st.integers(1, 400),
-)
+plans = {
+    "lengths": st.lists(st.integers(1, 600), min_size=1, max_size=300),
+    "max_seq_length": st.integers(1, 700),
+    "micro_batch_size": st.integers(1, 8),
+    "seed": st.integers(0, 2**32),
+    "epoch": st.integers(0, 50),
+    "group_size": st.integers(1, 400),
+}
 
 
 def rows_of(batches):
@@ -131,3 +139,14 @@ def test_alpaca_packs_to_at_least_98_percent():
     assert estimates["packed"]["efficiency"] >= 0.98
     assert estimates["packed"]["real_tokens"] == estimates["random"]["real_tokens"] == sum(lengths)
     assert estimates["random"]["efficiency"] < estimates["packed"]["efficiency"]
+
+
+def test_fullest_rows_and_the_report():
+    lengths = [9, 1, 5, 5, 3, 7, 2, 8]  # best fit at 10: [9, 1], [8, 2], [7, 3], [5, 5]: all full
+    rows = fullest_rows(lengths + [4], max_seq_length=10, micro_batch_size=2)
+    assert [sum(lengths[i] for i in row) for row in rows] == [10, 10]
+    sampler = PackedBatchSampler(lengths + [4], max_seq_length=10, micro_batch_size=2, seed=0, world_size=2)
+    report = sampler.report()  # 5 rows -> 3 micro-batches -> one repeated for 2 ranks
+    assert (report["count"], report["packed"], report["micro_batch_size"]) == (4, True, 2)
+    assert report["rows"] >= 5 and report["samples"] > len(lengths)
+    assert len(sampler) == 2 and list(sampler) == sampler.batches(0) and sampler.epoch == 1
