@@ -67,3 +67,31 @@ def token_weighted(loss_sum: torch.Tensor, step_tokens: torch.Tensor, world_size
     """What to call ``backward`` on for one micro-batch: its loss sum scaled so that the step's gradient, after
     the ranks' gradients are averaged, is that of the mean loss over all the step's supervised tokens."""
     return loss_sum * (world_size / step_tokens.to(loss_sum.device))
+
+
+class StepLookahead:
+    """Wraps ``fit``'s ``CycleIterator`` so that each micro-batch comes with the supervised tokens of its step.
+
+    At the first micro-batch of a step it draws all ``accumulation`` micro-batches of the step and counts their
+    supervised tokens over all ranks (``step_supervised_tokens``, a collective: every rank draws at the same
+    iterations). ``epoch`` is the iterator's epoch as it was when the micro-batch just returned was drawn, so
+    ``fit``'s check ``batches.epoch >= train.epochs`` stops where it would without the look-ahead.
+    """
+
+    def __init__(self, batches, accumulation: int, fabric=None, ignore_index: int = IGNORE_INDEX) -> None:
+        self.batches, self.accumulation, self.fabric, self.ignore_index = batches, accumulation, fabric, ignore_index
+        self.pending: list[tuple[dict, int]] = []
+        self.step_tokens = torch.tensor(1)
+        self.epoch = batches.epoch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[dict, torch.Tensor]:
+        if not self.pending:
+            for _ in range(self.accumulation):
+                batch = next(self.batches)
+                self.pending.append((batch, self.batches.epoch))
+            self.step_tokens = step_supervised_tokens([batch for batch, _ in self.pending], self.fabric, self.ignore_index)
+        batch, self.epoch = self.pending.pop(0)
+        return batch, self.step_tokens

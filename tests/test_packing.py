@@ -193,3 +193,31 @@ def test_the_forward_rotates_by_the_given_positions():
         alone = model(items[1]["input_ids"][None])
     torch.testing.assert_close(logits[:, 7:19], alone, atol=1e-5, rtol=0)
     assert not torch.allclose(unrotated[:, 7:19], alone, atol=1e-3)
+
+
+@pytest.mark.parametrize("mask_prompt", [True, False])
+def test_collate_of_litgpt_sft_items(tmp_path, mask_prompt):
+    """Rows of litgpt's own SFTDataset items: each sample's ids and labels in its place, only its first label
+    ignored (already so when the prompt is masked), positions from 0 and one segment per sample."""
+    from litgpt.data import SFTDataset
+    from litgpt.prompts import Alpaca
+    from litgpt.tokenizer import Tokenizer
+
+    import demo_assets
+
+    demo_assets.build_tokenizer(tmp_path)
+    samples = [{"instruction": "write a short story", "input": "", "output": "the model learns"},
+               {"instruction": "explain", "input": "the data", "output": "because every sample fits"},
+               {"instruction": "list", "input": "", "output": "first second"}]
+    dataset = SFTDataset(samples, Tokenizer(tmp_path), prompt_style=Alpaca(), mask_prompt=mask_prompt)
+    items = [dataset[i] for i in range(3)]
+    batch = packed_collate([[items[0], items[1]], [items[2]]])
+    start = 0
+    for item, segment in zip(items[:2], (0, 1)):
+        end = start + len(item["input_ids"])
+        assert batch["input_ids"][0, start:end].tolist() == item["input_ids"].tolist()
+        assert batch["labels"][0, start:end].tolist() == [-100] + item["labels"][1:].tolist()
+        assert batch["position_ids"][0, start:end].tolist() == list(range(end - start))
+        assert set(batch["segment_ids"][0, start:end].tolist()) == {segment}
+        start = end
+    assert (batch["labels"][1, len(items[2]["input_ids"]):] == -100).all()

@@ -109,3 +109,17 @@ def test_a_step_without_targets_gives_zero_not_nan():
     assert step_supervised_tokens([{"labels": labels}]) == 1
     total, count = micro_batch_loss_sum(torch.randn(2, 5, 7), labels)
     assert count == 0 and token_weighted(total, step_supervised_tokens([{"labels": labels}])) == 0
+
+
+def test_step_lookahead_gives_the_same_batches_with_their_steps_tokens():
+    from litgpt.utils import CycleIterator
+
+    from token_loss import StepLookahead
+
+    labels = [torch.tensor([[-100, 1, 2, -100]]), torch.tensor([[-100, 1, -100, -100]]), torch.tensor([[5, 6, 7, 8]])]
+    loader = [{"labels": t} for t in labels]  # an epoch of 3 micro-batches, 2 to a step
+    plain, ahead = CycleIterator(loader), StepLookahead(CycleIterator(loader), accumulation=2)
+    for expected_tokens in (2 + 1, 2 + 1, 3 + 2, 3 + 2, 1 + 3, 1 + 3):
+        batch, step_tokens = next(ahead)
+        assert batch is next(plain)
+        assert ahead.epoch == plain.epoch and step_tokens == expected_tokens
