@@ -106,5 +106,7 @@ def batch_logits(model, batch: dict, lm_head_chunk_size: int = 0) -> torch.Tenso
     """The logits of one micro-batch: through ``packed_forward`` when it is packed (has ``segment_ids``), else
     ``model(input_ids)`` as upstream runs it."""
     if "segment_ids" in batch:
-        return packed_forward(model, batch["input_ids"], batch["position_ids"], batch["segment_ids"], lm_head_chunk_size)
+        return packed_forward(
+            model, batch["input_ids"], batch["position_ids"], batch["segment_ids"], lm_head_chunk_size
+        )
     return model(batch["input_ids"], lm_head_chunk_size=lm_head_chunk_size)

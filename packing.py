@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import bisect
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
+
+from data_utils import estimate_padding
 
 IGNORE_INDEX = -100
 PADDING_SEGMENT = -1  # the segment id of padding tokens: never the id of a sample
@@ -63,8 +66,11 @@ def pack_rows(
     rng = random.Random(f"pack/{seed}/{epoch}")
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    rows = [row for start in range(0, len(order), group_size)
-            for row in best_fit_decreasing(order[start : start + group_size], lengths, max_seq_length)]
+    rows = [
+        row
+        for start in range(0, len(order), group_size)
+        for row in best_fit_decreasing(order[start : start + group_size], lengths, max_seq_length)
+    ]
     rng.shuffle(rows)
     return rows
 
@@ -93,7 +99,12 @@ def packed_batches(
 
 
 def all_ranks_batches(
-    lengths: Sequence[int], max_seq_length: int, micro_batch_size: int, seed: int, epoch: int, world_size: int = 1,
+    lengths: Sequence[int],
+    max_seq_length: int,
+    micro_batch_size: int,
+    seed: int,
+    epoch: int,
+    world_size: int = 1,
     group_size: int = DEFAULT_GROUP_SIZE,
 ) -> list[list[list[int]]]:
     """The micro-batches of all ranks for one epoch (those of rank ``r`` at ``r::world_size``), with the repeats that
@@ -122,7 +133,9 @@ def packing_efficiency(batches: Sequence[Sequence[Sequence[int]]], lengths: Sequ
     """
     rows = [row for batch in batches for row in batch]
     real = sum(min(lengths[i], max_seq_length) for row in rows for i in row)
-    processed = sum(len(batch) * max(row_tokens(row, lengths, max_seq_length) for row in batch) for batch in batches if batch)
+    processed = sum(
+        len(batch) * max(row_tokens(row, lengths, max_seq_length) for row in batch) for batch in batches if batch
+    )
     return {
         "count": len(batches),
         "rows": len(rows),
@@ -139,31 +152,21 @@ def row_tokens(row: Sequence[int], lengths: Sequence[int], max_seq_length: int) 
 
 
 def expected_efficiency(
-    lengths: Sequence[int], max_seq_length: int, micro_batch_size: int, seed: int, group_size: int = DEFAULT_GROUP_SIZE
+    lengths: Sequence[int],
+    max_seq_length: int,
+    micro_batch_size: int,
+    seed: int,
+    world_size: int = 1,
+    group_size: int = DEFAULT_GROUP_SIZE,
 ) -> dict[str, dict]:
-    """For the dry run: the padding of one epoch (epoch 0, one rank) with random, length-grouped and packed batches,
-    each as ``{"efficiency", "real_tokens", "padded_tokens", "count"}`` (packed adds rows and samples per row)."""
-    from data_utils import grouped_batches, padding_efficiency
-
-    order = list(range(len(lengths)))
-    random.Random(f"random/{seed}").shuffle(order)
-    shuffled = [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    """For the report and the dry run: the padding of the first epoch, all ranks, with random micro-batches of
+    ``micro_batch_size`` samples (``data_utils.estimate_padding``: one equally likely shuffle), length-grouped ones
+    (exact) and packed ones of ``micro_batch_size`` rows (``plan_report``, exact)."""
     return {
-        "random": padding_efficiency(shuffled, lengths, max_seq_length),
-        "grouped": padding_efficiency(grouped_batches(lengths, micro_batch_size, seed, 0), lengths, max_seq_length),
-        "packed": packing_efficiency(packed_batches(lengths, max_seq_length, micro_batch_size, seed, 0, group_size=group_size), lengths, max_seq_length),
+        "random": estimate_padding(lengths, micro_batch_size, max_seq_length, False, seed, world_size),
+        "grouped": estimate_padding(lengths, micro_batch_size, max_seq_length, True, seed, world_size),
+        "packed": plan_report(lengths, max_seq_length, micro_batch_size, seed, world_size, group_size),
     }
-
-
-def format_expected_efficiency(estimates: dict[str, dict], max_seq_length: int, micro_batch_size: int) -> str:
-    """One line for the dry run, e.g. ``expected real tokens ... random 52.1%, grouped 96.0%, packed 98.9% (...)``."""
-    shares = ", ".join(f"{name} {estimate['efficiency']:.1%}" for name, estimate in estimates.items())
-    packed = estimates.get("packed")
-    rows = f"; packed: {packed['samples_per_row']:g} samples per row" if packed else ""
-    return (
-        f"expected share of real tokens (epoch 1, micro_batch_size {micro_batch_size}, max_seq_length {max_seq_length}):"
-        f" {shares}{rows}"
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,24 +227,29 @@ class PackedRows(torch.utils.data.Dataset):
         return [self.dataset[i] for i in row]
 
 
+def packed_plan(
+    lengths: Sequence[int],
+    max_seq_length: int,
+    micro_batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    group_size: int = DEFAULT_GROUP_SIZE,
+) -> Callable[[int], list[list[list[int]]]]:
+    """``epoch -> this rank's micro-batches`` (``packed_batches``), each a list of rows of sample indices."""
+    placement = {"rank": rank, "world_size": world_size, "group_size": group_size}
+    return partial(packed_batches, list(lengths), max_seq_length, micro_batch_size, seed, **placement)
+
+
 class PackedBatchSampler(torch.utils.data.Sampler):
-    """Yields this rank's micro-batches of one epoch (lists of rows); a new packing each time it is iterated.
+    """Yields the micro-batches ``batches_for_epoch(epoch)`` (``packed_plan``) of one epoch; the next epoch each time
+    it is iterated. Its length is that of the first epoch; later epochs can differ by a row or two, which
+    ``CycleIterator`` does not mind."""
 
-    ``lengths`` are those of the dataset the loader reads, in its order. Its length (micro-batches per epoch) is
-    that of the first epoch; later epochs can differ by a row or two, which ``CycleIterator`` does not mind."""
-
-    def __init__(
-        self, lengths: Sequence[int], max_seq_length: int, micro_batch_size: int, seed: int, rank: int = 0,
-        world_size: int = 1, group_size: int = DEFAULT_GROUP_SIZE,
-    ) -> None:
-        self.lengths, self.max_seq_length, self.micro_batch_size = list(lengths), max_seq_length, micro_batch_size
-        self.seed, self.rank, self.world_size, self.group_size = seed, rank, world_size, group_size
+    def __init__(self, batches_for_epoch: Callable[[int], list]) -> None:
+        self.batches = batches_for_epoch
         self.epoch = 0
         self.count = len(self.batches(0))
-
-    def batches(self, epoch: int) -> list[list[list[int]]]:
-        return packed_batches(self.lengths, self.max_seq_length, self.micro_batch_size, self.seed, epoch, self.rank,
-                              self.world_size, self.group_size)
 
     def __len__(self) -> int:
         return self.count
@@ -250,10 +258,18 @@ class PackedBatchSampler(torch.utils.data.Sampler):
         epoch, self.epoch = self.epoch, self.epoch + 1
         return iter(self.batches(epoch))
 
-    def report(self) -> dict:
-        """The report's ``batches`` for the first epoch, all ranks together (every rank computes the same)."""
-        everyone = all_ranks_batches(self.lengths, self.max_seq_length, self.micro_batch_size, self.seed, 0,
-                                     self.world_size, self.group_size)
-        measured = packing_efficiency(everyone, self.lengths, self.max_seq_length)
-        measured["efficiency"] = round(measured["efficiency"], 6)
-        return {**measured, "packed": True, "micro_batch_size": self.micro_batch_size, "group_size": self.group_size}
+
+def plan_report(
+    lengths: Sequence[int],
+    max_seq_length: int,
+    micro_batch_size: int,
+    seed: int,
+    world_size: int = 1,
+    group_size: int = DEFAULT_GROUP_SIZE,
+) -> dict:
+    """The packed micro-batches of the first epoch, all ranks together, measured (``packing_efficiency``): exact,
+    since the plan depends only on the lengths, the seed and the epoch."""
+    everyone = all_ranks_batches(lengths, max_seq_length, micro_batch_size, seed, 0, world_size, group_size)
+    measured = packing_efficiency(everyone, lengths, max_seq_length)
+    measured["efficiency"] = round(measured["efficiency"], 6)
+    return {**measured, "packed": True, "micro_batch_size": micro_batch_size, "group_size": group_size}

@@ -6,9 +6,10 @@ micro-batch with few supervised tokens weighs more than one in a full micro-batc
     (sum of the token losses of all its micro-batches on all ranks) / (number of supervised tokens of the step)
 
 Each micro-batch contributes its loss *sum*; the step's token count is known before the first backward pass
-(``step_supervised_tokens`` counts the step's micro-batches, summed over ranks), so each backward pass is scaled by
-``world_size / step_tokens`` (``token_weighted``): data-parallel training averages gradients over the ranks, and the
-factor ``world_size`` undoes that average, leaving the gradient of the step's mean over all its tokens.
+(``StepLookahead`` draws the step's micro-batches first and ``step_supervised_tokens`` counts them, summed over the
+ranks). ``training_loss.train_loss`` divides each micro-batch's loss sum by the step's mean tokens per micro-batch
+(``step_tokens / (accumulation * world_size)``); fit divides by ``accumulation`` as upstream does and data
+parallelism averages over the ranks, which leaves the gradient of the step's mean over all its tokens.
 """
 
 from __future__ import annotations
@@ -63,35 +64,39 @@ def step_supervised_tokens(batches: Sequence[dict], fabric=None, ignore_index: i
     return count.clamp(min=1)
 
 
-def token_weighted(loss_sum: torch.Tensor, step_tokens: torch.Tensor, world_size: int = 1) -> torch.Tensor:
-    """What to call ``backward`` on for one micro-batch: its loss sum scaled so that the step's gradient, after
-    the ranks' gradients are averaged, is that of the mean loss over all the step's supervised tokens."""
-    return loss_sum * (world_size / step_tokens.to(loss_sum.device))
-
-
 class StepLookahead:
-    """Wraps ``fit``'s ``CycleIterator`` so that each micro-batch comes with the supervised tokens of its step.
+    """Wraps the iterator of ``fit`` (litgpt's ``CycleIterator``, or any iterator with an ``epoch``) so that the
+    supervised tokens of each optimizer step are known before its first backward pass.
 
     At the first micro-batch of a step it draws all ``accumulation`` micro-batches of the step and counts their
     supervised tokens over all ranks (``step_supervised_tokens``, a collective: every rank draws at the same
-    iterations). ``epoch`` is the iterator's epoch as it was when the micro-batch just returned was drawn, so
-    ``fit``'s check ``batches.epoch >= train.epochs`` stops where it would without the look-ahead.
+    iterations). ``tokens_per_micro_batch`` is that count divided by the step's micro-batches on all ranks, what
+    ``training_loss.train_loss`` divides each micro-batch's loss sum by. ``epoch`` is the wrapped iterator's epoch as it
+    was when the micro-batch just returned was drawn, so fit's ``batches.epoch >= train.epochs`` stops where it would
+    without the look-ahead. Any other attribute is the wrapped iterator's (between two steps nothing is pending).
     """
 
     def __init__(self, batches, accumulation: int, fabric=None, ignore_index: int = IGNORE_INDEX) -> None:
         self.batches, self.accumulation, self.fabric, self.ignore_index = batches, accumulation, fabric, ignore_index
         self.pending: list[tuple[dict, int]] = []
-        self.step_tokens = torch.tensor(1)
+        self.tokens_per_micro_batch = torch.tensor(1.0)
         self.epoch = batches.epoch
 
     def __iter__(self):
         return self
 
-    def __next__(self) -> tuple[dict, torch.Tensor]:
+    def __next__(self) -> dict:
         if not self.pending:
             for _ in range(self.accumulation):
                 batch = next(self.batches)
                 self.pending.append((batch, self.batches.epoch))
-            self.step_tokens = step_supervised_tokens([batch for batch, _ in self.pending], self.fabric, self.ignore_index)
+            tokens = step_supervised_tokens([batch for batch, _ in self.pending], self.fabric, self.ignore_index)
+            micro_batches = self.accumulation * (self.fabric.world_size if self.fabric is not None else 1)
+            self.tokens_per_micro_batch = tokens.float() / micro_batches
         batch, self.epoch = self.pending.pop(0)
-        return batch, self.step_tokens
+        return batch
+
+    def __getattr__(self, name: str):
+        if name == "batches":  # not set yet (e.g. while unpickling)
+            raise AttributeError(name)
+        return getattr(self.batches, name)

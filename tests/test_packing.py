@@ -12,29 +12,78 @@ from packed_forward import batch_logits, check_packable, packed_forward
 from packing import PADDING_SEGMENT, packed_collate
 from token_loss import micro_batch_loss_sum
 
-LORA = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_query": True, "lora_key": True, "lora_value": True,
-            "lora_projection": True, "lora_mlp": True, "lora_head": True}
+LORA = {
+    "lora_r": 4,
+    "lora_alpha": 8,
+    "lora_dropout": 0.0,
+    "lora_query": True,
+    "lora_key": True,
+    "lora_value": True,
+    "lora_projection": True,
+    "lora_mlp": True,
+    "lora_head": True,
+}
 TINY = dict(block_size=64, vocab_size=96, padded_vocab_size=96, n_layer=2, n_head=4, n_embd=32, **LORA)
 CONFIGS = {
     # Llama: RMSNorm, LLaMAMLP, full rotary, grouped-query attention
-    "llama": {"rotary_percentage": 1.0, "parallel_residual": False, "bias": False, "norm_class_name": "RMSNorm",
-                  "mlp_class_name": "LLaMAMLP", "intermediate_size": 64, "n_query_groups": 2},
+    "llama": {
+        "rotary_percentage": 1.0,
+        "parallel_residual": False,
+        "bias": False,
+        "norm_class_name": "RMSNorm",
+        "mlp_class_name": "LLaMAMLP",
+        "intermediate_size": 64,
+        "n_query_groups": 2,
+    },
     # Pythia / GPT-NeoX: parallel residual, a quarter of each head rotated, LayerNorm, biases
-    "pythia": {"rotary_percentage": 0.25, "parallel_residual": True, "bias": True, "norm_class_name": "LayerNorm",
-                   "mlp_class_name": "GptNeoxMLP", "n_embd": 64},
+    "pythia": {
+        "rotary_percentage": 0.25,
+        "parallel_residual": True,
+        "bias": True,
+        "norm_class_name": "LayerNorm",
+        "mlp_class_name": "GptNeoxMLP",
+        "n_embd": 64,
+    },
     # Gemma-2-like without its sliding window: both softcappings, scaled embeddings, extra norms, GemmaMLP, MQA
-    "softcapped": {"rotary_percentage": 1.0, "parallel_residual": False, "bias": False, "norm_class_name": "RMSNorm",
-                       "mlp_class_name": "GemmaMLP", "intermediate_size": 64, "n_query_groups": 1, "scale_embeddings": True,
-                       "attention_logit_softcapping": 5.0, "final_logit_softcapping": 3.0, "post_attention_norm": True,
-                       "post_mlp_norm": True, "attention_scores_scalar": 16},
+    "softcapped": {
+        "rotary_percentage": 1.0,
+        "parallel_residual": False,
+        "bias": False,
+        "norm_class_name": "RMSNorm",
+        "mlp_class_name": "GemmaMLP",
+        "intermediate_size": 64,
+        "n_query_groups": 1,
+        "scale_embeddings": True,
+        "attention_logit_softcapping": 5.0,
+        "final_logit_softcapping": 3.0,
+        "post_attention_norm": True,
+        "post_mlp_norm": True,
+        "attention_scores_scalar": 16,
+    },
     # Gemma-3-like without windows: a local rope base for some layers (rope_indices), norms on q and k
-    "dual_rope": {"rotary_percentage": 1.0, "parallel_residual": False, "bias": False, "norm_class_name": "RMSNorm",
-                      "mlp_class_name": "LLaMAMLP", "intermediate_size": 64, "rope_local_base_freq": 100.0,
-                      "rope_indices": [1, 0], "norm_qk": True},
+    "dual_rope": {
+        "rotary_percentage": 1.0,
+        "parallel_residual": False,
+        "bias": False,
+        "norm_class_name": "RMSNorm",
+        "mlp_class_name": "LLaMAMLP",
+        "intermediate_size": 64,
+        "rope_local_base_freq": 100.0,
+        "rope_indices": [1, 0],
+        "norm_qk": True,
+    },
     # Mixture of experts: routing is per token
-    "moe": {"rotary_percentage": 1.0, "parallel_residual": False, "bias": False, "norm_class_name": "RMSNorm",
-                "mlp_class_name": "LLaMAMoE", "intermediate_size": 64, "moe_intermediate_size": 32, "n_expert": 4,
-                "n_expert_per_token": 2},
+    "moe": {
+        "rotary_percentage": 1.0,
+        "parallel_residual": False,
+        "bias": False,
+        "norm_class_name": "RMSNorm",
+        "mlp_class_name": "LLaMAMoE",
+        "intermediate_size": 64,
+        "moe_intermediate_size": 32,
+        "n_expert": 4,
+        "n_expert_per_token": 2,
+    },
 }
 
 
@@ -70,7 +119,9 @@ def one_by_one(model: GPT, items: list[dict]):
     losses = []
     for item in items:
         logits = model(item["input_ids"][None])[0]
-        losses.append(torch.nn.functional.cross_entropy(logits[:-1], item["labels"][1:], reduction="none", ignore_index=-100))
+        losses.append(
+            torch.nn.functional.cross_entropy(logits[:-1], item["labels"][1:], reduction="none", ignore_index=-100)
+        )
     torch.cat(losses).sum().backward()
     return [loss.detach() for loss in losses], lora_gradients(model)
 
@@ -145,12 +196,21 @@ def test_through_fabric_module_runs_the_root_call():
 
 
 def test_collate_hand_computed():
-    a = {"input_ids": torch.tensor([11, 12, 13]), "labels": torch.tensor([-100, 12, 13]),
-         "token_counts": {"raw": 2, "raw_plus_prompt_template": 3}}
-    b = {"input_ids": torch.tensor([21, 22]), "labels": torch.tensor([21, 22]),
-         "token_counts": {"raw": 2, "raw_plus_prompt_template": 2}}
-    c = {"input_ids": torch.tensor([31, 32, 33, 34, 35, 36]), "labels": torch.tensor([-100, -100, 33, 34, 35, 36]),
-         "token_counts": {"raw": 5, "raw_plus_prompt_template": 6}}
+    a = {
+        "input_ids": torch.tensor([11, 12, 13]),
+        "labels": torch.tensor([-100, 12, 13]),
+        "token_counts": {"raw": 2, "raw_plus_prompt_template": 3},
+    }
+    b = {
+        "input_ids": torch.tensor([21, 22]),
+        "labels": torch.tensor([21, 22]),
+        "token_counts": {"raw": 2, "raw_plus_prompt_template": 2},
+    }
+    c = {
+        "input_ids": torch.tensor([31, 32, 33, 34, 35, 36]),
+        "labels": torch.tensor([-100, -100, 33, 34, 35, 36]),
+        "token_counts": {"raw": 5, "raw_plus_prompt_template": 6},
+    }
     batch = packed_collate([[a, b], [c]], pad_id=0)
     assert batch["input_ids"].tolist() == [[11, 12, 13, 21, 22, 0], [31, 32, 33, 34, 35, 36]]
     assert batch["labels"].tolist() == [[-100, 12, 13, -100, 22, -100], [-100, -100, 33, 34, 35, 36]]
@@ -189,7 +249,9 @@ def test_the_forward_rotates_by_the_given_positions():
     batch = packed_collate([[items[i] for i in rows[0]]])
     with torch.no_grad():
         logits = packed_forward(model, batch["input_ids"], batch["position_ids"], batch["segment_ids"])
-        unrotated = packed_forward(model, batch["input_ids"], torch.zeros_like(batch["position_ids"]), batch["segment_ids"])
+        unrotated = packed_forward(
+            model, batch["input_ids"], torch.zeros_like(batch["position_ids"]), batch["segment_ids"]
+        )
         alone = model(items[1]["input_ids"][None])
     torch.testing.assert_close(logits[:, 7:19], alone, atol=1e-5, rtol=0)
     assert not torch.allclose(unrotated[:, 7:19], alone, atol=1e-3)
@@ -206,9 +268,11 @@ def test_collate_of_litgpt_sft_items(tmp_path, mask_prompt):
     import demo_assets
 
     demo_assets.build_tokenizer(tmp_path)
-    samples = [{"instruction": "write a short story", "input": "", "output": "the model learns"},
-               {"instruction": "explain", "input": "the data", "output": "because every sample fits"},
-               {"instruction": "list", "input": "", "output": "first second"}]
+    samples = [
+        {"instruction": "write a short story", "input": "", "output": "the model learns"},
+        {"instruction": "explain", "input": "the data", "output": "because every sample fits"},
+        {"instruction": "list", "input": "", "output": "first second"},
+    ]
     dataset = SFTDataset(samples, Tokenizer(tmp_path), prompt_style=Alpaca(), mask_prompt=mask_prompt)
     items = [dataset[i] for i in range(3)]
     batch = packed_collate([[items[0], items[1]], [items[2]]])
@@ -220,4 +284,4 @@ def test_collate_of_litgpt_sft_items(tmp_path, mask_prompt):
         assert batch["position_ids"][0, start:end].tolist() == list(range(end - start))
         assert set(batch["segment_ids"][0, start:end].tolist()) == {segment}
         start = end
-    assert (batch["labels"][1, len(items[2]["input_ids"]):] == -100).all()
+    assert (batch["labels"][1, len(items[2]["input_ids"]) :] == -100).all()

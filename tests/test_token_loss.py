@@ -6,13 +6,13 @@ import random
 import pytest
 import torch
 from litgpt.data.base import get_sft_collate_fn
-from litgpt.utils import chunked_cross_entropy
+from litgpt.utils import CycleIterator, chunked_cross_entropy
 from test_packing import lora_gradients, sample, tiny_lora_gpt
 
 from data_utils import grouped_batches
-from packed_forward import batch_logits
 from packing import packed_batches, packed_collate
-from token_loss import micro_batch_loss_sum, step_supervised_tokens, token_weighted
+from token_loss import StepLookahead, micro_batch_loss_sum, step_supervised_tokens
+from training_loss import train_loss
 
 
 def items_of_uneven_targets():
@@ -22,33 +22,54 @@ def items_of_uneven_targets():
     return [sample(rng, n, p) for n, p in shapes]
 
 
-def micro_batches(items, how: str) -> list[dict]:
+def micro_batches(items, how: str) -> tuple[list[dict], list[list[int]]]:
+    """The micro-batches of ``items`` and, for each, the indices of the items it holds."""
     lengths = [len(item["input_ids"]) for item in items]
     if how == "packed":
-        plan = packed_batches(lengths, max_seq_length=32, micro_batch_size=2, seed=0, epoch=0)
-        return [packed_collate([[items[i] for i in row] for row in rows]) for rows in plan]
-    plan = grouped_batches(lengths, 4, seed=0, epoch=0) if how == "grouped" else [[5, 0, 3, 6], [2, 7, 1, 4]]
-    return [get_sft_collate_fn()([items[i] for i in batch]) for batch in plan]
+        plan = packed_batches(lengths, max_seq_length=26, micro_batch_size=2, seed=0, epoch=0)
+        batches = [packed_collate([[items[i] for i in row] for row in rows]) for rows in plan]
+        return batches, [[i for row in rows for i in row] for rows in plan]
+    plan = grouped_batches(lengths, 2, seed=0, epoch=0) if how == "grouped" else [[5, 0], [3, 6], [2, 7], [1, 4]]
+    return [get_sft_collate_fn()([items[i] for i in batch]) for batch in plan], plan
 
 
-def mean_over_all_tokens_gradient(model, items):
-    """The reference: each sample alone through litgpt's GPT.forward; sum of token losses / count of targets."""
+def mean_over_all_tokens(model, items):
+    """The reference: each sample alone through litgpt's GPT.forward; sum of token losses / count of targets.
+    Returns that loss and its LoRA gradients."""
     model.zero_grad()
     total = count = 0
     for item in items:
         logits = model(item["input_ids"][None])[0]
-        total = total + torch.nn.functional.cross_entropy(logits[:-1], item["labels"][1:], reduction="sum", ignore_index=-100)
+        total = total + torch.nn.functional.cross_entropy(
+            logits[:-1], item["labels"][1:], reduction="sum", ignore_index=-100
+        )
         count += int((item["labels"][1:] != -100).sum())
     (total / count).backward()
-    return lora_gradients(model)
+    return (total / count).item(), lora_gradients(model)
 
 
-def token_weighted_step(model, batches, step_tokens, world_size=1):
+class OtherRanks:
+    """Stands for Fabric in StepLookahead: ``world_size`` ranks, whose all_reduce(sum) adds the others' counts."""
+
+    def __init__(self, world_size: int, others_count: int) -> None:
+        self.world_size, self.others_count, self.device = world_size, others_count, torch.device("cpu")
+
+    def all_reduce(self, tensor, reduce_op):
+        assert reduce_op == "sum"
+        return tensor + self.others_count
+
+
+def token_weighted_step(model, batches, fabric=None):
+    """One optimizer step as fit runs it under token weighting: StepLookahead over the micro-batches, train_loss with
+    the step's tokens per micro-batch, backward(loss / accumulation). Returns the gradients and the losses."""
     model.zero_grad()
-    for batch in batches:
-        loss_sum, _ = micro_batch_loss_sum(batch_logits(model, batch, lm_head_chunk_size=8), batch["labels"])
-        token_weighted(loss_sum, step_tokens, world_size).backward()
-    return lora_gradients(model)
+    ahead = StepLookahead(CycleIterator(batches), accumulation=len(batches), fabric=fabric)
+    losses = []
+    for _ in batches:
+        loss = train_loss(model, next(ahead), ahead.tokens_per_micro_batch)
+        (loss / len(batches)).backward()
+        losses.append(loss.item())
+    return lora_gradients(model), losses
 
 
 def assert_same(gradients, reference):
@@ -60,15 +81,20 @@ def assert_same(gradients, reference):
 def test_step_gradient_is_the_mean_over_all_its_tokens(how):
     model = tiny_lora_gpt("llama")
     items = items_of_uneven_targets()
-    reference = mean_over_all_tokens_gradient(model, items)
-    batches = micro_batches(items, how)
-    assert len(batches) >= 2  # accumulation
+    reference_loss, reference = mean_over_all_tokens(model, items)
+    batches, groups = micro_batches(items, how)
+    assert len(batches) >= 3 and sorted(i for group in groups for i in group) == list(range(len(items)))
 
-    assert_same(token_weighted_step(model, batches, step_supervised_tokens(batches)), reference)
+    gradients, losses = token_weighted_step(model, batches)
+    assert_same(gradients, reference)
+    assert sum(losses) / len(losses) == pytest.approx(reference_loss, abs=1e-5)  # the loss fit logs for the step
 
     # two ranks, each with its own micro-batches; the ranks' gradients are averaged as data parallelism does
-    step_tokens = step_supervised_tokens(batches)  # what fabric.all_reduce(sum) of the ranks' counts gives
-    ranks = [token_weighted_step(model, batches[r::2], step_tokens, world_size=2) for r in range(2)]
+    n = len(batches) // 2
+    shares = [batches[:n], batches[n : 2 * n]]
+    counts = [int(step_supervised_tokens(share)) for share in shares]
+    ranks = [token_weighted_step(model, shares[r], OtherRanks(2, counts[1 - r]))[0] for r in range(2)]
+    _, reference = mean_over_all_tokens(model, [items[i] for group in groups[: 2 * n] for i in group])
     assert_same({key: (ranks[0][key] + ranks[1][key]) / 2 for key in reference}, reference)
 
 
@@ -76,8 +102,8 @@ def test_upstreams_per_micro_batch_mean_weighs_tokens_unevenly():
     """The test above can fail: the mean of the micro-batches' means is not the mean over the step's tokens."""
     model = tiny_lora_gpt("llama")
     items = items_of_uneven_targets()
-    reference = mean_over_all_tokens_gradient(model, items)
-    batches = micro_batches(items, "random")
+    _, reference = mean_over_all_tokens(model, items)
+    batches, _ = micro_batches(items, "random")
     model.zero_grad()
     for batch in batches:
         logits = model(batch["input_ids"])
@@ -108,18 +134,23 @@ def test_a_step_without_targets_gives_zero_not_nan():
     labels = torch.full((2, 5), -100)
     assert step_supervised_tokens([{"labels": labels}]) == 1
     total, count = micro_batch_loss_sum(torch.randn(2, 5, 7), labels)
-    assert count == 0 and token_weighted(total, step_supervised_tokens([{"labels": labels}])) == 0
+    assert count == 0 and total == 0
 
 
 def test_step_lookahead_gives_the_same_batches_with_their_steps_tokens():
-    from litgpt.utils import CycleIterator
-
-    from token_loss import StepLookahead
-
     labels = [torch.tensor([[-100, 1, 2, -100]]), torch.tensor([[-100, 1, -100, -100]]), torch.tensor([[5, 6, 7, 8]])]
     loader = [{"labels": t} for t in labels]  # an epoch of 3 micro-batches, 2 to a step
     plain, ahead = CycleIterator(loader), StepLookahead(CycleIterator(loader), accumulation=2)
     for expected_tokens in (2 + 1, 2 + 1, 3 + 2, 3 + 2, 1 + 3, 1 + 3):
-        batch, step_tokens = next(ahead)
-        assert batch is next(plain)
-        assert ahead.epoch == plain.epoch and step_tokens == expected_tokens
+        assert next(ahead) is next(plain)
+        assert ahead.epoch == plain.epoch and ahead.tokens_per_micro_batch == expected_tokens / 2
+    assert ahead.iterable is loader  # other attributes are the wrapped iterator's
+
+
+@pytest.mark.parametrize("how", ["random", "packed"])
+def test_train_loss_without_step_tokens_is_the_micro_batchs_mean(how):
+    model = tiny_lora_gpt("llama")
+    items = items_of_uneven_targets()
+    batches, groups = micro_batches(items, how)
+    expected, _ = mean_over_all_tokens(model, [items[i] for i in groups[0]])
+    assert train_loss(model, batches[0]).item() == pytest.approx(expected, abs=1e-5)
