@@ -95,7 +95,9 @@ def _sft_parts(dataset, index: int, split: str) -> SampleParts:
     tokenizer, style = dataset.tokenizer, dataset.prompt_style
     prompt_ids = tokenizer.encode(style.apply(prompt=example["instruction"], **example)).tolist()
     response = len(tokenizer.encode(example["output"], bos=False, eos=True))
-    placeholder_ids = [_encoded(tokenizer, style.apply(prompt=e["instruction"], **e)) for e in _placeholder_examples(example)]
+    placeholder_ids = [
+        _encoded(tokenizer, style.apply(prompt=e["instruction"], **e)) for e in _placeholder_examples(example)
+    ]
     head, marker = template_bounds(prompt_ids, placeholder_ids)
     return SampleParts(len(prompt_ids), response, head, marker)
 
@@ -267,7 +269,9 @@ def truncate_item(item: Mapping, plan: Plan) -> dict:
     """
     ids = item["input_ids"]
     if len(ids) != plan.prompt + plan.response:
-        raise ValueError(f"the item has {len(ids)} tokens, its plan {plan.prompt} + {plan.response}: scan and data differ")
+        raise ValueError(
+            f"the item has {len(ids)} tokens, its plan {plan.prompt} + {plan.response}: scan and data differ"
+        )
     result = dict(item)
     if not plan.truncated:
         return result
@@ -355,7 +359,10 @@ def response_cut_share(parts: Sequence[SampleParts], max_seq_length: int, policy
 
 def add_response_cut(what_if_rows: Sequence[dict], parts: Sequence[SampleParts], policy: str = "prompt") -> list[dict]:
     """``data_utils.what_if`` rows with ``response_tokens_cut_share`` added (``parts`` of all splits together)."""
-    return [{**row, "response_tokens_cut_share": response_cut_share(parts, row["max_seq_length"], policy)} for row in what_if_rows]
+    return [
+        {**row, "response_tokens_cut_share": response_cut_share(parts, row["max_seq_length"], policy)}
+        for row in what_if_rows
+    ]
 
 
 def format_what_if(rows: Sequence[dict], block_size: int) -> str:
@@ -363,10 +370,8 @@ def format_what_if(rows: Sequence[dict], block_size: int) -> str:
     lines = ["what if max_seq_length were ...   samples cut    tokens cut  response tokens cut"]
     for row in rows:
         label = "/".join(filter(None, [row["label"], "block_size" if row["max_seq_length"] == block_size else ""]))
-        lines.append(
-            f"  {row['max_seq_length']:>7} {label:<20} {row['samples_cut_share']:>10.1%}  {row['tokens_cut_share']:>11.2%}"
-            f"  {row['response_tokens_cut_share']:>19.2%}"
-        )
+        shares = f"{row['samples_cut_share']:>10.1%}  {row['tokens_cut_share']:>11.2%}"
+        lines.append(f"  {row['max_seq_length']:>7} {label:<20} {shares}  {row['response_tokens_cut_share']:>19.2%}")
     return "\n".join(lines)
 
 
@@ -378,5 +383,4 @@ def dropped_entry(split: str, index: int, length: int, sample: object, reason: s
 
 def write_dropped(path: Path, entries: Sequence[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        for entry in entries:
-            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(entry, ensure_ascii=False) + "\n" for entry in entries)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils.data import DataLoader, Subset
 
 import demo_assets
 import truncation
@@ -33,7 +34,10 @@ STYLES = {"alpaca": Alpaca(), "llama3": Llama3(), "default": Default()}  # defau
 # Template text that must stay whole in the protected head and marker: (last text of the head, the response marker).
 TEMPLATE_TEXT = {
     "alpaca": ("### Instruction:", "### Response:"),
-    "llama3": ("You are a helpful assistant.<|eot_id|><|start_header_id|>user<|end_header_id|>", "<|start_header_id|>assistant<|end_header_id|>"),
+    "llama3": (
+        "You are a helpful assistant.<|eot_id|><|start_header_id|>user<|end_header_id|>",
+        "<|start_header_id|>assistant<|end_header_id|>",
+    ),
     "default": ("", ""),
 }
 TOKENIZERS = [f"{n}-bos-{b}" for n in ("hf-bpe", "hf-word", "sentencepiece") for b in (True, False)]
@@ -50,7 +54,9 @@ def _template_words() -> list[str]:
 def tokenizers(tmp_path_factory) -> dict[str, Tokenizer]:
     """{hf-bpe, hf-word, sentencepiece} x {BOS on, BOS off}; the word-level one knows every template's words."""
     root = tmp_path_factory.mktemp("trunc-tokenizers")
-    word_level = lambda d: demo_assets.build_tokenizer(d, extra_words=_template_words())  # noqa: E731
+    def word_level(directory):
+        demo_assets.build_tokenizer(directory, extra_words=_template_words())
+
     built = {}
     for add_bos in (True, False):
         for name, build, tokenizer_class in (
@@ -73,7 +79,8 @@ def encoded_parts(dataset: SFTDataset, index: int) -> tuple[list[int], list[int]
     """The prompt and response ids as a user of litgpt would encode them (the reference for the cut pieces)."""
     example = dataset.data[index]
     prompt = dataset.prompt_style.apply(prompt=example["instruction"], **example)
-    return dataset.tokenizer.encode(prompt).tolist(), dataset.tokenizer.encode(example["output"], bos=False, eos=True).tolist()
+    response = dataset.tokenizer.encode(example["output"], bos=False, eos=True)
+    return dataset.tokenizer.encode(prompt).tolist(), response.tolist()
 
 
 def litgpt_labels(ids: list[int], prompt_kept: int, mask_prompt: bool) -> list[int]:
@@ -117,7 +124,10 @@ def test_parts_of_hand_made_prompts(tokenizers):
         {"instruction": "write a short poem", "input": "", "output": "the fox"},
         {"instruction": "check the code", "input": "value after step", "output": "good"},
     ]
-    for style, spans in (("alpaca", ["write a short poem", "check the code ### Input : value after step"]), ("llama3", ["write a short poem", "check the code"])):
+    for style, spans in (
+        ("alpaca", ["write a short poem", "check the code ### Input : value after step"]),
+        ("llama3", ["write a short poem", "check the code"]),
+    ):
         dataset = SFTDataset(samples, tokenizer, prompt_style=style)
         for i, parts in enumerate(truncation.scan_parts(dataset, "train")):
             ids = dataset[i]["input_ids"]
@@ -133,7 +143,10 @@ def test_a_missing_field_names_the_sample(tokenizers):
 
 def test_parallel_scan_equals_serial_scan(tokenizers):
     words = demo_assets.WORDS
-    samples = [{"instruction": " ".join(words[: i % 30]), "input": words[i % 7] * (i % 2), "output": words[i % 11]} for i in range(600)]
+    samples = [
+        {"instruction": " ".join(words[: i % 30]), "input": words[i % 7] * (i % 2), "output": words[i % 11]}
+        for i in range(600)
+    ]
     dataset = SFTDataset(samples, tokenizers["sentencepiece-bos-True"], prompt_style="alpaca")
     assert truncation.scan_parts(dataset, "train", workers=2) == truncation.scan_parts(dataset, "train", workers=1)
 
@@ -214,7 +227,9 @@ def test_cut_items_hold_the_planned_pieces(tokenizers, name, samples, limit, mas
         for i, plan in enumerate(plans):
             item = cut[i]
             prompt, response = encoded_parts(dataset, i)
-            expected = prompt[: plan.prompt_head] + prompt[len(prompt) - plan.prompt_tail :] + response[: plan.response_kept]
+            expected = (
+                prompt[: plan.prompt_head] + prompt[len(prompt) - plan.prompt_tail :] + response[: plan.response_kept]
+            )
             assert item["input_ids"].tolist() == expected
             assert item["labels"].tolist() == litgpt_labels(expected, plan.prompt_kept, mask_prompt)
             assert len(expected) <= limit and item["token_counts"]["raw_plus_prompt_template"] == len(expected)
@@ -250,7 +265,9 @@ def test_response_longer_than_the_limit(tokenizers):
     plan = truncation.plan(parts[0], 40, "prompt")
     item = truncation.TruncatedSFT(dataset, [plan])[0]
     assert plan.prompt_kept == parts[0].head + parts[0].marker and plan.eos_lost
-    assert tokenizer.decode(item["input_ids"][plan.prompt_kept - parts[0].marker : plan.prompt_kept]) == "### Response :"
+    assert (
+        tokenizer.decode(item["input_ids"][plan.prompt_kept - parts[0].marker : plan.prompt_kept]) == "### Response :"
+    )
     assert item["input_ids"][plan.prompt_kept :].tolist() == encoded_parts(dataset, 0)[1][: 40 - plan.prompt_kept]
     assert truncation.supervised_targets(plan, True) == 40 - plan.prompt_kept
 
@@ -264,7 +281,9 @@ def test_supervised_targets_by_hand():
     plan = truncation.Plan(prompt=10, response=5, prompt_head=8, prompt_tail=0, response_kept=0, max_seq_length=8)
     assert truncation.supervised_targets(plan, mask_prompt=True) == 0
     assert truncation.supervised_targets(plan, mask_prompt=False) == 7
-    only_response = truncation.Plan(prompt=0, response=1, prompt_head=0, prompt_tail=0, response_kept=1, max_seq_length=8)
+    only_response = truncation.Plan(
+        prompt=0, response=1, prompt_head=0, prompt_tail=0, response_kept=1, max_seq_length=8
+    )
     assert truncation.supervised_targets(only_response, mask_prompt=True) == 0  # its one label is at position 0
     assert truncation.unsupervised([plan, only_response], mask_prompt=False) == [1]
 
@@ -273,17 +292,27 @@ def test_report_figures():
     parts = [P(100, 20, 10, 5), P(100, 40, 10, 5), P(300, 10, 10, 5), P(10, 5, 5, 2)]
     plans = truncation.plan_split(parts, 50, "prompt")
     assert truncation.truncation_stats(plans, mask_prompt=True) == {
-        "truncated": 3, "prompt_tokens_cut": 70 + 85 + 260, "response_tokens_cut": 5,
-        "responses_cut": 1, "eos_lost": 1, "unsupervised_dropped": 0,
+        "truncated": 3,
+        "prompt_tokens_cut": 70 + 85 + 260,
+        "response_tokens_cut": 5,
+        "responses_cut": 1,
+        "eos_lost": 1,
+        "unsupervised_dropped": 0,
     }
     end = truncation.truncation_stats(truncation.plan_split(parts, 50, "end"), mask_prompt=True)
     assert end == {  # three samples lose their whole response: never seen; the cut figures count the one left
-        "truncated": 0, "prompt_tokens_cut": 0, "response_tokens_cut": 0, "responses_cut": 0, "eos_lost": 0,
+        "truncated": 0,
+        "prompt_tokens_cut": 0,
+        "response_tokens_cut": 0,
+        "responses_cut": 0,
+        "eos_lost": 0,
         "unsupervised_dropped": 3,
     }
     assert truncation.response_cut_share(parts, 50, "prompt") == pytest.approx(5 / 75)
     assert truncation.response_cut_share(parts, 50, "end") == pytest.approx(70 / 75)
-    rows = truncation.add_response_cut([{"max_seq_length": 50, "label": "chosen", "samples_cut_share": 0.75, "tokens_cut_share": 0.5}], parts)
+    rows = truncation.add_response_cut(
+        [{"max_seq_length": 50, "label": "chosen", "samples_cut_share": 0.75, "tokens_cut_share": 0.5}], parts
+    )
     assert rows[0]["response_tokens_cut_share"] == pytest.approx(5 / 75)
     assert "6.67%" in truncation.format_what_if(rows, block_size=2048)
 
@@ -292,7 +321,11 @@ def test_dropped_entries_carry_their_reason(tmp_path):
     path = tmp_path / "dropped_samples.jsonl"
     truncation.write_dropped(path, [truncation.dropped_entry("val", 3, 612, {"instruction": "é"}, "unsupervised")])
     assert json.loads(path.read_text(encoding="utf-8")) == {
-        "split": "val", "index": 3, "length": 612, "reason": "unsupervised", "sample": {"instruction": "é"},
+        "split": "val",
+        "index": 3,
+        "length": 612,
+        "reason": "unsupervised",
+        "sample": {"instruction": "é"},
     }
 
 
@@ -306,7 +339,11 @@ def test_long_instructions_give_a_finite_loss_only_when_the_prompt_is_cut(tmp_pa
     tokenizer = Tokenizer(tmp_path)
     words = demo_assets.WORDS
     samples = [
-        {"instruction": " ".join(words[(i + k) % len(words)] for k in range(600)), "input": "", "output": " ".join(words[i : i + 6])}
+        {
+            "instruction": " ".join(words[(i + k) % len(words)] for k in range(600)),
+            "input": "",
+            "output": " ".join(words[i : i + 6]),
+        }
         for i in range(4)
     ]
     dataset = SFTDataset(samples, tokenizer, prompt_style="alpaca", mask_prompt=True)
@@ -314,7 +351,9 @@ def test_long_instructions_give_a_finite_loss_only_when_the_prompt_is_cut(tmp_pa
     collate = get_sft_collate_fn(max_seq_length=512)
     vocab_size = len(json.loads((tmp_path / "tokenizer.json").read_text())["model"]["vocab"])
     torch.manual_seed(0)
-    model = GPT(Config(block_size=512, vocab_size=vocab_size, padded_vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32))
+    model = GPT(
+        Config(block_size=512, vocab_size=vocab_size, padded_vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32)
+    )
     model.eval()
 
     def validation_loss(batch) -> torch.Tensor:  # as litgpt's validate computes it
@@ -329,8 +368,8 @@ def test_long_instructions_give_a_finite_loss_only_when_the_prompt_is_cut(tmp_pa
 
     plans = truncation.plan_split(parts, 512, "prompt")
     assert truncation.unsupervised(plans, mask_prompt=True) == []
-    cut = truncation.TruncatedSFT(dataset, plans)
-    batch = collate([cut[i] for i in range(4)])
+    loader = DataLoader(Subset(truncation.TruncatedSFT(dataset, plans), range(4)), batch_size=4, collate_fn=collate)
+    batch = next(iter(loader))  # as the flow will load it
     assert batch["input_ids"].shape == (4, 512)
     assert ((batch["labels"][:, 1:] != IGNORE).sum(dim=1) == 7).all()  # 6 words + EOS, in every sample
     assert torch.isfinite(validation_loss(batch))
@@ -353,7 +392,9 @@ def test_real_data_with_real_tokenizers(tokenizer_name):
         cut = truncation.TruncatedSFT(dataset, plans)
         for i, plan in enumerate(plans):
             item = dataset[i]
-            assert parts[i].length == len(item["input_ids"]) and parts[i].prompt == int((item["labels"] == IGNORE).sum())
+            assert parts[i].length == len(item["input_ids"]) and parts[i].prompt == int(
+                (item["labels"] == IGNORE).sum()
+            )
             _assert_template_is_protected(dataset, i, parts[i], style_name)
             if parts[i].head + parts[i].marker <= 64:
                 _assert_marker_kept(tokenizer, cut[i], parts[i], plan, style_name)
