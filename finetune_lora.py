@@ -2,11 +2,12 @@
 
 A drop-in for ``litgpt finetune_lora``: same flags, same outputs, plus the ``--seq.*`` group. The path is straight:
 
-    parse -> tokenizer + data -> scan lengths -> decide max_seq_length -> apply the over-length policy + report
-          -> build GPT, load weights -> rehearse -> fit -> validate -> save
+    parse -> tokenizer + data -> scan lengths -> decide max_seq_length -> apply the over-length policy, plan the cuts
+          + report -> build GPT, load weights -> rehearse -> fit -> validate -> save
 
 Everything before "build GPT" needs only the tokenizer and the data. This file is the flow; the length work lives in
-``seq_data`` (on Fabric) and ``data_utils`` (plain functions), the rehearsal in ``rehearsal``.
+``seq_data`` (on Fabric), ``data_utils`` (plain functions) and ``truncation`` (how a sample is cut), the rehearsal in
+``rehearsal``.
 """
 
 import dataclasses
@@ -78,7 +79,7 @@ def setup(checkpoint_dir: Path, seq: SeqArgs = SeqArgs(), **litgpt_flags) -> Non
     flags.apply_defaults()
     flags = flags.arguments
     train, eval, seed = flags["train"], flags["eval"], flags["seed"]
-    data_utils.check_settings(seq.headroom, train.max_seq_length, seq.over_length)
+    data_utils.check_settings(seq.headroom, train.max_seq_length, seq.over_length, seq.truncate_from)
     try:
         validate_args(train, eval)
     except ValueError as problem:
@@ -172,7 +173,7 @@ def main(
     precision: str | None,
     seed: int,
 ) -> None:
-    # 1. Lengths, from the tokenizer and the data only: scan, decide, apply the policy, report.
+    # 1. Lengths, from the tokenizer and the data only: scan, decide, apply the policy, plan the cuts, report.
     hyperparameters = captured_hyperparameters()
     tokenizer = Tokenizer(checkpoint_dir)
     plan = seq_data.plan_lengths(fabric, data, tokenizer, train, seq, config.block_size)
@@ -184,9 +185,7 @@ def main(
     hyperparameters.train.max_seq_length = decision.max_seq_length  # what the model trains with, for a rerun
 
     # 2. The loaders the plan allows; then the model, built with the decided length, and its weights.
-    train_loader, val_loader = seq_data.make_loaders(
-        fabric, data, tokenizer, plan, train.micro_batch_size, seq.group_by_length, seed
-    )
+    train_loader, val_loader = seq_data.make_loaders(fabric, plan, train.micro_batch_size, seq.group_by_length, seed)
     steps_per_epoch = len(train_loader) // train.gradient_accumulation_iters(fabric.world_size, 1)
     lr_max_steps = min(train.epochs * steps_per_epoch, (train.max_steps or float("inf")))
     fabric.seed_everything(seed)  # the same on every rank, for model init

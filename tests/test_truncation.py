@@ -16,11 +16,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils.data import DataLoader, Subset
-
-import demo_assets
-import truncation
-from conftest import SHARED, requires_shared
 from litgpt import GPT, Config
 from litgpt.data import SFTDataset
 from litgpt.data.base import get_sft_collate_fn
@@ -28,6 +23,12 @@ from litgpt.prompts import Alpaca, Default, Llama3
 from litgpt.tokenizer import Tokenizer
 from litgpt.utils import chunked_cross_entropy
 from test_scan_exact import TEXT, _config, _hf_bpe, _sentencepiece
+from torch.utils.data import DataLoader, Subset
+
+import data_utils
+import demo_assets
+import truncation
+from conftest import SHARED, requires_shared
 
 IGNORE = -100
 STYLES = {"alpaca": Alpaca(), "llama3": Llama3(), "default": Default()}  # default: no template at all
@@ -54,6 +55,7 @@ def _template_words() -> list[str]:
 def tokenizers(tmp_path_factory) -> dict[str, Tokenizer]:
     """{hf-bpe, hf-word, sentencepiece} x {BOS on, BOS off}; the word-level one knows every template's words."""
     root = tmp_path_factory.mktemp("trunc-tokenizers")
+
     def word_level(directory):
         demo_assets.build_tokenizer(directory, extra_words=_template_words())
 
@@ -101,7 +103,7 @@ SAMPLE = st.fixed_dictionaries({"instruction": TEXT, "input": st.one_of(st.just(
 def test_parts_are_what_sft_dataset_encodes_and_masks(tokenizers, name, samples):
     for style_name, style in STYLES.items():
         dataset = SFTDataset(samples, tokenizers[name], prompt_style=style, mask_prompt=True)
-        for i, parts in enumerate(truncation.scan_parts(dataset, "train")):
+        for i, parts in enumerate(data_utils.scan_parts(dataset, "train")):
             item = dataset[i]
             assert parts.length == len(item["input_ids"])
             assert parts.prompt == int((item["labels"] == IGNORE).sum())  # litgpt masks exactly its encoded prompt
@@ -129,26 +131,10 @@ def test_parts_of_hand_made_prompts(tokenizers):
         ("llama3", ["write a short poem", "check the code"]),
     ):
         dataset = SFTDataset(samples, tokenizer, prompt_style=style)
-        for i, parts in enumerate(truncation.scan_parts(dataset, "train")):
+        for i, parts in enumerate(data_utils.scan_parts(dataset, "train")):
             ids = dataset[i]["input_ids"]
             assert tokenizer.decode(ids[parts.head : parts.prompt - parts.marker]) == spans[i]
             assert parts.response == len(samples[i]["output"].split()) + 1  # + EOS
-
-
-def test_a_missing_field_names_the_sample(tokenizers):
-    dataset = SFTDataset([{"instruction": "a"}, {"output": "b"}], tokenizers["hf-word-bos-True"], prompt_style="alpaca")
-    with pytest.raises(truncation.UserInputError, match=r"val sample 0 has no field 'output'"):
-        truncation.scan_parts(dataset, "val")
-
-
-def test_parallel_scan_equals_serial_scan(tokenizers):
-    words = demo_assets.WORDS
-    samples = [
-        {"instruction": " ".join(words[: i % 30]), "input": words[i % 7] * (i % 2), "output": words[i % 11]}
-        for i in range(600)
-    ]
-    dataset = SFTDataset(samples, tokenizers["sentencepiece-bos-True"], prompt_style="alpaca")
-    assert truncation.scan_parts(dataset, "train", workers=2) == truncation.scan_parts(dataset, "train", workers=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -156,7 +142,7 @@ def test_parallel_scan_equals_serial_scan(tokenizers):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-P = truncation.SampleParts
+P = data_utils.SampleParts
 
 
 @pytest.mark.parametrize(
@@ -220,7 +206,7 @@ def test_plan_invariants(parts, limit, policy):
 def test_cut_items_hold_the_planned_pieces(tokenizers, name, samples, limit, mask_prompt, style_name):
     tokenizer = tokenizers[name]
     dataset = SFTDataset(samples, tokenizer, prompt_style=STYLES[style_name], mask_prompt=mask_prompt)
-    parts = truncation.scan_parts(dataset, "train")
+    parts = data_utils.scan_parts(dataset, "train")
     for policy in truncation.TRUNCATE_FROM:
         plans = truncation.plan_split(parts, limit, policy)
         cut = truncation.TruncatedSFT(dataset, plans)
@@ -261,7 +247,7 @@ def test_response_longer_than_the_limit(tokenizers):
     tokenizer = tokenizers["hf-word-bos-True"]
     sample = {"instruction": "write a long story", "input": "", "output": " ".join(demo_assets.WORDS * 3)}
     dataset = SFTDataset([sample], tokenizer, prompt_style="alpaca", mask_prompt=True)
-    parts = truncation.scan_parts(dataset, "train")
+    parts = data_utils.scan_parts(dataset, "train")
     plan = truncation.plan(parts[0], 40, "prompt")
     item = truncation.TruncatedSFT(dataset, [plan])[0]
     assert plan.prompt_kept == parts[0].head + parts[0].marker and plan.eos_lost
@@ -291,7 +277,9 @@ def test_supervised_targets_by_hand():
 def test_report_figures():
     parts = [P(100, 20, 10, 5), P(100, 40, 10, 5), P(300, 10, 10, 5), P(10, 5, 5, 2)]
     plans = truncation.plan_split(parts, 50, "prompt")
-    assert truncation.truncation_stats(plans, mask_prompt=True) == {
+    kept, without_target = truncation.drop_unsupervised(range(4), plans, mask_prompt=True)
+    assert (kept, without_target) == ([0, 1, 2, 3], [])
+    assert truncation.truncation_stats([plans[i] for i in kept], len(without_target)) == {
         "truncated": 3,
         "prompt_tokens_cut": 70 + 85 + 260,
         "response_tokens_cut": 5,
@@ -299,34 +287,26 @@ def test_report_figures():
         "eos_lost": 1,
         "unsupervised_dropped": 0,
     }
-    end = truncation.truncation_stats(truncation.plan_split(parts, 50, "end"), mask_prompt=True)
-    assert end == {  # three samples lose their whole response: never seen; the cut figures count the one left
+    end = truncation.plan_split(parts, 50, "end")
+    kept, without_target = truncation.drop_unsupervised([0, 2, 3], end, mask_prompt=True)  # 1 left out before
+    assert (kept, without_target) == ([3], [0, 2])  # their whole response is cut: never seen
+    assert truncation.truncation_stats([end[i] for i in kept], len(without_target)) == {
         "truncated": 0,
         "prompt_tokens_cut": 0,
         "response_tokens_cut": 0,
         "responses_cut": 0,
         "eos_lost": 0,
-        "unsupervised_dropped": 3,
+        "unsupervised_dropped": 2,
     }
+    assert truncation.drop_unsupervised([0, 2, 3], end, mask_prompt=False) == ([0, 2, 3], [])
     assert truncation.response_cut_share(parts, 50, "prompt") == pytest.approx(5 / 75)
     assert truncation.response_cut_share(parts, 50, "end") == pytest.approx(70 / 75)
     rows = truncation.add_response_cut(
         [{"max_seq_length": 50, "label": "chosen", "samples_cut_share": 0.75, "tokens_cut_share": 0.5}], parts
     )
     assert rows[0]["response_tokens_cut_share"] == pytest.approx(5 / 75)
-    assert "6.67%" in truncation.format_what_if(rows, block_size=2048)
-
-
-def test_dropped_entries_carry_their_reason(tmp_path):
-    path = tmp_path / "dropped_samples.jsonl"
-    truncation.write_dropped(path, [truncation.dropped_entry("val", 3, 612, {"instruction": "é"}, "unsupervised")])
-    assert json.loads(path.read_text(encoding="utf-8")) == {
-        "split": "val",
-        "index": 3,
-        "length": 612,
-        "reason": "unsupervised",
-        "sample": {"instruction": "é"},
-    }
+    table = data_utils.format_what_if(rows, block_size=2048).splitlines()
+    assert table[0].endswith("response tokens cut") and table[1].endswith("6.67%")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -347,7 +327,7 @@ def test_long_instructions_give_a_finite_loss_only_when_the_prompt_is_cut(tmp_pa
         for i in range(4)
     ]
     dataset = SFTDataset(samples, tokenizer, prompt_style="alpaca", mask_prompt=True)
-    parts = truncation.scan_parts(dataset, "val")
+    parts = data_utils.scan_parts(dataset, "val")
     collate = get_sft_collate_fn(max_seq_length=512)
     vocab_size = len(json.loads((tmp_path / "tokenizer.json").read_text())["model"]["vocab"])
     torch.manual_seed(0)
@@ -387,7 +367,7 @@ def test_real_data_with_real_tokenizers(tokenizer_name):
     samples = json.loads((SHARED / "data" / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:150]
     for style_name in ("alpaca", "llama3"):
         dataset = SFTDataset(samples, tokenizer, prompt_style=style_name, mask_prompt=True)
-        parts = truncation.scan_parts(dataset, "train")
+        parts = data_utils.scan_parts(dataset, "train")
         plans = truncation.plan_split(parts, 64, "prompt")
         cut = truncation.TruncatedSFT(dataset, plans)
         for i, plan in enumerate(plans):
