@@ -89,8 +89,8 @@ def check_learning_signal(
         hint = " --seq.truncate_from prompt," if seq.truncate_from == "end" else ""
         raise UserInputError(
             f"Every remaining {split} sample ({len(unsupervised)}: {shown}) has no token to learn from once cut to"
-            f" max_seq_length {decision.max_seq_length}: the response does not fit beside the prompt, and the prompt"
-            f" is masked. Raise --train.max_seq_length (up to the block_size {decision.block_size}), or use{hint}"
+            f" max_seq_length {decision.max_seq_length} (all its labels are ignored: with a masked prompt, no response"
+            f" token is left). Raise --train.max_seq_length (up to the block_size {decision.block_size}), or use{hint}"
             " --data.mask_prompt false, or shorten these samples."
         )
 
