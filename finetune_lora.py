@@ -2,11 +2,12 @@
 
 A drop-in for ``litgpt finetune_lora``: same flags, same outputs, plus the ``--seq.*`` group. The path is straight:
 
-    parse -> tokenizer + data -> scan lengths -> decide max_seq_length -> apply the over-length policy + report
-          -> build GPT, load weights -> rehearse -> fit -> validate -> save
+    parse -> tokenizer + data -> scan lengths -> decide max_seq_length -> apply the over-length policy, plan the cuts
+          + report -> build GPT, load weights -> rehearse -> fit -> validate -> save
 
 Everything before "build GPT" needs only the tokenizer and the data. This file is the flow; the length work lives in
-``seq_data`` (on Fabric) and ``data_utils`` (plain functions), the rehearsal in ``rehearsal``.
+``seq_data`` (on Fabric), ``data_utils`` (plain functions) and ``truncation`` (how a sample is cut), the rehearsal in
+``rehearsal``.
 """
 
 import dataclasses
@@ -80,7 +81,7 @@ def setup(checkpoint_dir: Path, seq: SeqArgs = SeqArgs(), **litgpt_flags) -> Non
     flags.apply_defaults()
     flags = flags.arguments
     train, eval, seed = flags["train"], flags["eval"], flags["seed"]
-    data_utils.check_settings(seq.headroom, train.max_seq_length, seq.over_length)
+    data_utils.check_settings(seq.headroom, train.max_seq_length, seq.over_length, seq.truncate_from)
     if seq.pack and seq.group_by_length:
         raise UserInputError(
             "--seq.pack true and --seq.group_by_length true exclude each other (packing already fills the rows);"
@@ -181,7 +182,7 @@ def main(
     precision: str | None,
     seed: int,
 ) -> None:
-    # 1. Lengths, from the tokenizer and the data only: scan, decide, apply the policy, report.
+    # 1. Lengths, from the tokenizer and the data only: scan, decide, apply the policy, plan the cuts, report.
     hyperparameters = captured_hyperparameters()
     tokenizer = Tokenizer(checkpoint_dir)
     plan = seq_data.plan_lengths(fabric, data, tokenizer, train, seq, config.block_size)
@@ -194,7 +195,7 @@ def main(
 
     # 2. The loaders the plan allows; then the model, built with the decided length, and its weights.
     train_loader, val_loader = seq_data.make_loaders(
-        fabric, data, tokenizer, plan, train.micro_batch_size, seq.group_by_length, seed, pack=seq.pack
+        fabric, plan, train.micro_batch_size, seq.group_by_length, seed, pack=seq.pack
     )
     steps_per_epoch = len(train_loader) // train.gradient_accumulation_iters(fabric.world_size, 1)
     lr_max_steps = min(train.epochs * steps_per_epoch, (train.max_steps or float("inf")))

@@ -37,11 +37,11 @@ def preserved_rng():
 
 
 def rehearsal_batches(
-    loaders: dict[str, DataLoader], lengths: dict[str, list[int]], batch_size: int, max_seq_length: int
+    loaders: dict[str, DataLoader], lengths: dict[str, list[int]], batch_size: int, max_seq_length: int | None = None
 ) -> dict[str, dict]:
     """For each loader, its largest micro-batch: the ``batch_size`` longest samples of its dataset (whose sample
-    lengths are ``lengths[name]``, in dataset order), or for a packed loader the ``batch_size`` fullest rows,
-    collated with the loader's own collate_fn."""
+    lengths are ``lengths[name]``, in dataset order), or for a packed loader (``max_seq_length`` needed) the
+    ``batch_size`` fullest rows; collated with the loader's own collate_fn."""
     batches = {}
     for name, loader in loaders.items():
         if isinstance(loader.dataset, packing.PackedRows):

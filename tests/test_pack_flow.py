@@ -61,7 +61,7 @@ def test_packed_train_loader_and_its_rehearsal_batch(tiny_checkpoint, make_data)
     seq = SeqArgs(pack=True, over_length="drop")
     plan = seq_data.plan_lengths(fabric, data, tokenizer, TrainArgs(micro_batch_size=2, max_seq_length=130), seq, 512)
     assert plan.decision.max_seq_length == 130 and plan.kept["train"] == [i for i, n in enumerate(train) if n <= 130]
-    train_loader, val_loader = seq_data.make_loaders(fabric, data, tokenizer, plan, 2, False, seed=1, pack=True)
+    train_loader, val_loader = seq_data.make_loaders(fabric, plan, 2, False, seed=1, pack=True)
     assert "segment_ids" not in next(iter(val_loader))
 
     for _ in range(2):  # two epochs, packed differently

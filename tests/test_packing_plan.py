@@ -156,7 +156,7 @@ def test_alpaca_packs_to_at_least_98_percent(name):
 
     samples = json.loads((SHARED / "data" / f"{name}.json").read_text())
     dataset = SFTDataset(samples, Tokenizer(SHARED / "tokenizers" / "llama2-sentencepiece"), prompt_style=Alpaca())
-    lengths = data_utils.scan_lengths(dataset, "train")
+    lengths = [parts.length for parts in data_utils.scan_parts(dataset, "train")]
     limit = math.ceil(max(lengths) * 1.1)
     estimates = expected_efficiency(lengths, limit, micro_batch_size=4, seed=42)
     assert estimates["packed"]["efficiency"] >= 0.98

@@ -59,7 +59,7 @@ def test_rehearsal_batch_is_the_longest(make_data, tiny_checkpoint):
     train, val = [64, 90, 66, 120, 70, 80], [62, 95, 65]
     splits = loaders_for(tiny_checkpoint, make_data(train, val), batch_size=2, max_seq_length=200)
     batches = rehearsal.rehearsal_batches(
-        {"train": splits["train"], "val": splits["val"]}, {"train": train, "val": val}, 2, 200
+        {"train": splits["train"], "val": splits["val"]}, {"train": train, "val": val}, 2
     )
     assert list(batches["train"]["input_ids"].shape) == [2, 120]
     assert list(batches["val"]["input_ids"].shape) == [2, 95]
@@ -75,7 +75,7 @@ def test_rehearsal_batch_is_cut_at_max_seq_length(make_data, tiny_checkpoint):
     train, val = [70, 90, 66], [62, 75]
     splits = loaders_for(tiny_checkpoint, make_data(train, val), batch_size=2, max_seq_length=64)
     batches = rehearsal.rehearsal_batches(
-        {"train": splits["train"], "val": splits["val"]}, {"train": train, "val": val}, 2, 64
+        {"train": splits["train"], "val": splits["val"]}, {"train": train, "val": val}, 2
     )
     assert list(batches["train"]["input_ids"].shape) == [2, 64]
     assert list(batches["val"]["input_ids"].shape) == [2, 64]
