@@ -2,11 +2,12 @@
 
 A drop-in for ``litgpt finetune_lora``: same flags, same outputs, plus the ``--seq.*`` group. The path is straight:
 
-    parse -> tokenizer + data -> scan lengths -> decide max_seq_length -> apply the over-length policy + report
-          -> build GPT, load weights -> rehearse -> fit -> validate -> save
+    parse -> tokenizer + data -> scan lengths -> decide max_seq_length -> apply the over-length policy, plan the cuts
+          + report -> build GPT, load weights -> rehearse -> fit -> validate -> save
 
 Everything before "build GPT" needs only the tokenizer and the data. This file is the flow; the length work lives in
-``seq_data`` (on Fabric) and ``data_utils`` (plain functions), the rehearsal in ``rehearsal``.
+``seq_data`` (on Fabric), ``data_utils`` (plain functions) and ``truncation`` (how a sample is cut), the rehearsal in
+``rehearsal``.
 """
 
 import dataclasses
@@ -62,7 +63,9 @@ import rehearsal
 import resume_state
 import seq_data
 from data_utils import UserInputError
+from packed_forward import check_packable
 from seq_args import SeqArgs
+from token_loss import StepLookahead
 from training_loss import train_loss
 
 
@@ -82,7 +85,12 @@ def setup(checkpoint_dir: Path, seq: SeqArgs = SeqArgs(), resume: resume_state.R
     flags.apply_defaults()
     flags = flags.arguments
     train, eval, seed = flags["train"], flags["eval"], flags["seed"]
-    data_utils.check_settings(seq.headroom, train.max_seq_length, seq.over_length)
+    data_utils.check_settings(seq.headroom, train.max_seq_length, seq.over_length, seq.truncate_from)
+    if seq.pack and seq.group_by_length:
+        raise UserInputError(
+            "--seq.pack true and --seq.group_by_length true exclude each other (packing already fills the rows);"
+            " set one of them to false."
+        )
     try:
         validate_args(train, eval)
     except ValueError as problem:
@@ -93,6 +101,8 @@ def setup(checkpoint_dir: Path, seq: SeqArgs = SeqArgs(), resume: resume_state.R
     data = flags["data"] or Alpaca()
     lora_settings = {name: value for name, value in flags.items() if name.startswith("lora_")}  # Config's own names
     config = Config.from_file(checkpoint_dir / "model_config.yaml", **lora_settings)
+    if seq.pack:
+        check_packable(config)  # from the config alone: before any weight is read, in a dry run too
     devices, num_nodes = parse_devices(flags["devices"]), flags["num_nodes"]
     precision, quantize = flags["precision"] or get_default_supported_precision(training=True), flags["quantize"]
     logger = choose_logger(
@@ -179,8 +189,8 @@ def main(
     seed: int,
     resume: resume_state.Resume = False,
 ) -> None:
-    # 1. Lengths, from the tokenizer and the data only: scan, decide, apply the policy, report. On resume, the
-    #    checkpoint must be of this model, this data and these flags, and its length decision is kept.
+    # 1. Lengths, from the tokenizer and the data only: scan, decide, apply the policy, plan the cuts, report. On
+    #    resume, the checkpoint must be of this model, this data, these flags and this decision.
     hyperparameters = captured_hyperparameters()
     resume_from = resume_state.find_checkpoint(out_dir, resume, log=fabric.print)
     if resume_from is not None:
@@ -201,7 +211,7 @@ def main(
 
     # 2. The loaders the plan allows; then the model, built with the decided length, and its weights.
     train_loader, val_loader = seq_data.make_loaders(
-        fabric, data, tokenizer, plan, train.micro_batch_size, seq.group_by_length, seed
+        fabric, plan, train.micro_batch_size, seq.group_by_length, seed, pack=seq.pack
     )
     steps_per_epoch = len(train_loader) // train.gradient_accumulation_iters(fabric.world_size, 1)
     lr_max_steps = min(train.epochs * steps_per_epoch, (train.max_steps or float("inf")))
@@ -228,7 +238,7 @@ def main(
     if seq.rehearse:
         loaders = {"train": train_loader, "val": val_loader}
         lengths = {name: plan.kept_lengths(name) for name in loaders}
-        batches = rehearsal.rehearsal_batches(loaders, lengths, train.micro_batch_size)
+        batches = rehearsal.rehearsal_batches(loaders, lengths, train.micro_batch_size, decision.max_seq_length)
         report["rehearsal"] = rehearsal.rehearse(fabric, model, optimizer, batches, train, decision)
         seq_data.write_report(fabric, out_dir, report)
     save = partial(save_checkpoint, checkpoint_dir=checkpoint_dir, data=data, hyperparameters=hyperparameters)
@@ -250,11 +260,13 @@ def main(
             verify=not seq.rehearse,
             resumption=resumption,
             signals=signals,
+            token_weighting=seq.token_weighting,
         )
     if signals.checkpoint is not None:
         sys.exit(signals.exit_code)  # 143 (SIGTERM) / 130 (SIGINT): the step directory is the result, no final/
     fabric.print(create_finetuning_performance_report(time.perf_counter() - started, token_counts, fabric.device.type))
-    report["batches"] = seq_data.batches_trained(token_counts, train.micro_batch_size, seq.group_by_length)
+    report["batches"] = seq_data.batches_trained(token_counts, train.micro_batch_size, seq.group_by_length, seq.pack)
+    report["batches"]["loss_weighting"] = "token" if seq.token_weighting else "batch"
     seq_data.write_report(fabric, out_dir, report)
 
     if eval.final_validation:
@@ -286,15 +298,17 @@ def fit(
     verify: bool = True,
     resumption: resume_state.Resumption,
     signals: resume_state.GracefulStop | None = None,
+    token_weighting: bool = False,
 ) -> dict:
     """The training loop. max_seq_length was settled before the model was built; nothing here changes it.
 
     ``save(fabric, model, directory)`` writes a checkpoint. ``verify``: without an initial validation, run two val
     batches first as upstream does (not needed after a rehearsal). They run with the RNG states put back, as the
-    rehearsal's are, so both runs train alike. ``resumption``: the checkpoint to go on from (its state is put back
-    after the initial validation) and what every checkpoint records; ``signals``: SIGTERM or SIGINT ends the loop after the
-    optimizer step it arrives in, with a checkpoint (``signals.checkpoint``). Returns the run's token counts, summed
-    over the ranks.
+    rehearsal's are, so both runs train alike. ``token_weighting``: every supervised token of a step weighs the same
+    (``token_loss.StepLookahead`` counts the step's tokens first). ``resumption``: the checkpoint to go on from (its
+    state is put back after the initial validation) and what every checkpoint records; ``signals``: SIGTERM or
+    SIGINT ends the loop after the optimizer step it arrives in, with a checkpoint (``signals.checkpoint``).
+    Returns the run's token counts, summed over the ranks.
     """
     if eval.initial_validation:
         val_loss = f"{validate(fabric, model, val_loader, dataclasses.replace(eval, max_iters=len(val_loader))):.3f}"
@@ -307,11 +321,16 @@ def fit(
 
     accumulation = train.gradient_accumulation_iters(fabric.world_size, 1)
     batches = resume_state.EpochBatches(train_loader)
+    if token_weighting:
+        batches = StepLookahead(batches, accumulation, fabric)
     throughput = ThroughputMonitor(fabric, window_size=50)
     running_loss = RunningMean(window=accumulation, sync_on_compute=False).to(fabric.device)
     max_steps = train.max_steps or float("inf")
     max_time = train.max_time or float("inf")
-    counts = {key: torch.tensor(0, device=fabric.device, dtype=torch.long) for key in ("raw", "template", "padded")}
+    counts = {
+        key: torch.tensor(0, device=fabric.device, dtype=torch.long)
+        for key in ("raw", "template", "padded", "rows", "samples")
+    }
     step = iteration = 0
     trained_before = 0.0  # seconds, by the run that saved the checkpoint (--train.max_time counts the whole run)
     if resumption.step_dir is not None:
@@ -338,7 +357,7 @@ def fit(
 
         accumulating = iteration % accumulation != 0
         with fabric.no_backward_sync(model, enabled=accumulating):
-            loss = train_loss(model, batch)
+            loss = train_loss(model, batch, batches.tokens_per_micro_batch if token_weighting else None)
             fabric.backward(loss / accumulation)
         running_loss.update(loss.detach())
         if not accumulating:
@@ -350,13 +369,15 @@ def fit(
         counts["raw"] += batch["token_counts"]["raw"].sum().item()
         counts["template"] += batch["token_counts"]["raw_plus_prompt_template"].sum().item()
         counts["padded"] += batch["input_ids"].numel()
+        counts["rows"] += batch["input_ids"].size(0)
+        counts["samples"] += batch["token_counts"]["raw"].numel()
 
         if iteration % train.log_interval == 0:
             now = time.perf_counter()
             throughput.update(
                 time=now - started,
                 batches=iteration,
-                samples=iteration * train.micro_batch_size,
+                samples=counts["samples"].item(),
                 lengths=counts["padded"].item(),
             )
             throughput.compute_and_log(step=iteration)
@@ -408,6 +429,8 @@ def fit(
         "raw_tokens_plus_prompt_template": totals["template"],
         "raw_tokens_plus_prompt_template_and_padding": totals["padded"],
         "micro_batches": iteration * fabric.world_size,
+        "rows": totals["rows"],
+        "samples": totals["samples"],
     }
 
 

@@ -26,7 +26,7 @@ import shutil
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -704,17 +704,22 @@ def begin(fabric, out_dir: Path, step_dir: Path | None, plan, run: dict, saves: 
 
 
 def plan_as_saved(fabric, plan, record: dict):
-    """The plan with the checkpoint's length decision (max_seq_length, kept samples). With the same data and flags
-    (checked before) they agree unless this version decides differently; then the checkpoint's wins, with a note."""
+    """The plan, checked against the checkpoint's length decision (max_seq_length, kept samples). With the same data
+    and flags (checked before) they agree unless another version of this code decides differently; then the run
+    cannot go on exactly, and stops before any weight is read."""
     kept = kept_from_record(record)
     if record["max_seq_length"] == plan.decision.max_seq_length and kept == plan.kept:
         return plan
-    fabric.print(
-        f"note: keeping the checkpoint's length decision (max_seq_length {record['max_seq_length']}, its kept samples)"
-        f" over this run's (max_seq_length {plan.decision.max_seq_length})."
+    changed = [
+        f"split {name}: {len(kept[name])} samples kept then, {len(plan.kept[name])} now"
+        for name in kept
+        if kept[name] != plan.kept.get(name)
+    ]
+    raise UserInputError(
+        f"cannot resume: the checkpoint trained with max_seq_length {record['max_seq_length']}, this run decides"
+        f" {plan.decision.max_seq_length} from the same data and flags{(' (' + '; '.join(changed) + ')') if changed else ''}"
+        " (was finetune_lora.py updated in between?). Resume with the version that saved it, or start a new run."
     )
-    decision = replace(plan.decision, max_seq_length=record["max_seq_length"])
-    return replace(plan, decision=decision, kept=kept)
 
 
 # ---------------------------------------------------------------------------------------------------------------
