@@ -642,3 +642,12 @@ def _no_supervised_warning(split: str, indices: list[int], total: int, limit: in
 def warning_lines(warnings: Sequence[dict]) -> list[str]:
     return [f"warning: {w['message']}" for w in warnings]
 
+
+def over_length_fix(decision: data_utils.Decision) -> str:
+    """The advice ending an over-length error, naming only flags that can help: raising the limit cannot help once it
+    is the model's block_size, and --seq.headroom does nothing under --train.max_seq_length."""
+    policies = "--seq.over_length truncate (cut them) or --seq.over_length drop (leave them out)"
+    if decision.max_seq_length >= decision.block_size:
+        return f"max_seq_length is the model's block_size {decision.block_size}, so no limit can keep them whole: use {policies}."
+    # Sized from the data, the limit is below the longest sample only when capped: so here it is an override.
+    return f"Raise --train.max_seq_length (up to block_size {decision.block_size}), or use {policies}."

@@ -561,3 +561,11 @@ def test_max_seq_length_one_leaves_nothing_to_learn_without_mask():
 def test_instantiation_error_message_keeps_the_reason():
     problem = ValueError("Does not validate against any of the Union subtypes\nSubtypes: [...]\nErrors:\n  - Expected a <class 'NoneType'>\n  - The reason.\nGiven value type: x")
     assert input_checks.instantiation_error_message(problem) == "The reason."
+
+
+def test_over_length_fix_names_only_flags_that_help():
+    lengths = {"train": [600, 100], "val": [100]}
+    capped = input_checks.over_length_fix(decision(lengths))
+    assert "block_size 512" in capped and "--train.max_seq_length" not in capped and "--seq.headroom" not in capped
+    override = input_checks.over_length_fix(decision(lengths, override=300))
+    assert "--train.max_seq_length" in override and "--seq.headroom" not in override
