@@ -370,6 +370,10 @@ class DataFiles:
         position = self.positions[split][index]
         return f"line {position + 1} of {file}" if file.suffix == ".jsonl" else f"position {position} of {file}"
 
+    def source(self, split: str, index: int) -> dict:
+        """{"file": ..., "position": ...} for a record (dropped_samples.jsonl); position is 0-based in the file."""
+        return {"file": str(self.files[split]), "position": self.positions[split][index]}
+
     def counts(self) -> dict[str, int]:
         return {split: len(positions) for split, positions in self.positions.items()}
 

@@ -463,6 +463,7 @@ def test_positions_in_the_users_file_match_litgpts_split(tmp_path, tiny_checkpoi
     assert located.positions == input_checks.file_positions(data)  # reading the count from the file itself
     i = 3
     expected = f"line {located.positions['train'][i] + 1} of" if suffix == ".jsonl" else f"position {located.positions['train'][i]} of"
+    assert located.source("val", 0) == {"file": str(tmp_path / f"all{suffix}"), "position": located.positions["val"][0]}
     assert located.where("train", i).startswith(expected) and located.where("train", i).endswith(f"all{suffix}")
 
 
