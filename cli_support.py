@@ -1,12 +1,14 @@
 """What ``cli()`` needs so that a user sees one clear line, never a traceback, for what is not a bug.
 
-- ``FlowParser``: jsonargparse's parser, given to ``CLI(setup, parser_class=FlowParser)``. It runs
-  ``input_checks.check_parsed`` before any class is built from the command line (litgpt's ``JSON`` raises on a
-  missing file in its ``__post_init__``, deep inside jsonargparse), turns what instantiation still raises into a
-  ``UserInputError``, and gives ``--help`` this flow's own words for the flags whose meaning it changed (``HELP``).
+- ``FlowParser``: the parser class ``finetune_lora.build_parser`` uses. It runs ``input_checks.check_parsed`` before
+  any class is built from the command line (litgpt's ``JSON`` raises on a missing file in its ``__post_init__``,
+  deep inside jsonargparse) and turns what instantiation still raises into a ``UserInputError``.
+  ``use_flow_help(parser)`` gives ``--help`` this flow's own words for the flags whose meaning it changed (``HELP``).
 - ``user_facing_exits()``: ``UserInputError`` -> ``error: ...`` and exit 2; Ctrl-C -> ``interrupted (Ctrl-C)`` and
   exit 130; SIGTERM -> ``terminated (SIGTERM)`` and exit 143 (so ``finally`` blocks, the out_dir lock's included, run).
-  Only rank 0 prints; the other ranks exit with the same code, so with 2 devices a message shows once.
+  Only rank 0 prints; the other ranks exit with the same code, so with 2 devices a message shows once. A handler
+  installed inside (e.g. around training, to checkpoint before leaving) takes the signal first; its own
+  ``sys.exit(130 / 143)`` passes through unchanged.
 - ``agree_on_error(fabric, problem)``: a problem met on one rank is raised on every rank, with that rank's message.
 - ``ignore_sigint``: an initializer for forked worker pools, so Ctrl-C reaches only the main process.
 """
@@ -38,7 +40,7 @@ HELP = {
 
 
 class FlowParser(ArgumentParser):
-    """``CLI(setup, parser_class=FlowParser)``: checks before instantiation, and this flow's help texts."""
+    """jsonargparse's parser, with the data paths checked before the data module is built from them."""
 
     def instantiate_classes(self, cfg, *args, **kwargs):
         input_checks.check_parsed(cfg)
@@ -47,11 +49,12 @@ class FlowParser(ArgumentParser):
         except (ValueError, TypeError, FileNotFoundError) as problem:  # raised by a class built from user input
             raise UserInputError(input_checks.instantiation_error_message(problem)) from None
 
-    def format_help(self) -> str:
-        for action in self._actions:
-            if action.dest in HELP:
-                action.help = HELP[action.dest]
-        return super().format_help()
+
+def use_flow_help(parser: ArgumentParser) -> None:
+    """The help of the flags whose meaning this flow changed (``HELP``); every other text stays upstream's."""
+    for action in parser._actions:
+        if action.dest in HELP:
+            action.help = HELP[action.dest]
 
 
 def _say(line: str) -> None:
@@ -59,13 +62,17 @@ def _say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+class _Terminated(SystemExit):
+    """SIGTERM outside any handler of the flow's own: leave through the ``finally`` blocks, exit 143."""
+
+
 def _terminate(signum, frame) -> None:
-    raise SystemExit(143)
+    raise _Terminated(143)
 
 
 @contextlib.contextmanager
 def user_facing_exits():
-    """Wrap ``CLI(...)`` in ``cli()`` with this."""
+    """Wrap the body of ``cli()`` (parse, instantiate, setup) with this."""
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         yield
@@ -75,9 +82,8 @@ def user_facing_exits():
     except KeyboardInterrupt:
         _say("interrupted (Ctrl-C)")
         sys.exit(130)
-    except SystemExit as leaving:
-        if leaving.code == 143:
-            _say("terminated (SIGTERM)")
+    except _Terminated:
+        _say("terminated (SIGTERM)")
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)

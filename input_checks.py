@@ -121,7 +121,8 @@ def instantiation_error_message(problem: Exception) -> str:
     if "Errors:" not in text:
         return text
     reasons = [
-        line.strip()[2:] for line in text.partition("Errors:")[2].splitlines()
+        line.strip()[2:]
+        for line in text.partition("Errors:")[2].splitlines()
         if line.strip().startswith("- ") and "NoneType" not in line
     ]
     return "\n".join(reasons) or text
@@ -132,7 +133,16 @@ def instantiation_error_message(problem: Exception) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def check_settings(train, eval, seq, devices: int, num_nodes: int, quantize: str | None, precision: str | None, out_dir: Path | None = None) -> None:
+def check_settings(
+    train,
+    eval,
+    seq,
+    devices: int,
+    num_nodes: int,
+    quantize: str | None,
+    precision: str | None,
+    out_dir: Path | None = None,
+) -> None:
     """All settings that can never work, upstream's included, in one ``UserInputError`` (one line per problem, each
     naming the flag and the fix). ``out_dir`` (when given) is created, as the run would create it, and tested for writing."""
     problems = [*_train_problems(train, devices, num_nodes), *_eval_problems(eval), *_seq_problems(seq, train)]
@@ -153,15 +163,29 @@ def _at_least(flag: str, value, minimum: int, meaning: str, optional: bool = Fal
 
 
 def _train_problems(train, devices: int, num_nodes: int) -> list[str]:
-    problems = _at_least("--train.micro_batch_size", train.micro_batch_size, 1, "the samples per device in one forward pass")
-    problems += _at_least("--train.global_batch_size", train.global_batch_size, 1, "the samples of one optimizer step over all devices")
+    problems = _at_least(
+        "--train.micro_batch_size", train.micro_batch_size, 1, "the samples per device in one forward pass"
+    )
+    problems += _at_least(
+        "--train.global_batch_size", train.global_batch_size, 1, "the samples of one optimizer step over all devices"
+    )
     problems += _at_least("--train.log_interval", train.log_interval, 1, "micro-batches between progress lines")
-    problems += _at_least("--train.save_interval", train.save_interval, 1, "optimizer steps between checkpoints", optional=True)
+    problems += _at_least(
+        "--train.save_interval", train.save_interval, 1, "optimizer steps between checkpoints", optional=True
+    )
     problems += _at_least("--train.epochs", train.epochs, 1, "passes over the train split", optional=True)
     problems += _at_least("--train.max_steps", train.max_steps, 1, "a limit on optimizer steps", optional=True)
-    problems += _at_least("--train.lr_warmup_steps", train.lr_warmup_steps, 0, "optimizer steps of linear warmup, 0 for none", optional=True)
+    problems += _at_least(
+        "--train.lr_warmup_steps",
+        train.lr_warmup_steps,
+        0,
+        "optimizer steps of linear warmup, 0 for none",
+        optional=True,
+    )
     if train.max_time is not None and not train.max_time > 0:
-        problems.append(f"--train.max_time must be a number of seconds > 0 (or leave it unset), got {train.max_time!r}.")
+        problems.append(
+            f"--train.max_time must be a number of seconds > 0 (or leave it unset), got {train.max_time!r}."
+        )
     if not problems and devices * num_nodes >= 1:
         problems += _batch_size_problems(train.global_batch_size, train.micro_batch_size, devices * num_nodes)
     return problems
@@ -174,7 +198,11 @@ def _batch_size_problems(global_batch_size: int, micro_batch_size: int, ranks: i
     if global_batch_size % unit == 0:
         return []
     lower, upper = (global_batch_size // unit) * unit, (global_batch_size // unit + 1) * unit
-    on = f"{ranks} devices × --train.micro_batch_size {micro_batch_size}" if ranks > 1 else f"--train.micro_batch_size {micro_batch_size}"
+    on = (
+        f"{ranks} devices × --train.micro_batch_size {micro_batch_size}"
+        if ranks > 1
+        else f"--train.micro_batch_size {micro_batch_size}"
+    )
     if lower == 0:
         return [
             f"--train.global_batch_size {global_batch_size} is smaller than one micro-batch on every device ({on} = {unit}):"
@@ -189,7 +217,9 @@ def _batch_size_problems(global_batch_size: int, micro_batch_size: int, ranks: i
 def _eval_problems(eval) -> list[str]:
     problems = _at_least("--eval.interval", eval.interval, 1, "optimizer steps between validations")
     problems += _at_least("--eval.max_iters", eval.max_iters, 1, "val micro-batches per periodic validation")
-    problems += _at_least("--eval.max_new_tokens", eval.max_new_tokens, 0, "tokens generated for the example", optional=True)
+    problems += _at_least(
+        "--eval.max_new_tokens", eval.max_new_tokens, 0, "tokens generated for the example", optional=True
+    )
     example = eval.evaluate_example
     if isinstance(example, str) and example not in ("first", "random"):
         problems.append(f"--eval.evaluate_example must be 'first', 'random' or a sample index, got {example!r}.")
@@ -217,11 +247,17 @@ def _hardware_problems(devices: int, num_nodes: int, quantize: str | None, preci
         problems.append(f"--precision {precision!r} is not one Lightning knows: use one of {', '.join(known)}.")
     if quantize is not None and quantize.startswith("bnb."):
         if importlib.util.find_spec("bitsandbytes") is None:
-            problems.append(f"--quantize {quantize} needs the bitsandbytes package, which is not installed: pip install bitsandbytes (a CUDA GPU is needed), or drop --quantize.")
+            problems.append(
+                f"--quantize {quantize} needs the bitsandbytes package, which is not installed: pip install bitsandbytes (a CUDA GPU is needed), or drop --quantize."
+            )
         if precision is not None and precision not in QUANTIZE_PRECISIONS:
-            problems.append(f"--quantize {quantize} needs a '-true' --precision ({', '.join(QUANTIZE_PRECISIONS)}), got {precision!r}.")
+            problems.append(
+                f"--quantize {quantize} needs a '-true' --precision ({', '.join(QUANTIZE_PRECISIONS)}), got {precision!r}."
+            )
         if isinstance(devices, int) and isinstance(num_nodes, int) and devices * num_nodes > 1:
-            problems.append(f"--quantize {quantize} works on a single device only: set --devices 1 --num_nodes 1, or drop --quantize.")
+            problems.append(
+                f"--quantize {quantize} works on a single device only: set --devices 1 --num_nodes 1, or drop --quantize."
+            )
     return problems
 
 
@@ -269,7 +305,9 @@ def check_out_dir(out_dir: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
             pass
     except FileExistsError:
-        raise UserInputError(f"--out_dir {str(out_dir)!r} is a file, not a directory: choose another --out_dir.") from None
+        raise UserInputError(
+            f"--out_dir {str(out_dir)!r} is a file, not a directory: choose another --out_dir."
+        ) from None
     except NotADirectoryError:
         blocking = next((p for p in [out_dir, *out_dir.parents] if p.exists() and not p.is_dir()), None)
         raise UserInputError(
@@ -277,9 +315,13 @@ def check_out_dir(out_dir: Path) -> None:
             " Choose another --out_dir."
         ) from None
     except PermissionError:
-        raise UserInputError(f"--out_dir {str(out_dir)!r} cannot be created or written (permission denied): choose another --out_dir.") from None
+        raise UserInputError(
+            f"--out_dir {str(out_dir)!r} cannot be created or written (permission denied): choose another --out_dir."
+        ) from None
     except OSError as problem:
-        raise UserInputError(f"--out_dir {str(out_dir)!r} cannot be created or written ({problem.strerror}): choose another --out_dir.") from None
+        raise UserInputError(
+            f"--out_dir {str(out_dir)!r} cannot be created or written ({problem.strerror}): choose another --out_dir."
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -288,7 +330,12 @@ def check_out_dir(out_dir: Path) -> None:
 
 
 def planned_steps(
-    train_samples: int, micro_batch_size: int, ranks: int, accumulation: int, epochs: int | None, max_steps: int | None,
+    train_samples: int,
+    micro_batch_size: int,
+    ranks: int,
+    accumulation: int,
+    epochs: int | None,
+    max_steps: int | None,
     group_by_length: bool = False,
 ) -> tuple[int, int]:
     """(optimizer steps per epoch, the run's optimizer steps) as the flow computes them from ``len(train_loader)``:
@@ -306,14 +353,21 @@ def planned_steps(
 
 
 def check_schedule(
-    warmup_steps: int | None, lr_max_steps: int, *, steps_per_epoch: int | None = None, epochs: int | None = None,
-    max_steps: int | None = None, accumulation: int | None = None,
-) -> None:
-    """The run must take at least one optimizer step, and warm up for fewer steps than it takes.
+    warmup_steps: int | None,
+    lr_max_steps: int,
+    *,
+    steps_per_epoch: int | None = None,
+    epochs: int | None = None,
+    max_steps: int | None = None,
+    accumulation: int | None = None,
+) -> list[dict]:
+    """The run must take at least one optimizer step, and must not warm up for exactly as many steps as it takes.
 
     litgpt's ``get_lr_scheduler`` divides by zero when ``warmup_steps`` equals the run's steps (its cosine phase has
-    ``T_max = max_steps - warmup_steps = 0``); above, the run ends still warming up: it never reaches --optimizer's
-    learning rate and never decays. Both are refused. 0 (or None) means no warmup: see ``lr_schedule``."""
+    ``T_max = max_steps - warmup_steps = 0``): refused. Above, the run ends still warming up (it never reaches
+    --optimizer's learning rate and never decays): litgpt runs it (its own LoRA test does, with the default 100 steps
+    of warmup over 6 steps), so it stays allowed, with a warning, returned as ``outcome_warnings`` returns them.
+    0 (or None) means no warmup: see ``lr_schedule``."""
     how = _steps_explained(lr_max_steps, steps_per_epoch, epochs, max_steps)
     if lr_max_steps < 1:
         per_step = f" (one step takes {accumulation} micro-batches per device)" if accumulation else ""
@@ -321,14 +375,27 @@ def check_schedule(
             f"the run would take no optimizer step{how}: the train split is smaller than one global batch{per_step}."
             " Lower --train.global_batch_size, or add train samples."
         )
-    if warmup_steps and warmup_steps >= lr_max_steps:
-        suggestion = max(1, lr_max_steps // 10)
+    if not warmup_steps or warmup_steps < lr_max_steps:
+        return []
+    fix = (
+        f"Set --train.lr_warmup_steps below {lr_max_steps} (e.g. {max(1, lr_max_steps // 10)}), or 0 for no warmup;"
+        " or train longer (--train.epochs, --train.max_steps)."
+    )
+    if warmup_steps == lr_max_steps:
         raise UserInputError(
-            f"--train.lr_warmup_steps {warmup_steps} is not below the run's {lr_max_steps} optimizer steps{how}: the"
-            " learning rate would never finish warming up (at equal values litgpt's scheduler divides by zero)."
-            f" Set --train.lr_warmup_steps below {lr_max_steps} (e.g. {suggestion}), or 0 for no warmup; or train longer"
-            " (--train.epochs, --train.max_steps)."
+            f"--train.lr_warmup_steps {warmup_steps} equals the run's {lr_max_steps} optimizer steps{how}: litgpt's"
+            f" scheduler divides by zero at the last step (its cosine phase would last 0 steps). {fix}"
         )
+    return [
+        {
+            "kind": "warmup_beyond_run",
+            "lr_warmup_steps": warmup_steps,
+            "optimizer_steps": lr_max_steps,
+            "message": f"--train.lr_warmup_steps {warmup_steps} is above the run's {lr_max_steps} optimizer steps{how}:"
+            f" the learning rate never finishes warming up (its last step uses {(lr_max_steps - 1) / warmup_steps:.0%}"
+            f" of --optimizer's lr) and never decays. {fix}",
+        }
+    ]
 
 
 def _steps_explained(total: int, steps_per_epoch: int | None, epochs: int | None, max_steps: int | None) -> str:
@@ -410,7 +477,9 @@ def file_positions(data, count: int | None = None) -> dict[str, list[int]]:
     fraction = data.val_split_fraction
     with warnings.catch_warnings():  # "Length of split at index 1 is 0": check_data_files says it better
         warnings.simplefilter("ignore", UserWarning)
-        train, val = random_split(range(count), [1.0 - fraction, fraction], generator=torch.Generator().manual_seed(data.seed))
+        train, val = random_split(
+            range(count), [1.0 - fraction, fraction], generator=torch.Generator().manual_seed(data.seed)
+        )
     return {"train": list(train.indices), "val": list(val.indices)}
 
 
@@ -430,13 +499,17 @@ def load_samples(path: Path) -> list:
     if not text.strip():
         raise UserInputError(f"{path} is empty: it needs a list of samples (.json) or one sample per line (.jsonl).")
     if text.startswith("\ufeff"):
-        raise UserInputError(f"{path} starts with a UTF-8 byte order mark, which litgpt's JSON reader refuses. Save it as UTF-8 without BOM.")
+        raise UserInputError(
+            f"{path} starts with a UTF-8 byte order mark, which litgpt's JSON reader refuses. Save it as UTF-8 without BOM."
+        )
     if path.suffix == ".jsonl":
         return _load_jsonl(path, text)
     try:
         samples = json.loads(text)
     except json.JSONDecodeError as problem:
-        raise UserInputError(f"{path} is not valid JSON: {problem.msg} at line {problem.lineno}, column {problem.colno}.{_jsonl_hint(path, text)}") from None
+        raise UserInputError(
+            f"{path} is not valid JSON: {problem.msg} at line {problem.lineno}, column {problem.colno}.{_jsonl_hint(path, text)}"
+        ) from None
     if not isinstance(samples, list):
         raise UserInputError(f"{path}: the top level must be a list of objects (samples), got {_describe(samples)}.")
     return samples
@@ -455,11 +528,15 @@ def _load_jsonl(path: Path, text: str) -> list:
         if not line.strip():
             if number == text.count("\n") + 1:  # after the final newline
                 continue
-            raise UserInputError(f"{path}: line {number} is blank; litgpt reads every line of a .jsonl file as one sample. Remove it.")
+            raise UserInputError(
+                f"{path}: line {number} is blank; litgpt reads every line of a .jsonl file as one sample. Remove it."
+            )
         try:
             samples.append(json.loads(line))
         except json.JSONDecodeError as problem:
-            raise UserInputError(f"{path}: line {number} is not valid JSON: {problem.msg} at column {problem.colno}.") from None
+            raise UserInputError(
+                f"{path}: line {number} is not valid JSON: {problem.msg} at column {problem.colno}."
+            ) from None
     return samples
 
 
@@ -467,19 +544,25 @@ def _describe(value) -> str:
     if isinstance(value, Mapping):
         keys = ", ".join(repr(k) for k in list(value)[:5]) + (", ..." if len(value) > 5 else "")
         return f"an object with keys {keys}" if value else "an empty object"
-    return {str: "a string", bool: "a boolean", type(None): "null", int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+    return {str: "a string", bool: "a boolean", type(None): "null", int: "a number", float: "a number"}.get(
+        type(value), type(value).__name__
+    )
 
 
 def check_samples(samples: Sequence, path: Path) -> None:
     """Every sample is an object whose 'instruction' and 'output' are strings (and 'input', 'sys_prompt' strings or
     null), with no 'prompt' key (litgpt passes the sample's keys to the prompt style beside ``prompt=``)."""
     for position, sample in enumerate(samples):
-        if (problem := _sample_problem(sample)) is not None:
-            where = f"line {position + 1}" if path.suffix == ".jsonl" else f"the sample at position {position} (0-based{_line_of(path, position)})"
+        if (problem := sample_problem(sample)) is not None:
+            where = (
+                f"line {position + 1}"
+                if path.suffix == ".jsonl"
+                else f"the sample at position {position} (0-based{_line_of(path, position)})"
+            )
             raise UserInputError(f"{path}: {where} {problem} Fix the data file.")
 
 
-def _sample_problem(sample) -> str | None:
+def sample_problem(sample) -> str | None:
     if not isinstance(sample, Mapping):
         return f"is {_describe(sample)}, not an object with 'instruction' and 'output'."
     for field in REQUIRED_TEXT_FIELDS:
@@ -528,7 +611,9 @@ def check_data_files(data) -> DataFiles | None:
         if positions[name]:
             continue
         if total < 2:
-            raise UserInputError(f"{files['train']} holds {total} sample(s): a train and a val split need at least 2. Add samples.")
+            raise UserInputError(
+                f"{files['train']} holds {total} sample(s): a train and a val split need at least 2. Add samples."
+            )
         raise UserInputError(
             f"--data.val_split_fraction {data.val_split_fraction} of the {total} samples in {files['train']} leaves the"
             f" {name} split empty. Use a fraction that gives both splits a sample (at least {1 / total:.3g} and at most"
@@ -573,9 +658,14 @@ def supervised_tokens(length: int, prompt_length: int, max_seq_length: int, mask
 
 
 def outcome_warnings(
-    lengths: Mapping[str, Sequence[int]], decision: data_utils.Decision, over_length: str, template_length: int,
-    mask_prompt: bool = False, prompt_lengths_by_split: Mapping[str, Mapping[int, int]] | None = None,
-    where=None, max_cut_share: float = MAX_CUT_SHARE,
+    lengths: Mapping[str, Sequence[int]],
+    decision: data_utils.Decision,
+    over_length: str,
+    template_length: int,
+    mask_prompt: bool = False,
+    prompt_lengths_by_split: Mapping[str, Mapping[int, int]] | None = None,
+    where=None,
+    max_cut_share: float = MAX_CUT_SHARE,
 ) -> list[dict]:
     """Warnings for a run that would train on little or nothing, as dicts for ``seq_lengths.json`` (``kind``,
     ``message`` and the figures); ``warning_lines`` prints them.
@@ -595,11 +685,15 @@ def outcome_warnings(
             if split_lengths and len(over) / len(split_lengths) > max_cut_share:
                 found.append(_cut_share_warning(split, len(over), len(split_lengths), over_length, decision))
     if limit <= template_length:
-        found.append({
-            "kind": "shorter_than_template", "max_seq_length": limit, "template_length": template_length,
-            "message": f"max_seq_length {limit} leaves no room for a response: the prompt template alone takes"
-            f" {template_length} tokens (--data.prompt_style), so every sample is cut inside its prompt. Raise --train.max_seq_length.",
-        })
+        found.append(
+            {
+                "kind": "shorter_than_template",
+                "max_seq_length": limit,
+                "template_length": template_length,
+                "message": f"max_seq_length {limit} leaves no room for a response: the prompt template alone takes"
+                f" {template_length} tokens (--data.prompt_style), so every sample is cut inside its prompt. Raise --train.max_seq_length.",
+            }
+        )
     if over_length == "truncate":
         for split, split_lengths in lengths.items():
             prompts = (prompt_lengths_by_split or {}).get(split, {})
@@ -624,7 +718,12 @@ def _cut_share_warning(split: str, count: int, total: int, over_length: str, dec
             " longer context can keep them."
         )
     return {
-        "kind": "cut_share", "split": split, "count": count, "of": total, "share": round(count / total, 4), "over_length": over_length,
+        "kind": "cut_share",
+        "split": split,
+        "count": count,
+        "of": total,
+        "share": round(count / total, 4),
+        "over_length": over_length,
         "message": f"--seq.over_length {over_length} {verb} {count} of {total} {split} samples ({count / total:.0%}), longer than"
         f" max_seq_length {decision.max_seq_length}. {fix}",
     }
@@ -633,11 +732,17 @@ def _cut_share_warning(split: str, count: int, total: int, over_length: str, dec
 def _no_supervised_warning(split: str, indices: list[int], total: int, limit: int, mask_prompt: bool, where) -> dict:
     named = ", ".join(f"{split}[{i}]" + (f" ({where(split, i)})" if where else "") for i in indices[:3])
     more = f" and {len(indices) - 3} more" if len(indices) > 3 else ""
-    why = "their prompt fills all of max_seq_length {0} (--data.mask_prompt true leaves the prompt without a loss)" if mask_prompt else (
-        "max_seq_length {0} keeps too few tokens to predict one"
+    why = (
+        "their prompt fills all of max_seq_length {0} (--data.mask_prompt true leaves the prompt without a loss)"
+        if mask_prompt
+        else ("max_seq_length {0} keeps too few tokens to predict one")
     )
     return {
-        "kind": "no_supervised_token", "split": split, "count": len(indices), "of": total, "indices": indices,
+        "kind": "no_supervised_token",
+        "split": split,
+        "count": len(indices),
+        "of": total,
+        "indices": indices,
         "message": f"{len(indices)} of {total} {split} samples have no token to learn from: {why.format(limit)}: {named}{more}."
         " Raise --train.max_seq_length, or use --seq.over_length drop.",
     }
@@ -647,11 +752,18 @@ def warning_lines(warnings: Sequence[dict]) -> list[str]:
     return [f"warning: {w['message']}" for w in warnings]
 
 
-def over_length_fix(decision: data_utils.Decision) -> str:
-    """The advice ending an over-length error, naming only flags that can help: raising the limit cannot help once it
-    is the model's block_size, and --seq.headroom does nothing under --train.max_seq_length."""
-    policies = "--seq.over_length truncate (cut them) or --seq.over_length drop (leave them out)"
-    if decision.max_seq_length >= decision.block_size:
-        return f"max_seq_length is the model's block_size {decision.block_size}, so no limit can keep them whole: use {policies}."
-    # Sized from the data, the limit is below the longest sample only when capped: so here it is an override.
-    return f"Raise --train.max_seq_length (up to block_size {decision.block_size}), or use {policies}."
+def plan_warnings(plan, data, tokenizer, over_length: str, where=None) -> list[dict]:
+    """``outcome_warnings`` for a ``seq_data.LengthPlan``: the template length from the data module's prompt style,
+    and under truncate with mask_prompt the prompt lengths of the over-limit samples (only they can lose every
+    target). Other data modules (no prompt style) skip the template check."""
+    prompt_style = getattr(data, "prompt_style", None)
+    template = min_prompt_length(prompt_style, tokenizer) if prompt_style is not None else 0
+    mask_prompt = bool(getattr(data, "mask_prompt", False))
+    prompts = None
+    if over_length == "truncate" and mask_prompt:
+        limit = plan.decision.max_seq_length
+        prompts = {
+            name: prompt_lengths(plan.datasets[name], data_utils.over_limit(split_lengths, limit)) or {}
+            for name, split_lengths in plan.lengths.items()
+        }
+    return outcome_warnings(plan.lengths, plan.decision, over_length, template, mask_prompt, prompts, where=where)

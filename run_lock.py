@@ -114,13 +114,21 @@ def _acquire(path: Path, warn) -> int:
         break
     previous = _holder(path)
     if previous:
-        gone = "is no longer running" if previous.get("host") == socket.gethostname() and not _pid_alive(previous.get("pid")) else (
-            "no longer holds its lock (if that run still goes on, this file system does not share locks between hosts: stop one)"
+        gone = (
+            "is no longer running"
+            if previous.get("host") == socket.gethostname() and not _pid_alive(previous.get("pid"))
+            else (
+                "no longer holds its lock (if that run still goes on, this file system does not share locks between hosts: stop one)"
+            )
         )
-        warn(f"warning: out_dir {str(path.parent)!r} has a lock left by {_describe(previous)}, which {gone}; taking it over.")
+        warn(
+            f"warning: out_dir {str(path.parent)!r} has a lock left by {_describe(previous)}, which {gone}; taking it over."
+        )
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     os.ftruncate(descriptor, 0)
-    os.pwrite(descriptor, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode(), 0)
+    os.pwrite(
+        descriptor, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode(), 0
+    )
     os.fsync(descriptor)
     return descriptor
 
@@ -134,7 +142,9 @@ def _acquire(path: Path, warn) -> int:
 class ReportFiles:
     report: Path  # seq_lengths.json, or seq_lengths.dry_run.json beside a trained run
     dropped: Path | None  # where --seq.over_length drop writes its samples; None when this run drops nothing
-    removed: list[Path] = field(default_factory=list)  # files of an earlier run, removed because this run will not rewrite them
+    removed: list[Path] = field(
+        default_factory=list
+    )  # files of an earlier run, removed because this run will not rewrite them
     note: str | None = None  # a line for the user when the dry run writes beside a trained run
 
 
@@ -172,7 +182,9 @@ def report_files(out_dir: Path, dry_run: bool, drop: bool) -> ReportFiles:
             (out_dir / name).unlink()
             removed.append(out_dir / name)
     note = (
-        f"dry run: {str(out_dir)!r} holds a trained run, whose {REPORT} stays; this report is {report.name}." if beside_trained else None
+        f"dry run: {str(out_dir)!r} holds a trained run, whose {REPORT} stays; this report is {report.name}."
+        if beside_trained
+        else None
     )
     return ReportFiles(report=report, dropped=out_dir / dropped_name if drop else None, removed=removed, note=note)
 

@@ -6,7 +6,7 @@ DataLoader and to the ranks of a Fabric run. Nothing here builds a model or read
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -17,7 +17,10 @@ from litgpt.data import DataModule
 from litgpt.tokenizer import Tokenizer
 from torch.utils.data import DataLoader, RandomSampler, Sampler, Subset
 
+import cli_support
 import data_utils
+import input_checks
+import run_lock
 from data_utils import Decision, UserInputError
 from seq_args import SeqArgs
 
@@ -30,6 +33,12 @@ class LengthPlan:
     lengths: dict[str, list[int]]  # every sample's length, per split, in dataset order
     kept: dict[str, list[int]]  # the indices each split keeps under --seq.over_length, in order
     datasets: dict[str, object]  # the untruncated datasets that were scanned
+    warnings: list[dict] = field(default_factory=list)  # outcomes that train on little or nothing (input_checks)
+    located: input_checks.DataFiles | None = None  # where each sample sits in the user's files (JSON module only)
+
+    def where(self, split: str, index: int) -> str | None:
+        """A sample's place in the user's file ("position 10 of /data/all.json"), or None when unknown."""
+        return self.located.where(split, index) if self.located else None
 
     def kept_lengths(self, split: str) -> list[int]:
         """The lengths of the kept samples, in the order the loaders see them."""
@@ -47,15 +56,27 @@ class LengthPlan:
 
 
 def plan_lengths(
-    fabric: L.Fabric, data: DataModule, tokenizer: Tokenizer, train: TrainArgs, seq: SeqArgs, block_size: int
+    fabric: L.Fabric,
+    data: DataModule,
+    tokenizer: Tokenizer,
+    train: TrainArgs,
+    seq: SeqArgs,
+    block_size: int,
+    located: input_checks.DataFiles | None = None,
 ) -> LengthPlan:
-    """Scan every split untruncated, decide max_seq_length and apply the over-length policy."""
+    """Scan every split untruncated, decide max_seq_length, apply the over-length policy and find what would train
+    on little or nothing. ``located`` (from ``input_checks.check_data_files``) names samples by their place in the
+    user's files, in errors, warnings and dropped_samples.jsonl."""
     splits = load_splits(fabric, data, tokenizer, train.micro_batch_size, max_seq_length=None)
     workers = seq.scan_workers if seq.scan_workers is not None else max(1, getattr(data, "num_workers", 1))
     lengths = {name: scan_split(fabric, loader.dataset, name, workers) for name, loader in splits.items()}
     decision = data_utils.decide_max_seq_length(lengths, block_size, seq.headroom, train.max_seq_length)
-    kept = data_utils.apply_over_length(lengths, decision, seq.over_length)
-    return LengthPlan(decision, lengths, kept, {name: loader.dataset for name, loader in splits.items()})
+    where = located.where if located else None
+    kept = data_utils.apply_over_length(lengths, decision, seq.over_length, where=where)
+    datasets = {name: loader.dataset for name, loader in splits.items()}
+    plan = LengthPlan(decision, lengths, kept, datasets, located=located)
+    plan.warnings = input_checks.plan_warnings(plan, data, tokenizer, seq.over_length, where=where)
+    return plan
 
 
 def load_splits(
@@ -70,7 +91,7 @@ def load_splits(
     def empty(name: str) -> UserInputError:
         hint = " (set --data.val_split_fraction, or add samples to the val file)" if name == "val" else ""
         return UserInputError(
-            f"The {name} split of {data!r} is empty{hint}: nothing to {'train on' if name == 'train' else 'validate with'}."
+            f"The {name} split of {describe(data)} is empty{hint}: nothing to {'train on' if name == 'train' else 'validate with'}."
         )
 
     try:
@@ -88,32 +109,28 @@ def load_splits(
     return splits
 
 
+def describe(data: DataModule) -> str:
+    """The data module as a user named it: its class and its file (the repr prints prompt-style objects)."""
+    path = getattr(data, "json_path", None) or getattr(data, "download_dir", None)
+    return f"{type(data).__name__}({path})" if path is not None else type(data).__name__
+
+
 def scan_split(fabric: L.Fabric, dataset, split: str, workers: int) -> list[int]:
     """Every sample's length. Each rank scans its own contiguous share; the shares are gathered in order."""
     share = math.ceil(len(dataset) / fabric.world_size)
     start = min(len(dataset), fabric.global_rank * share)
     stop = min(len(dataset), start + share)
+    problem = None
     try:
-        mine, problem = (
-            data_utils.scan_lengths(dataset, split, start, stop, workers, progress=fabric.global_rank == 0),
-            None,
-        )
+        mine = data_utils.scan_lengths(dataset, split, start, stop, workers, progress=fabric.global_rank == 0)
     except UserInputError as error:
         mine, problem = [], error
+    cli_support.agree_on_error(fabric, problem)  # every rank raises the failing rank's message; rank 0 prints it
     if fabric.world_size == 1:
-        if problem:
-            raise problem
         return mine
-    # -1 pads a short share; a -2 in the first slot says that rank met bad input (and raises it itself).
-    padded = torch.full((share,), -1, dtype=torch.long, device=fabric.device)
+    padded = torch.full((share,), -1, dtype=torch.long, device=fabric.device)  # -1 pads a short share
     padded[: len(mine)] = torch.tensor(mine, dtype=torch.long)
-    if problem:
-        padded[0] = -2
     gathered = fabric.all_gather(padded).cpu()
-    if problem:
-        raise problem
-    if (gathered[:, 0] == -2).any():
-        raise UserInputError(f"Another rank met bad input in the {split} split; its message is above.")
     return [n for n in gathered.flatten().tolist() if n >= 0]
 
 
@@ -164,7 +181,7 @@ def check_same_split(name: str, scanned, connected, data: DataModule) -> None:
 
     if len(scanned) != len(connected) or samples(scanned) != samples(connected):
         raise UserInputError(
-            f"The {name} split of {data!r} changed between two setups of the data module (different samples or order),"
+            f"The {name} split of {describe(data)} changed between two setups of the data module (different samples or order),"
             " so the length plan cannot be applied to it. Make its split deterministic (e.g. a fixed --data.seed)."
         )
 
@@ -220,7 +237,9 @@ class GroupedBatchSampler(Sampler[list[int]]):
 def publish_plan(
     fabric: L.Fabric, out_dir: Path, plan: LengthPlan, seq: SeqArgs, micro_batch_size: int, seed: int
 ) -> dict:
-    """Print the decision, write seq_lengths.json (and dropped_samples.jsonl under drop), log the key figures."""
+    """Print the decision and the warnings, write seq_lengths.json (and dropped_samples.jsonl under drop), log the key
+    figures. Files an earlier run left that this run does not rewrite are removed first; a dry run into an out_dir
+    with a trained run writes its own files beside it (``run_lock.report_files``)."""
     decision = plan.decision
     if decision.capped and decision.source == "override":
         fabric.print(
@@ -236,12 +255,20 @@ def publish_plan(
         fabric.world_size,
     )
     report["batches_estimate"].update(micro_batch_size=micro_batch_size, group_by_length=seq.group_by_length)
+    report["warnings"] = plan.warnings
+    report["dry_run"] = seq.dry_run
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if seq.over_length == "drop":
-            data_utils.write_dropped(out_dir / "dropped_samples.jsonl", plan.dropped())
+        files = run_lock.report_files(out_dir, dry_run=seq.dry_run, drop=seq.over_length == "drop")
+        if files.dropped is not None:
+            source = plan.located.source if plan.located else None
+            data_utils.write_dropped(files.dropped, plan.dropped(), source=source)
         print_report(fabric, report, plan)
-    write_report(fabric, out_dir, report)
+        for line in input_checks.warning_lines(plan.warnings):
+            fabric.print(line)
+        if files.note:
+            fabric.print(files.note)
+        write_report(fabric, out_dir, report, name=files.report.name)
     fabric.log_dict(key_figures(report), step=0)
     return report
 
@@ -291,9 +318,9 @@ def print_report(fabric: L.Fabric, report: dict, plan: LengthPlan) -> None:
     )
 
 
-def write_report(fabric: L.Fabric, out_dir: Path, report: dict) -> None:
+def write_report(fabric: L.Fabric, out_dir: Path, report: dict, name: str = run_lock.REPORT) -> None:
     if fabric.global_rank == 0:
-        (out_dir / "seq_lengths.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out_dir / name).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def key_figures(report: dict) -> dict:

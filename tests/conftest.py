@@ -41,14 +41,9 @@ def make_data(tmp_path, tiny_checkpoint):
     return make
 
 
-def run_cli(
-    checkpoint: Path, data_dir: Path, out_dir: Path, *flags: str, steps: int = 2
-) -> subprocess.CompletedProcess:
-    """Runs finetune_lora.py in a subprocess for a few CPU steps; returns the finished process (never raises on exit code)."""
-    command = [
-        sys.executable,
-        str(ROOT / "finetune_lora.py"),
-        str(checkpoint),
+def cli_args(data_dir: Path, out_dir: Path, *flags: str, steps: int = 2) -> list[str]:
+    """The flags of a short CPU run (after the checkpoint argument), as run_cli and the in-process tests pass them."""
+    return [
         "--data",
         "JSON",
         "--data.json_path",
@@ -74,6 +69,18 @@ def run_cli(
         "--eval.max_iters",
         "2",
         *flags,
+    ]
+
+
+def run_cli(
+    checkpoint: Path, data_dir: Path, out_dir: Path, *flags: str, steps: int = 2
+) -> subprocess.CompletedProcess:
+    """Runs finetune_lora.py in a subprocess for a few CPU steps; returns the finished process (never raises on exit code)."""
+    command = [
+        sys.executable,
+        str(ROOT / "finetune_lora.py"),
+        str(checkpoint),
+        *cli_args(data_dir, out_dir, *flags, steps=steps),
     ]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=out_dir.parent, timeout=600)

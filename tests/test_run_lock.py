@@ -24,7 +24,9 @@ def test_second_run_into_a_locked_out_dir_stops_naming_the_holder(tmp_path):
             with run_lock.hold_out_dir(out):
                 pass
     message = str(raised.value)
-    assert str(out) in message and f"pid {os.getpid()}" in message and "started 20" in message and "--out_dir" in message
+    assert (
+        str(out) in message and f"pid {os.getpid()}" in message and "started 20" in message and "--out_dir" in message
+    )
 
 
 def test_released_on_an_exception(tmp_path):
@@ -47,18 +49,25 @@ def test_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     pid = dead_pid()
-    (out / ".lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "2025-01-01T00:00:00+00:00"}))
+    (out / ".lock").write_text(
+        json.dumps({"pid": pid, "host": socket.gethostname(), "started": "2025-01-01T00:00:00+00:00"})
+    )
     said = []
     with run_lock.hold_out_dir(out, warn=said.append):
         assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
-    assert len(said) == 1 and f"pid {pid}" in said[0] and "no longer running" in said[0] and said[0].startswith("warning:")
+    assert (
+        len(said) == 1 and f"pid {pid}" in said[0] and "no longer running" in said[0] and said[0].startswith("warning:")
+    )
 
 
 def test_ranks_above_zero_hold_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert not run_lock.launched_as_rank_zero()
     out = tmp_path / "out"
-    with run_lock.hold_out_dir(out, enabled=run_lock.launched_as_rank_zero()), run_lock.hold_out_dir(out, enabled=False):
+    with (
+        run_lock.hold_out_dir(out, enabled=run_lock.launched_as_rank_zero()),
+        run_lock.hold_out_dir(out, enabled=False),
+    ):
         assert not (out / ".lock").exists()
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert run_lock.launched_as_rank_zero()
@@ -71,9 +80,14 @@ def test_lock_held_by_another_process_and_released_when_it_is_killed(tmp_path):
     """Another process holds the lock: refused, naming its pid. It is killed (-9, no cleanup): taken over with a warning."""
     out = tmp_path / "out"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import run_lock\n"
-         f"with run_lock.hold_out_dir(__import__('pathlib').Path({str(out)!r})):\n print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import run_lock\n"
+            f"with run_lock.hold_out_dir(__import__('pathlib').Path({str(out)!r})):\n print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -133,7 +147,11 @@ def test_training_run_removes_what_it_will_not_rewrite(tmp_path):
         (out / name).write_text("{}\n")
     files = run_lock.report_files(out, dry_run=False, drop=False)
     assert files.report == out / "seq_lengths.json" and files.dropped is None and files.note is None
-    assert sorted(p.name for p in files.removed) == ["dropped_samples.dry_run.jsonl", "dropped_samples.jsonl", "seq_lengths.dry_run.json"]
+    assert sorted(p.name for p in files.removed) == [
+        "dropped_samples.dry_run.jsonl",
+        "dropped_samples.jsonl",
+        "seq_lengths.dry_run.json",
+    ]
     assert sorted(p.name for p in out.iterdir()) == ["final", "seq_lengths.json"]
 
 
@@ -170,7 +188,10 @@ def raise_(problem):
 
 
 def test_user_error_is_one_line_and_exit_2(capsys):
-    assert exit_of(lambda: raise_(UserInputError("the val split is empty")), capsys) == (2, "error: the val split is empty\n")
+    assert exit_of(lambda: raise_(UserInputError("the val split is empty")), capsys) == (
+        2,
+        "error: the val split is empty\n",
+    )
 
 
 def test_ctrl_c_is_one_line_and_exit_130(capsys):
@@ -219,7 +240,13 @@ def test_ctrl_c_with_a_forked_pool_is_one_line(tmp_path):
                 result.get()
         """
     )
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     assert process.stdout.readline().strip() == "ready"
     time.sleep(0.5)
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does
@@ -231,8 +258,9 @@ def test_ctrl_c_with_a_forked_pool_is_one_line(tmp_path):
 def test_two_ranks_an_error_met_on_rank_1_is_printed_once(tmp_path):
     """Two CPU ranks on gloo: rank 1 alone meets bad input; both stop with exit 2 and its message shows once."""
     script = tmp_path / "two_ranks.py"
-    script.write_text(textwrap.dedent(
-        f"""
+    script.write_text(
+        textwrap.dedent(
+            f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r})
         import lightning as L
@@ -246,9 +274,12 @@ def test_two_ranks_an_error_met_on_rank_1_is_printed_once(tmp_path):
             cli_support.agree_on_error(fabric, problem)
             print("not reached", flush=True)
         """
-    ))
+        )
+    )
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    run = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )
     assert run.returncode == 2 and "not reached" not in run.stdout
     assert run.stderr.count("error: train sample 7 is bad (met on rank 1)") == 1, run.stderr[-2000:]
     assert "Traceback" not in run.stderr
