@@ -180,32 +180,20 @@ def main(
     tokenizer = Tokenizer(checkpoint_dir)
     plan = seq_data.plan_lengths(fabric, data, tokenizer, train, seq, config.block_size, located)
     decision = plan.decision
-    accumulation = train.gradient_accumulation_iters(fabric.world_size, 1)
-    steps_per_epoch, lr_max_steps = input_checks.planned_steps(
-        len(plan.kept["train"]), train.micro_batch_size, fabric.world_size, accumulation, train.epochs,
-        train.max_steps, seq.group_by_length,
-    )  # fmt: skip
-    plan.warnings += input_checks.check_schedule(
-        train.lr_warmup_steps, lr_max_steps, steps_per_epoch=steps_per_epoch, epochs=train.epochs,
-        max_steps=train.max_steps, accumulation=accumulation,
-    )  # fmt: skip
-    input_checks.check_evaluate_example(eval.evaluate_example, len(plan.kept["val"]), len(plan.kept["train"]))
+    plan.warnings += input_checks.check_run(train, eval, plan.kept, fabric.world_size, seq.group_by_length)
     report = seq_data.publish_plan(fabric, out_dir, plan, seq, train.micro_batch_size, seed)
     if seq.dry_run:
         fabric.print("dry run: nothing trained (--seq.dry_run true).")
         return
     hyperparameters.train.max_seq_length = decision.max_seq_length  # what the model trains with, for a rerun
-    if fabric.global_rank == 0 and (earlier := run_lock.earlier_checkpoints(out_dir)):
-        fabric.print(
-            f"warning: out_dir {str(out_dir)!r} holds {', '.join(earlier)} from an earlier run; this run replaces"
-            " final/ at its end and the step-* directories it reaches."
-        )
+    if fabric.global_rank == 0 and (earlier := run_lock.earlier_run_warning(out_dir)):
+        fabric.print(earlier)
 
     # 2. The loaders the plan allows; then the model, built with the decided length, and its weights.
     train_loader, val_loader = seq_data.make_loaders(
         fabric, data, tokenizer, plan, train.micro_batch_size, seq.group_by_length, seed
     )
-    steps_per_epoch = len(train_loader) // accumulation
+    steps_per_epoch = len(train_loader) // train.gradient_accumulation_iters(fabric.world_size, 1)
     lr_max_steps = min(train.epochs * steps_per_epoch, (train.max_steps or float("inf")))
     input_checks.check_schedule(train.lr_warmup_steps, lr_max_steps)  # as planned; the loaders have the last word
     fabric.seed_everything(seed)  # the same on every rank, for model init

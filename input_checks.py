@@ -398,6 +398,26 @@ def check_schedule(
     ]
 
 
+def check_run(train, eval, kept: Mapping[str, Sequence[int]], ranks: int, group_by_length: bool) -> list[dict]:
+    """After the length plan (``kept``: the indices each split keeps), before any loader or model: the run takes an
+    optimizer step, its warmup does not crash litgpt's scheduler (warnings for one that never peaks), and an integer
+    --eval.evaluate_example names a sample. A dry run checks all of it too."""
+    accumulation = train.gradient_accumulation_iters(ranks, 1)
+    steps_per_epoch, total = planned_steps(
+        len(kept["train"]), train.micro_batch_size, ranks, accumulation, train.epochs, train.max_steps, group_by_length
+    )
+    found = check_schedule(
+        train.lr_warmup_steps,
+        total,
+        steps_per_epoch=steps_per_epoch,
+        epochs=train.epochs,
+        max_steps=train.max_steps,
+        accumulation=accumulation,
+    )
+    check_evaluate_example(eval.evaluate_example, len(kept["val"]), len(kept["train"]))
+    return found
+
+
 def _steps_explained(total: int, steps_per_epoch: int | None, epochs: int | None, max_steps: int | None) -> str:
     if max_steps and total == max_steps:
         return f" (--train.max_steps {max_steps})"

@@ -193,3 +193,14 @@ def earlier_checkpoints(out_dir: Path) -> list[str]:
     """The checkpoint directories (final/, step-*/) an earlier run left in ``out_dir``, for a warning before a
     training run replaces them (final/ at the end, step-* as it reaches them)."""
     return sorted(p.name for p in [*out_dir.glob("step-*"), out_dir / "final"] if (p / "lit_model.pth.lora").is_file())
+
+
+def earlier_run_warning(out_dir: Path) -> str | None:
+    """The line a training run prints when ``out_dir`` holds checkpoints of an earlier run, or None."""
+    earlier = earlier_checkpoints(out_dir)
+    if not earlier:
+        return None
+    return (
+        f"warning: out_dir {str(out_dir)!r} holds {', '.join(earlier)} from an earlier run; this run replaces final/"
+        " at its end and the step-* directories it reaches."
+    )
