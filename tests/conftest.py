@@ -86,6 +86,35 @@ def run_cli(
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=out_dir.parent, timeout=600)
 
 
+@pytest.fixture
+def cli_here(monkeypatch, capsys, tiny_checkpoint):
+    """cli_here(data_dir, out_dir, *flags, steps=2, checkpoint=tiny_checkpoint): what run_cli runs, but in this process
+    (``finetune_lora.cli()`` with ``sys.argv`` patched), returned as a CompletedProcess: the exit code from its
+    SystemExit, stdout and stderr from capsys. Any exception other than SystemExit fails the test (no traceback)."""
+    import finetune_lora
+
+    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+
+    def run_here(data_dir: Path, out_dir: Path, *flags: str, steps: int = 2, checkpoint: Path | None = None):
+        argv = [
+            "finetune_lora.py",
+            str(checkpoint or tiny_checkpoint),
+            *cli_args(data_dir, out_dir, *flags, steps=steps),
+        ]
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", argv)
+        try:
+            finetune_lora.cli()
+            code = 0
+        except SystemExit as leaving:
+            code = leaving.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, code, out, err)
+
+    return run_here
+
+
 def read_report(out_dir: Path) -> dict:
     return json.loads((out_dir / "seq_lengths.json").read_text())
 

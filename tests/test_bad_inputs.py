@@ -8,6 +8,7 @@ capsys (an exception other than SystemExit would fail the test, so "no traceback
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,31 +19,20 @@ from pathlib import Path
 import pytest
 
 import finetune_lora
-from conftest import cli_args, read_report, run_cli
+from conftest import read_report, run_cli
 
 MODEL_BUILT = "Number of trainable parameters"  # printed right after GPT(config): must not appear on bad input
 
 
 @pytest.fixture
-def run(monkeypatch, capsys, tiny_checkpoint):
-    """run(data_dir, out_dir, *flags, steps=2) -> (exit code, stdout, stderr) of finetune_lora.cli() in this process."""
-    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
-        monkeypatch.delenv(name, raising=False)
+def run(cli_here):
+    """run(data_dir, out_dir, *flags, ...) -> (exit code, stdout, stderr) of finetune_lora.cli() in this process."""
 
-    def run_cli_here(data_dir: Path, out_dir: Path, *flags: str, steps: int = 2) -> tuple[int, str, str]:
-        capsys.readouterr()
-        monkeypatch.setattr(
-            sys, "argv", ["finetune_lora.py", str(tiny_checkpoint), *cli_args(data_dir, out_dir, *flags, steps=steps)]
-        )
-        try:
-            finetune_lora.cli()
-            code = 0
-        except SystemExit as leaving:
-            code = leaving.code
-        out, err = capsys.readouterr()
-        return code, out, err
+    def run_here(*args, **kwargs) -> tuple[int, str, str]:
+        done = cli_here(*args, **kwargs)
+        return done.returncode, done.stdout, done.stderr
 
-    return run_cli_here
+    return run_here
 
 
 def assert_clear_error(result: tuple[int, str, str], *named: str) -> str:
@@ -272,6 +262,119 @@ def test_help_describes_max_seq_length_as_an_override(monkeypatch, capsys):
     assert leaving.value.code == 0
     assert "Override of the max_seq_length decided from the data" in text and "Limits the length of samples" not in text
     assert "seq_lengths.dry_run.json" in text and "with its file and position" in text  # --seq.* help
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input of every kind, the checkpoint's included (moved here from test_cli.py: in process, same assertions)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_drop_that_empties_a_split_is_an_error(cli_here, make_data, tmp_path):
+    run = cli_here(
+        make_data([100, 300], [250, 260]),
+        tmp_path / "out",
+        "--train.max_seq_length",
+        "200",
+        "--seq.over_length",
+        "drop",
+    )
+    assert run.returncode == 2
+    assert "val split empty" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_error_policy_stops_before_weights_are_read(cli_here, tiny_checkpoint, make_data, tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    (checkpoint / "lit_model.pth").write_bytes(b"not a checkpoint")  # any attempt to load it would fail differently
+    out = tmp_path / "out"
+    run = cli_here(
+        make_data([100, 300, 280], [250, 95]),
+        out,
+        "--train.max_seq_length",
+        "200",
+        "--seq.over_length",
+        "error",
+        checkpoint=checkpoint,
+    )
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    for fragment in (
+        "3 sample(s)",
+        "train[1] = 300",
+        "train[2] = 280",
+        "val[0] = 250",
+        "max_seq_length 200",
+        "--seq.over_length",
+    ):
+        assert fragment in run.stderr, fragment
+    assert not (out / "final").exists()
+
+
+def test_dry_run_needs_no_weights(cli_here, tiny_checkpoint, make_data, tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    (checkpoint / "lit_model.pth").unlink()
+    data = make_data([100, 300], [250, 95])
+    ok = cli_here(data, tmp_path / "ok", "--seq.dry_run", "true", checkpoint=checkpoint)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert read_report(tmp_path / "ok")["max_seq_length"] == 330
+    assert not (tmp_path / "ok" / "final").exists()
+    gate = cli_here(
+        data,
+        tmp_path / "gate",
+        "--seq.dry_run",
+        "true",
+        "--train.max_seq_length",
+        "256",
+        "--seq.over_length",
+        "error",
+        checkpoint=checkpoint,
+    )
+    assert gate.returncode == 2 and "train[1] = 300" in gate.stderr
+    missing = cli_here(data, tmp_path / "missing", checkpoint=checkpoint)
+    assert missing.returncode == 2 and "lit_model.pth" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def without(data: Path, split: str, index: int, field: str) -> None:
+    samples = json.loads((data / f"{split}.json").read_text())
+    del samples[index][field]
+    (data / f"{split}.json").write_text(json.dumps(samples))
+
+
+@pytest.mark.parametrize(
+    "case, flags, expected",
+    [
+        ("negative headroom", ["--seq.headroom", "-0.5"], ["--seq.headroom", "-0.5"]),
+        ("zero override", ["--train.max_seq_length", "0"], ["--train.max_seq_length", "0"]),
+        ("empty train", [], ["train split", "empty"]),
+        ("empty val", [], ["val split", "empty"]),
+        ("no instruction", [], ["val.json: the sample at position 1", "no field 'instruction'"]),
+        ("no output", [], ["train.json: the sample at position 2", "no field 'output'"]),
+        ("no model_config.yaml", [], ["model_config.yaml"]),
+        ("no tokenizer", [], ["tokenizer.json or tokenizer.model"]),
+    ],
+)
+def test_bad_input_is_a_clear_error(cli_here, tiny_checkpoint, make_data, tmp_path, case, flags, expected):
+    data = make_data([100, 120, 130], [110, 90])
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    if case.startswith("empty"):
+        (data / f"{case.split()[1]}.json").write_text("[]")
+    elif case == "no instruction":
+        without(data, "val", 1, "instruction")
+    elif case == "no output":
+        without(data, "train", 2, "output")
+    elif case == "no model_config.yaml":
+        (checkpoint / "model_config.yaml").unlink()
+    elif case == "no tokenizer":
+        (checkpoint / "tokenizer.json").unlink()
+    out = tmp_path / "out"
+    run = cli_here(data, out, *flags, checkpoint=checkpoint)
+    assert run.returncode == 2, (run.stdout[-2000:], run.stderr[-2000:])
+    assert "Traceback" not in run.stderr
+    for fragment in expected:
+        assert fragment in run.stderr, (fragment, run.stderr[-2000:])
+    assert not (out / "final").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
