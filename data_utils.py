@@ -6,6 +6,7 @@ whole decision can be made (and tested) with only the tokenizer and the data.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import multiprocessing
@@ -14,8 +15,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import NamedTuple
 
 OVER_LENGTH_POLICIES = ("truncate", "drop", "error")
+TRUNCATE_FROM = ("prompt", "end")
 
 
 class UserInputError(Exception):
@@ -23,36 +26,43 @@ class UserInputError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Scanning: the length of every sample, exactly as the model will see it
+# Scanning: every sample's prompt and response lengths, exactly as the model will see them
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def sample_length(dataset, index: int, split: str = "?") -> int:
-    """``len(dataset[index]["input_ids"])`` for an untruncated dataset, computed without building the tensors.
+class SampleParts(NamedTuple):
+    """Token counts of one untruncated sample: ``prompt + response`` is ``len(dataset[i]["input_ids"])``."""
+
+    prompt: int  # the encoded prompt (template + user text, with BOS when the tokenizer adds it)
+    response: int  # the encoded response, EOS included
+    head: int  # leading prompt tokens that belong to the template (system text, "### Instruction:" ...)
+    marker: int  # trailing prompt tokens that belong to the template (the response marker, "### Response:" ...)
+
+    @property
+    def length(self) -> int:
+        return self.prompt + self.response
+
+
+USER_FIELDS = ("instruction", "input")  # the user's text; every other field is template (sys_prompt, ...)
+PLACEHOLDERS = ("x", "y")  # two, so a user text that happens to start or end like one of them does not move a bound
+
+
+def sample_parts(dataset, index: int, split: str = "?") -> SampleParts:
+    """The ``SampleParts`` of ``dataset[index]`` for an untruncated dataset, computed without building the item.
 
     For litgpt's ``SFTDataset`` (whose ``__getitem__`` encodes the prompt and the response separately and
-    concatenates them) the length is the sum of the two encodings made with the dataset's own tokenizer and
-    prompt style; this skips the third encoding (of the bare instruction, for token counts), the label copy and
-    the tensor concatenation. Any other dataset is asked for its item.
+    concatenates them) the prompt and the response are encoded with the dataset's own tokenizer and prompt style;
+    this skips the third encoding (of the bare instruction, for token counts), the label copy and the tensor
+    concatenation. ``head`` and ``marker`` come from the same prompt built with placeholder user text (see
+    ``template_bounds``). Any other dataset is asked for its item: its prompt is the leading run of ignored labels,
+    none of it template.
     """
     from litgpt.data import SFTDataset
 
     try:
         if type(dataset).__getitem__ is SFTDataset.__getitem__ and dataset.max_seq_length <= 0:
-            example = dataset.data[index]
-            if not isinstance(example, Mapping):
-                raise UserInputError(
-                    f"{split} sample {index} is a {type(example).__name__}, not an object with the fields"
-                    " 'instruction' and 'output'. Fix the data file."
-                )
-            if dataset.transform is not None:
-                example = dataset.transform(example)
-            if (problem := _sample_problem(example)) is not None:  # e.g. "output": null, which tokenizers refuse
-                raise UserInputError(f"{split} sample {index} {problem} Fix the data file.")
-            prompt = dataset.prompt_style.apply(prompt=example["instruction"], **example)
-            tokenizer = dataset.tokenizer
-            return len(tokenizer.encode(prompt)) + len(tokenizer.encode(example["output"], bos=False, eos=True))
-        return len(dataset[index]["input_ids"])
+            return _sft_parts(dataset, index, split)
+        return _item_parts(dataset[index], getattr(dataset, "ignore_index", -100))
     except KeyError as missing:
         raise UserInputError(
             f"{split} sample {index} has no field {missing.args[0]!r}, which the prompt needs. Every sample needs"
@@ -66,19 +76,91 @@ def _sample_problem(example) -> str | None:
     return sample_problem(example)
 
 
+def _sft_parts(dataset, index: int, split: str) -> SampleParts:
+    example = dataset.data[index]
+    if not isinstance(example, Mapping):
+        raise UserInputError(
+            f"{split} sample {index} is a {type(example).__name__}, not an object with the fields"
+            " 'instruction' and 'output'. Fix the data file."
+        )
+    if dataset.transform is not None:
+        example = dataset.transform(example)
+    if (problem := _sample_problem(example)) is not None:  # e.g. "output": null, which tokenizers refuse
+        raise UserInputError(f"{split} sample {index} {problem} Fix the data file.")
+    tokenizer, style = dataset.tokenizer, dataset.prompt_style
+    prompt_ids = tokenizer.encode(style.apply(prompt=example["instruction"], **example)).tolist()
+    response = len(tokenizer.encode(example["output"], bos=False, eos=True))
+    placeholder_ids = [
+        _encoded(tokenizer, style.apply(prompt=e["instruction"], **e)) for e in _placeholder_examples(example)
+    ]
+    head, marker = template_bounds(prompt_ids, placeholder_ids)
+    return SampleParts(len(prompt_ids), response, head, marker)
+
+
+def _item_parts(item: Mapping, ignore_index: int) -> SampleParts:
+    if "labels" not in item:
+        return SampleParts(0, len(item["input_ids"]), 0, 0)
+    labels = item["labels"].tolist()
+    prompt = next((i for i, label in enumerate(labels) if label != ignore_index), len(labels))
+    return SampleParts(prompt, len(labels) - prompt, 0, 0)
+
+
+def _placeholder_examples(example: Mapping) -> list[dict]:
+    """The example with its user text replaced by a placeholder, once per placeholder: the instruction always (every
+    template places it, so an empty one still parts head from marker), the input only when given (an empty input
+    selects Alpaca's shorter template, which must stay the same)."""
+    examples = []
+    for placeholder in PLACEHOLDERS:
+        copy = dict(example)
+        for field in USER_FIELDS:
+            if isinstance(copy.get(field), str) and (copy[field] or field == "instruction"):
+                copy[field] = placeholder
+        examples.append(copy)
+    return examples
+
+
+@functools.lru_cache(maxsize=4096)
+def _encoded(tokenizer, prompt: str) -> tuple[int, ...]:
+    # A data set has few distinct placeholder prompts (one per template shape), so they are encoded once.
+    return tuple(tokenizer.encode(prompt).tolist())
+
+
+def template_bounds(prompt_ids: Sequence[int], placeholder_ids: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """``(head, marker)``: the leading and trailing tokens of ``prompt_ids`` shared with every placeholder prompt.
+
+    The placeholder prompts differ from the prompt only in the user text, so what they all share with it at the start
+    and at the end is template. Found on the encoded prompt, never by encoding pieces (BPE merges across piece
+    boundaries): a token in which template and user text merged belongs to the user text. ``head + marker`` never
+    exceeds ``len(prompt_ids)``.
+    """
+    head = min(_common_prefix(prompt_ids, other) for other in placeholder_ids)
+    marker = min(_common_prefix(prompt_ids[::-1], other[::-1]) for other in placeholder_ids)
+    return head, min(marker, len(prompt_ids) - head)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 # The dataset a forked scan worker reads; set just before the pool forks, so nothing is pickled.
 _scan_target: tuple = ()
 
 
-def _scan_range(bounds: tuple[int, int]) -> list[int]:
+def _scan_range(bounds: tuple[int, int]) -> list[SampleParts]:
     dataset, split = _scan_target
-    return [sample_length(dataset, i, split) for i in range(*bounds)]
+    return [sample_parts(dataset, i, split) for i in range(*bounds)]
 
 
-def scan_lengths(
+def scan_parts(
     dataset, split: str, start: int = 0, stop: int | None = None, workers: int = 1, progress: bool = False
-) -> list[int]:
-    """Lengths of samples ``start..stop`` of ``dataset``, in order, using ``workers`` forked processes."""
+) -> list[SampleParts]:
+    """``SampleParts`` of samples ``start..stop`` of ``dataset``, in order, using ``workers`` forked processes
+    (``[p.length for p in ...]`` are the samples' lengths)."""
     global _scan_target
     stop = len(dataset) if stop is None else stop
     count = stop - start
@@ -91,12 +173,11 @@ def scan_lengths(
 
         bar = tqdm(total=count, desc=f"scanning {split}", unit="samples", leave=False)
 
-    lengths: list[int] = []
+    parts: list[SampleParts] = []
     _scan_target = (dataset, split)
     try:
         if workers == 1:
-            parts = map(_scan_range, bounds)
-            lengths = _collect(parts, bar)
+            parts = _collect(map(_scan_range, bounds), bar)
         else:
             # HF tokenizers refuse to use their thread pool after a fork; they are called one text at a time here.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -104,21 +185,21 @@ def scan_lengths(
 
             # Workers ignore Ctrl-C (sent to the whole process group): only the main process reports it, in one line.
             with multiprocessing.get_context("fork").Pool(workers, initializer=ignore_sigint) as pool:
-                lengths = _collect(pool.imap(_scan_range, bounds), bar)
+                parts = _collect(pool.imap(_scan_range, bounds), bar)
     finally:
         _scan_target = ()
         if bar is not None:
             bar.close()
-    return lengths
+    return parts
 
 
-def _collect(parts, bar) -> list[int]:
-    lengths: list[int] = []
-    for part in parts:
-        lengths.extend(part)
+def _collect(pieces, bar) -> list[SampleParts]:
+    parts: list[SampleParts] = []
+    for piece in pieces:
+        parts.extend(piece)
         if bar is not None:
-            bar.update(len(part))
-    return lengths
+            bar.update(len(piece))
+    return parts
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -150,7 +231,7 @@ class Decision:
         return f"max_seq_length = {self.max_seq_length} ({why})"
 
 
-def check_settings(headroom: float, override: int | None, over_length: str) -> None:
+def check_settings(headroom: float, override: int | None, over_length: str, truncate_from: str = "prompt") -> None:
     """Fail early, with the flag to change, on settings that can never work."""
     if not (isinstance(headroom, (int, float)) and headroom >= 0 and math.isfinite(headroom)):
         raise UserInputError(
@@ -164,6 +245,8 @@ def check_settings(headroom: float, override: int | None, over_length: str) -> N
         raise UserInputError(
             f"--seq.over_length must be one of {', '.join(OVER_LENGTH_POLICIES)}, got {over_length!r}."
         )
+    if truncate_from not in TRUNCATE_FROM:
+        raise UserInputError(f"--seq.truncate_from must be one of {', '.join(TRUNCATE_FROM)}, got {truncate_from!r}.")
 
 
 def decide_max_seq_length(
@@ -281,12 +364,14 @@ def longest_batch(lengths: Sequence[int], batch_size: int) -> list[int]:
     return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))[:batch_size]
 
 
-def write_dropped(path: Path, dropped: Sequence[tuple[str, int, int, object]], source=None) -> None:
-    """One JSON line per dropped sample: its split, index, length (and, with ``source(split, index)``, the file and
-    position it came from, e.g. ``DataFiles.source``) and the sample itself, unchanged."""
+def write_dropped(path: Path, dropped: Sequence[tuple[str, int, int, str, object]], source=None) -> None:
+    """One JSON line per dropped sample: its split, index, length, the reason (``over_length`` under
+    ``--seq.over_length drop``, ``unsupervised`` when cutting left no token to learn from), with ``source(split,
+    index)`` the file and position it came from (``DataFiles.source``), and the sample, unchanged."""
     with open(path, "w", encoding="utf-8") as f:
-        for split, index, length, sample in dropped:
-            record = {"split": split, "index": index, "length": length, **(source(split, index) if source else {})}
+        for split, index, length, reason, sample in dropped:
+            record = {"split": split, "index": index, "length": length, "reason": reason}
+            record.update(source(split, index) if source else {})
             f.write(json.dumps({**record, "sample": sample}, ensure_ascii=False) + "\n")
 
 
@@ -360,12 +445,17 @@ def what_if(lengths: Sequence[int], block_size: int, chosen: int | None = None) 
 
 
 def format_what_if(rows: Sequence[dict], block_size: int) -> str:
-    lines = ["what if max_seq_length were ...   samples cut    tokens cut"]
+    """The what-if table; with a last column when the rows carry ``response_tokens_cut_share``."""
+    responses = bool(rows) and "response_tokens_cut_share" in rows[0]
+    lines = [
+        "what if max_seq_length were ...   samples cut    tokens cut" + ("  response tokens cut" if responses else "")
+    ]
     for row in rows:
         label = "/".join(filter(None, [row["label"], "block_size" if row["max_seq_length"] == block_size else ""]))
-        lines.append(
-            f"  {row['max_seq_length']:>7} {label:<20} {row['samples_cut_share']:>10.1%}  {row['tokens_cut_share']:>11.2%}"
-        )
+        line = f"  {row['max_seq_length']:>7} {label:<20} {row['samples_cut_share']:>10.1%}  {row['tokens_cut_share']:>11.2%}"
+        if responses:
+            line += f"  {row['response_tokens_cut_share']:>19.2%}"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -2,11 +2,12 @@
 
 A drop-in for ``litgpt finetune_lora``: same flags, same outputs, plus the ``--seq.*`` group. The path is straight:
 
-    parse -> tokenizer + data -> scan lengths -> decide max_seq_length -> apply the over-length policy + report
-          -> build GPT, load weights -> rehearse -> fit -> validate -> save
+    parse -> tokenizer + data -> scan lengths -> decide max_seq_length -> apply the over-length policy, plan the cuts
+          + report -> build GPT, load weights -> rehearse -> fit -> validate -> save
 
 Everything before "build GPT" needs only the tokenizer and the data. This file is the flow; the length work lives in
-``seq_data`` (on Fabric) and ``data_utils`` (plain functions), the rehearsal in ``rehearsal``.
+``seq_data`` (on Fabric), ``data_utils`` (plain functions) and ``truncation`` (how a sample is cut), the rehearsal in
+``rehearsal``.
 """
 
 import dataclasses
@@ -175,7 +176,7 @@ def main(
     precision: str | None,
     seed: int,
 ) -> None:
-    # 1. Lengths, from the tokenizer and the data only: scan, decide, apply the policy, report.
+    # 1. Lengths, from the tokenizer and the data only: scan, decide, apply the policy, plan the cuts, report.
     hyperparameters = captured_hyperparameters()
     tokenizer = Tokenizer(checkpoint_dir)
     plan = seq_data.plan_lengths(fabric, data, tokenizer, train, seq, config.block_size, located)
@@ -190,9 +191,7 @@ def main(
         fabric.print(earlier)
 
     # 2. The loaders the plan allows; then the model, built with the decided length, and its weights.
-    train_loader, val_loader = seq_data.make_loaders(
-        fabric, data, tokenizer, plan, train.micro_batch_size, seq.group_by_length, seed
-    )
+    train_loader, val_loader = seq_data.make_loaders(fabric, plan, train.micro_batch_size, seq.group_by_length, seed)
     steps_per_epoch = len(train_loader) // train.gradient_accumulation_iters(fabric.world_size, 1)
     lr_max_steps = min(train.epochs * steps_per_epoch, (train.max_steps or float("inf")))
     input_checks.check_schedule(train.lr_warmup_steps, lr_max_steps)  # as planned; the loaders have the last word

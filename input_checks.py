@@ -228,7 +228,9 @@ def _eval_problems(eval) -> list[str]:
 
 def _seq_problems(seq, train) -> list[str]:
     try:
-        data_utils.check_settings(seq.headroom, train.max_seq_length, seq.over_length)
+        data_utils.check_settings(
+            seq.headroom, train.max_seq_length, seq.over_length, getattr(seq, "truncate_from", "prompt")
+        )
         problems = []
     except UserInputError as problem:
         problems = [str(problem)]
@@ -653,37 +655,12 @@ def min_prompt_length(prompt_style, tokenizer) -> int:
     return len(tokenizer.encode(prompt_style.apply(prompt="", input="")))
 
 
-def prompt_lengths(dataset, indices: Sequence[int]) -> dict[int, int] | None:
-    """The prompt's token count of each sample at ``indices`` of a litgpt ``SFTDataset`` (None for other datasets),
-    encoded as its ``__getitem__`` encodes it. Meant for the few over-limit samples under truncate."""
-    from litgpt.data import SFTDataset
-
-    if type(dataset).__getitem__ is not SFTDataset.__getitem__:
-        return None
-    lengths = {}
-    for i in indices:
-        example = dataset.data[i]
-        if dataset.transform is not None:
-            example = dataset.transform(example)
-        lengths[i] = len(dataset.tokenizer.encode(dataset.prompt_style.apply(prompt=example["instruction"], **example)))
-    return lengths
-
-
-def supervised_tokens(length: int, prompt_length: int, max_seq_length: int, mask_prompt: bool) -> int:
-    """Targets with a loss in one sample of ``length`` tokens cut at ``max_seq_length``: the loss predicts token
-    n + 1 from token n, so the first token is never a target, and under mask_prompt the prompt's tokens are not."""
-    kept = min(length, max_seq_length)
-    first_target = max(1, prompt_length) if mask_prompt else 1
-    return max(0, kept - first_target)
-
-
 def outcome_warnings(
     lengths: Mapping[str, Sequence[int]],
     decision: data_utils.Decision,
     over_length: str,
     template_length: int,
-    mask_prompt: bool = False,
-    prompt_lengths_by_split: Mapping[str, Mapping[int, int]] | None = None,
+    unsupervised: Mapping[str, Sequence[int]] | None = None,
     where=None,
     max_cut_share: float = MAX_CUT_SHARE,
 ) -> list[dict]:
@@ -692,8 +669,8 @@ def outcome_warnings(
 
     - ``cut_share``: more than ``max_cut_share`` of a split dropped (drop) or truncated (truncate);
     - ``shorter_than_template``: max_seq_length leaves no room for a response after the prompt template;
-    - ``no_supervised_token``: samples that, cut at max_seq_length, have no token to learn from (their prompt
-      lengths, from ``prompt_lengths``, are needed under mask_prompt; only over-limit samples can be affected).
+    - ``no_supervised_token``: the samples of ``unsupervised`` (per split, the indices the cut left with no token to
+      learn from, which the plan leaves out), named.
 
     ``where(split, index)`` (e.g. ``DataFiles.where``) names a sample in the user's file.
     """
@@ -714,17 +691,9 @@ def outcome_warnings(
                 f" {template_length} tokens (--data.prompt_style), so every sample is cut inside its prompt. Raise --train.max_seq_length.",
             }
         )
-    if over_length == "truncate":
-        for split, split_lengths in lengths.items():
-            prompts = (prompt_lengths_by_split or {}).get(split, {})
-            empty = []
-            for i in data_utils.over_limit(split_lengths, limit):
-                if mask_prompt and i not in prompts and limit > 1:
-                    continue  # its prompt length is unknown: it may keep a response token
-                if supervised_tokens(split_lengths[i], prompts.get(i, 0), limit, mask_prompt) == 0:
-                    empty.append(i)
-            if empty:
-                found.append(_no_supervised_warning(split, empty, len(split_lengths), limit, mask_prompt, where))
+    for split, indices in (unsupervised or {}).items():
+        if indices:
+            found.append(_no_supervised_warning(split, sorted(indices), len(lengths[split]), limit, where))
     return found
 
 
@@ -749,22 +718,18 @@ def _cut_share_warning(split: str, count: int, total: int, over_length: str, dec
     }
 
 
-def _no_supervised_warning(split: str, indices: list[int], total: int, limit: int, mask_prompt: bool, where) -> dict:
+def _no_supervised_warning(split: str, indices: list[int], total: int, limit: int, where) -> dict:
     named = ", ".join(f"{split}[{i}]" + (f" ({where(split, i)})" if where else "") for i in indices[:3])
     more = f" and {len(indices) - 3} more" if len(indices) > 3 else ""
-    why = (
-        "their prompt fills all of max_seq_length {0} (--data.mask_prompt true leaves the prompt without a loss)"
-        if mask_prompt
-        else ("max_seq_length {0} keeps too few tokens to predict one")
-    )
     return {
         "kind": "no_supervised_token",
         "split": split,
         "count": len(indices),
         "of": total,
         "indices": indices,
-        "message": f"{len(indices)} of {total} {split} samples have no token to learn from: {why.format(limit)}: {named}{more}."
-        " Raise --train.max_seq_length, or use --seq.over_length drop.",
+        "message": f"{len(indices)} of {total} {split} samples have no token to learn from once cut to max_seq_length"
+        f" {limit}, so they are left out (listed in dropped_samples.jsonl): {named}{more}. Raise --train.max_seq_length,"
+        " or shorten these samples.",
     }
 
 
@@ -773,17 +738,12 @@ def warning_lines(warnings: Sequence[dict]) -> list[str]:
 
 
 def plan_warnings(plan, data, tokenizer, over_length: str, where=None) -> list[dict]:
-    """``outcome_warnings`` for a ``seq_data.LengthPlan``: the template length from the data module's prompt style,
-    and under truncate with mask_prompt the prompt lengths of the over-limit samples (only they can lose every
-    target). Other data modules (no prompt style) skip the template check."""
+    """``outcome_warnings`` for a ``seq_data.LengthPlan``: the template length from the data module's prompt style
+    (other data modules, without one, skip that check) and the samples the plan left out for want of a target."""
     prompt_style = getattr(data, "prompt_style", None)
     template = min_prompt_length(prompt_style, tokenizer) if prompt_style is not None else 0
-    mask_prompt = bool(getattr(data, "mask_prompt", False))
-    prompts = None
-    if over_length == "truncate" and mask_prompt:
-        limit = plan.decision.max_seq_length
-        prompts = {
-            name: prompt_lengths(plan.datasets[name], data_utils.over_limit(split_lengths, limit)) or {}
-            for name, split_lengths in plan.lengths.items()
-        }
-    return outcome_warnings(plan.lengths, plan.decision, over_length, template, mask_prompt, prompts, where=where)
+    unsupervised = {
+        split: [i for i, reason in reasons.items() if reason == "unsupervised"]
+        for split, reasons in plan.dropped.items()
+    }
+    return outcome_warnings(plan.lengths, plan.decision, over_length, template, unsupervised, where=where)

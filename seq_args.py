@@ -14,6 +14,11 @@ class SeqArgs:
     over_length: Literal["truncate", "drop", "error"] = "truncate"
     """What happens to samples longer than max_seq_length: cut them, leave them out (each written with its file and
     position to OUT_DIR/dropped_samples.jsonl), or stop before the model is built, naming them."""
+    truncate_from: Literal["prompt", "end"] = "prompt"
+    """How truncate cuts a sample: `prompt` cuts the middle of the user's text (instruction/input) first, keeping the
+    prompt template, its response marker and the whole response with its EOS whenever they fit; `end` keeps the first
+    max_seq_length tokens, as litgpt does. Either way a sample left with no token to learn from is dropped (kept in
+    OUT_DIR/dropped_samples.jsonl)."""
     dry_run: bool = False
     """Scan, decide and report, then exit: needs only the tokenizer and the data (no lit_model.pth). Into an out_dir
     that holds a trained run, the report goes to seq_lengths.dry_run.json, leaving the run's own report alone."""

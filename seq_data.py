@@ -21,7 +21,8 @@ import cli_support
 import data_utils
 import input_checks
 import run_lock
-from data_utils import Decision, UserInputError
+import truncation
+from data_utils import Decision, SampleParts, UserInputError
 from seq_args import SeqArgs
 
 
@@ -30,9 +31,17 @@ class LengthPlan:
     """What the scan found and what was decided, settled before the model exists."""
 
     decision: Decision
-    lengths: dict[str, list[int]]  # every sample's length, per split, in dataset order
-    kept: dict[str, list[int]]  # the indices each split keeps under --seq.over_length, in order
-    datasets: dict[str, object]  # the untruncated datasets that were scanned
+    parts: dict[str, list[SampleParts]]  # every sample's prompt and response lengths, per split, in dataset order
+    cuts: dict[str, list[truncation.Plan]]  # how every sample is cut to max_seq_length (a no-op when it fits)
+    kept: dict[str, list[int]]  # the indices each split keeps (--seq.over_length, then the learning signal), in order
+    dropped: dict[str, dict[int, str]]  # per split, the indices left out and why: "over_length" or "unsupervised"
+    loaders: dict[str, DataLoader]  # the data module's untruncated loaders, which were scanned
+
+    @property
+    def lengths(self) -> dict[str, list[int]]:
+        """Every sample's untruncated length, per split, in dataset order."""
+        return {split: [p.length for p in parts] for split, parts in self.parts.items()}
+
     warnings: list[dict] = field(default_factory=list)  # outcomes that train on little or nothing (input_checks)
     located: input_checks.DataFiles | None = None  # where each sample sits in the user's files (JSON module only)
 
@@ -41,17 +50,17 @@ class LengthPlan:
         return self.located.where(split, index) if self.located else None
 
     def kept_lengths(self, split: str) -> list[int]:
-        """The lengths of the kept samples, in the order the loaders see them."""
-        return [self.lengths[split][i] for i in self.kept[split]]
+        """The lengths of the kept samples as cut, in the order the loaders see them."""
+        return [self.cuts[split][i].length for i in self.kept[split]]
 
-    def dropped(self) -> list[tuple[str, int, int, object]]:
-        """(split, index, length, sample) of every sample left out."""
+    def dropped_rows(self) -> list[tuple[str, int, int, str, object]]:
+        """(split, index, length, reason, sample) of every sample left out, for dropped_samples.jsonl."""
         rows = []
-        for split, lengths in self.lengths.items():
-            kept = set(self.kept[split])
-            samples = getattr(self.datasets[split], "data", None)
-            for i in (i for i in range(len(lengths)) if i not in kept):
-                rows.append((split, i, lengths[i], samples[i] if samples is not None else None))
+        for split, reasons in self.dropped.items():
+            samples = getattr(self.loaders[split].dataset, "data", None)
+            for i in sorted(reasons):
+                sample = samples[i] if samples is not None else None
+                rows.append((split, i, self.parts[split][i].length, reasons[i], sample))
         return rows
 
 
@@ -64,19 +73,49 @@ def plan_lengths(
     block_size: int,
     located: input_checks.DataFiles | None = None,
 ) -> LengthPlan:
-    """Scan every split untruncated, decide max_seq_length, apply the over-length policy and find what would train
-    on little or nothing. ``located`` (from ``input_checks.check_data_files``) names samples by their place in the
-    user's files, in errors, warnings and dropped_samples.jsonl."""
-    splits = load_splits(fabric, data, tokenizer, train.micro_batch_size, max_seq_length=None)
+    """Scan every split untruncated, decide max_seq_length, apply the over-length policy, plan each sample's cut and
+    leave out the samples that the cut leaves with no token to learn from; then find what would train on little or
+    nothing (``plan.warnings``). ``located`` (from ``input_checks.check_data_files``) names samples by their place in
+    the user's files, in errors, warnings and dropped_samples.jsonl."""
+    loaders = load_splits(fabric, data, tokenizer, train.micro_batch_size, max_seq_length=None)
     workers = seq.scan_workers if seq.scan_workers is not None else max(1, getattr(data, "num_workers", 1))
-    lengths = {name: scan_split(fabric, loader.dataset, name, workers) for name, loader in splits.items()}
+    parts = {name: scan_split(fabric, loader.dataset, name, workers) for name, loader in loaders.items()}
+    lengths = {name: [p.length for p in split_parts] for name, split_parts in parts.items()}
     decision = data_utils.decide_max_seq_length(lengths, block_size, seq.headroom, train.max_seq_length)
     where = located.where if located else None
-    kept = data_utils.apply_over_length(lengths, decision, seq.over_length, where=where)
-    datasets = {name: loader.dataset for name, loader in splits.items()}
-    plan = LengthPlan(decision, lengths, kept, datasets, located=located)
+    within_policy = data_utils.apply_over_length(lengths, decision, seq.over_length, where=where)
+    cuts = {name: truncation.plan_split(parts[name], decision.max_seq_length, seq.truncate_from) for name in parts}
+    kept, dropped = {}, {}
+    for name, loader in loaders.items():
+        kept[name], without_target = truncation.drop_unsupervised(
+            within_policy[name], cuts[name], truncation.masks_prompt(loader.dataset)
+        )
+        dropped[name] = dict.fromkeys(sorted(set(range(len(parts[name]))) - set(within_policy[name])), "over_length")
+        dropped[name].update(dict.fromkeys(without_target, "unsupervised"))
+    check_learning_signal(kept, dropped, decision, seq, where)
+    plan = LengthPlan(decision, parts, cuts, kept, dropped, loaders, located=located)
     plan.warnings = input_checks.plan_warnings(plan, data, tokenizer, seq.over_length, where=where)
     return plan
+
+
+def check_learning_signal(
+    kept: dict[str, list[int]], dropped: dict[str, dict[int, str]], decision: Decision, seq: SeqArgs, where=None
+) -> None:
+    """Train and val must keep a sample with a token to learn from (--seq.over_length drop checked its own case)."""
+    for split in ("train", "val"):
+        if kept[split]:
+            continue
+        unsupervised = [i for i, reason in dropped[split].items() if reason == "unsupervised"]
+        shown = ", ".join(f"{split}[{i}]" + (f" ({where(split, i)})" if where else "") for i in unsupervised[:5]) + (
+            " ..." if len(unsupervised) > 5 else ""
+        )
+        hint = " --seq.truncate_from prompt," if seq.truncate_from == "end" else ""
+        raise UserInputError(
+            f"Every remaining {split} sample ({len(unsupervised)}: {shown}) has no token to learn from once cut to"
+            f" max_seq_length {decision.max_seq_length} (all its labels are ignored: with a masked prompt, no response"
+            f" token is left). Raise --train.max_seq_length (up to the block_size {decision.block_size}), or use{hint}"
+            " --data.mask_prompt false, or shorten these samples."
+        )
 
 
 def load_splits(
@@ -115,23 +154,25 @@ def describe(data: DataModule) -> str:
     return f"{type(data).__name__}({path})" if path is not None else type(data).__name__
 
 
-def scan_split(fabric: L.Fabric, dataset, split: str, workers: int) -> list[int]:
-    """Every sample's length. Each rank scans its own contiguous share; the shares are gathered in order."""
+def scan_split(fabric: L.Fabric, dataset, split: str, workers: int) -> list[SampleParts]:
+    """Every sample's parts. Each rank scans its own contiguous share; the shares are gathered in order."""
     share = math.ceil(len(dataset) / fabric.world_size)
     start = min(len(dataset), fabric.global_rank * share)
     stop = min(len(dataset), start + share)
     problem = None
     try:
-        mine = data_utils.scan_lengths(dataset, split, start, stop, workers, progress=fabric.global_rank == 0)
+        mine = data_utils.scan_parts(dataset, split, start, stop, workers, progress=fabric.global_rank == 0)
     except UserInputError as error:
         mine, problem = [], error
     cli_support.agree_on_error(fabric, problem)  # every rank raises the failing rank's message; rank 0 prints it
     if fabric.world_size == 1:
         return mine
-    padded = torch.full((share,), -1, dtype=torch.long, device=fabric.device)  # -1 pads a short share
-    padded[: len(mine)] = torch.tensor(mine, dtype=torch.long)
+    width = len(SampleParts._fields)  # one row of counts per sample; -1 rows pad a short share
+    padded = torch.full((share, width), -1, dtype=torch.long, device=fabric.device)
+    if mine:
+        padded[: len(mine)] = torch.tensor(mine, dtype=torch.long)
     gathered = fabric.all_gather(padded).cpu()
-    return [n for n in gathered.flatten().tolist() if n >= 0]
+    return [SampleParts(*row) for row in gathered.reshape(-1, width).tolist() if row[0] >= 0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -140,20 +181,12 @@ def scan_split(fabric: L.Fabric, dataset, split: str, workers: int) -> list[int]
 
 
 def make_loaders(
-    fabric: L.Fabric,
-    data: DataModule,
-    tokenizer: Tokenizer,
-    plan: LengthPlan,
-    micro_batch_size: int,
-    group_by_length: bool,
-    seed: int,
+    fabric: L.Fabric, plan: LengthPlan, micro_batch_size: int, group_by_length: bool, seed: int
 ) -> tuple[DataLoader, DataLoader]:
-    """Train and val loaders, set up by Fabric: samples cut at the decided length, only the kept ones."""
-    splits = load_splits(fabric, data, tokenizer, micro_batch_size, max_seq_length=plan.decision.max_seq_length)
-    for name in ("train", "val"):
-        check_same_split(name, plan.datasets[name], splits[name].dataset, data)
-    train_loader = keep_samples(splits["train"], plan.kept["train"])
-    val_loader = keep_samples(splits["val"], plan.kept["val"])
+    """Train and val loaders, set up by Fabric: the scanned loaders over only the kept samples, each cut as planned."""
+    train_loader, val_loader = (
+        keep_samples(plan.loaders[name], plan.kept[name], plan.cuts[name]) for name in ("train", "val")
+    )
     if not group_by_length:
         return fabric.setup_dataloaders(train_loader, val_loader)
     sampler = GroupedBatchSampler(
@@ -171,28 +204,16 @@ def make_loaders(
     return train_loader, fabric.setup_dataloaders(val_loader)
 
 
-def check_same_split(name: str, scanned, connected, data: DataModule) -> None:
-    """The kept indices were found on the scanned dataset; they only mean the same samples if the data module gave
-    the same samples, in the same order, when it was set up again with the decided length."""
-
-    def samples(dataset) -> list | None:
-        data = getattr(dataset, "data", None)  # SFTDataset's list of samples (a Subset after a random split)
-        return None if data is None else [data[i] for i in range(len(data))]
-
-    if len(scanned) != len(connected) or samples(scanned) != samples(connected):
-        raise UserInputError(
-            f"The {name} split of {describe(data)} changed between two setups of the data module (different samples or order),"
-            " so the length plan cannot be applied to it. Make its split deterministic (e.g. a fixed --data.seed)."
-        )
-
-
-def keep_samples(loader: DataLoader, indices: list[int]) -> DataLoader:
-    """The same loader over only ``indices`` of its dataset (the loader itself when all are kept)."""
-    if len(indices) == len(loader.dataset):
+def keep_samples(loader: DataLoader, indices: list[int], cuts: list[truncation.Plan]) -> DataLoader:
+    """The same loader over only ``indices`` of its untruncated dataset, each sample cut by its plan in ``cuts``
+    (the loader itself when all are kept and none is cut). Its collate_fn, built for no max_seq_length, cuts nothing."""
+    truncated = any(cuts[i].truncated for i in indices)
+    if len(indices) == len(loader.dataset) and not truncated:
         return loader
+    dataset = truncation.TruncatedSFT(loader.dataset, cuts) if truncated else loader.dataset
     shuffle = isinstance(loader.sampler, RandomSampler)
     return DataLoader(
-        Subset(loader.dataset, indices),
+        Subset(dataset, indices),
         batch_size=loader.batch_size,
         shuffle=shuffle,
         generator=loader.generator if shuffle else None,
@@ -237,9 +258,9 @@ class GroupedBatchSampler(Sampler[list[int]]):
 def publish_plan(
     fabric: L.Fabric, out_dir: Path, plan: LengthPlan, seq: SeqArgs, micro_batch_size: int, seed: int
 ) -> dict:
-    """Print the decision and the warnings, write seq_lengths.json (and dropped_samples.jsonl under drop), log the key
-    figures. Files an earlier run left that this run does not rewrite are removed first; a dry run into an out_dir
-    with a trained run writes its own files beside it (``run_lock.report_files``)."""
+    """Print the decision and the warnings, write seq_lengths.json (and dropped_samples.jsonl, under drop or when a
+    sample has no target), log the key figures. Files an earlier run left that this run does not rewrite are removed
+    first; a dry run into an out_dir with a trained run writes its own files beside it (``run_lock.report_files``)."""
     decision = plan.decision
     if decision.capped and decision.source == "override":
         fabric.print(
@@ -259,10 +280,11 @@ def publish_plan(
     report["dry_run"] = seq.dry_run
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        files = run_lock.report_files(out_dir, dry_run=seq.dry_run, drop=seq.over_length == "drop")
+        dropped = plan.dropped_rows()
+        files = run_lock.report_files(out_dir, dry_run=seq.dry_run, drop=seq.over_length == "drop" or bool(dropped))
         if files.dropped is not None:
             source = plan.located.source if plan.located else None
-            data_utils.write_dropped(files.dropped, plan.dropped(), source=source)
+            data_utils.write_dropped(files.dropped, dropped, source=source)
         print_report(fabric, report, plan)
         for line in input_checks.warning_lines(plan.warnings):
             fabric.print(line)
@@ -273,15 +295,30 @@ def publish_plan(
     return report
 
 
+TRUNCATION_KEYS = (
+    "truncated",
+    "prompt_tokens_cut",
+    "response_tokens_cut",
+    "responses_cut",
+    "eos_lost",
+    "unsupervised_dropped",
+)
+
+
 def build_report(plan: LengthPlan, seq: SeqArgs) -> dict:
     decision = plan.decision
     splits = {}
     for name, split_lengths in plan.lengths.items():
         splits[name] = data_utils.split_stats(split_lengths, decision.max_seq_length)
+        reasons = list(plan.dropped[name].values())
         if seq.over_length == "drop":
-            splits[name]["dropped"] = len(split_lengths) - len(plan.kept[name])
+            splits[name]["dropped"] = reasons.count("over_length")
             splits[name]["tokens_truncated"] = 0
+        seen = [plan.cuts[name][i] for i in plan.kept[name]]
+        splits[name].update(truncation.truncation_stats(seen, reasons.count("unsupervised")))
     every_length = [n for split_lengths in plan.lengths.values() for n in split_lengths]
+    every_parts = [p for split_parts in plan.parts.values() for p in split_parts]
+    what_if = data_utils.what_if(every_length, decision.block_size, chosen=decision.max_seq_length)
     return {
         "max_seq_length": decision.max_seq_length,
         "source": decision.source,
@@ -291,9 +328,10 @@ def build_report(plan: LengthPlan, seq: SeqArgs) -> dict:
         "block_size": decision.block_size,
         "capped": decision.capped,
         "over_length": seq.over_length,
+        "truncate_from": seq.truncate_from,
         "summary": decision.summary(),
         "splits": splits,
-        "what_if": data_utils.what_if(every_length, decision.block_size, chosen=decision.max_seq_length),
+        "what_if": truncation.add_response_cut(what_if, every_parts, seq.truncate_from),
     }
 
 
@@ -302,11 +340,9 @@ def print_report(fabric: L.Fabric, report: dict, plan: LengthPlan) -> None:
     fabric.print(decision.summary())
     columns = ("count", "min", "mean", "p50", "p90", "p99", "max", "argmax", "over_limit", "tokens_truncated")
     extra = ("dropped",) if report["over_length"] == "drop" else ()
-    fabric.print("  split  " + " ".join(f"{c:>10}" for c in columns + extra))
-    for name, stats in report["splits"].items():
-        fabric.print(
-            f"  {name:<6} " + " ".join(f"{'-' if stats[c] is None else stats[c]:>10}" for c in columns + extra)
-        )
+    print_table(fabric, report["splits"], columns + extra)
+    fabric.print(f"cut samples (--seq.truncate_from {report['truncate_from']}):")
+    print_table(fabric, report["splits"], TRUNCATION_KEYS)
     fabric.print(data_utils.format_what_if(report["what_if"], decision.block_size))
     for name, split_lengths in plan.lengths.items():
         fabric.print(f"lengths in {name}:")
@@ -318,6 +354,14 @@ def print_report(fabric: L.Fabric, report: dict, plan: LengthPlan) -> None:
     )
 
 
+def print_table(fabric: L.Fabric, splits: dict, columns: tuple[str, ...]) -> None:
+    widths = [max(10, len(c)) for c in columns]
+    fabric.print("  split  " + " ".join(f"{c:>{w}}" for c, w in zip(columns, widths)))
+    for name, stats in splits.items():
+        cells = ("-" if stats.get(c) is None else stats[c] for c in columns)
+        fabric.print(f"  {name:<6} " + " ".join(f"{cell:>{w}}" for cell, w in zip(cells, widths)))
+
+
 def write_report(fabric: L.Fabric, out_dir: Path, report: dict, name: str = run_lock.REPORT) -> None:
     if fabric.global_rank == 0:
         (out_dir / name).write_text(json.dumps(report, indent=2) + "\n")
@@ -326,7 +370,7 @@ def write_report(fabric: L.Fabric, out_dir: Path, report: dict, name: str = run_
 def key_figures(report: dict) -> dict:
     figures = {"seq/longest": report["longest"], "seq/max_seq_length": report["max_seq_length"]}
     for name, stats in report["splits"].items():
-        for key in ("p50", "p99", "max", "over_limit"):
+        for key in ("p50", "p99", "max", "over_limit", "response_tokens_cut", "unsupervised_dropped"):
             if stats[key] is not None:
                 figures[f"seq/{name}_{key}"] = stats[key]
     return figures

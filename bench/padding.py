@@ -41,7 +41,7 @@ SEED = 42  # litgpt's data modules' default seed
 def load(name: str, tokenizer: Tokenizer) -> tuple[SFTDataset, list[int]]:
     samples = json.loads((SHARED / "data" / f"{name}.json").read_text())
     dataset = SFTDataset(samples, tokenizer, prompt_style=Alpaca(), max_seq_length=-1)
-    return dataset, data_utils.scan_lengths(dataset, name)
+    return dataset, [p.length for p in data_utils.scan_parts(dataset, name)]
 
 
 def random_batches(n: int, micro_batch_size: int, epoch: int) -> list[list[int]]:

@@ -200,13 +200,43 @@ def test_capped_over_length_error_does_not_advise_raising(run, make_data, tmp_pa
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_max_seq_length_one_warns(run, data_dir, tmp_path):
+def test_max_seq_length_below_the_template_warns(run, data_dir, tmp_path):
     out = tmp_path / "out"
-    code, stdout, err = run(data_dir, out, "--train.max_seq_length", "1", "--seq.dry_run", "true")
+    code, stdout, err = run(data_dir, out, "--train.max_seq_length", "20", "--seq.dry_run", "true")
     assert code == 0, err[-3000:]
-    assert "warning: max_seq_length 1 leaves no room for a response" in stdout
+    assert "warning: max_seq_length 20 leaves no room for a response: the prompt template alone takes" in stdout
     kinds = {w["kind"] for w in read_report(out)["warnings"]}
-    assert {"shorter_than_template", "no_supervised_token", "cut_share"} <= kinds
+    assert {"shorter_than_template", "cut_share"} <= kinds
+
+
+def test_max_seq_length_one_leaves_nothing_to_learn_and_names_the_samples(run, make_data, tmp_path):
+    single, _ = single_file_with_a_long_sample(make_data, tmp_path)
+    result = run(single, tmp_path / "out", "--data.val_split_fraction", "0.2", "--train.max_seq_length", "1")
+    assert_clear_error(result, "no token to learn from", f"of {single})")
+
+
+def test_samples_left_without_a_target_are_named_in_a_warning(run, tmp_path):
+    """Under mask_prompt, a sample whose template alone fills max_seq_length keeps no target: it is left out and named.
+    Alpaca's template takes 25 tokens without an input and 39 with one (with this tokenizer), so at 32 the samples with
+    an input (positions 1 and 3 of the file) have none."""
+    plain = {"instruction": "the model learns", "input": "", "output": "from the data"}
+    with_input = {"instruction": "the model", "input": "learns from", "output": "the data"}
+    single = tmp_path / "all.json"
+    single.write_text(json.dumps([plain, with_input, plain, with_input, plain, plain]))
+    out = tmp_path / "out"
+    flags = ("--data.mask_prompt", "true", "--train.max_seq_length", "32", "--seq.dry_run", "true")
+    code, stdout, err = run(
+        tmp_path / "d", out, "--data.json_path", str(single), "--data.val_split_fraction", "0.2", *flags
+    )
+    assert code == 0, err[-3000:]
+    found = [w for w in read_report(out)["warnings"] if w["kind"] == "no_supervised_token"]
+    named = " ".join(w["message"] for w in found)
+    assert (
+        sum(w["count"] for w in found) == 2
+        and f"position 1 of {single}" in named
+        and f"position 3 of {single}" in named
+    )
+    assert all("warning: " + w["message"] in stdout for w in found)
 
 
 def test_dropping_most_of_val_warns(run, make_data, tmp_path):

@@ -124,10 +124,10 @@ def test_drop_loses_nothing(tiny_checkpoint, make_data, tmp_path):
     report = read_report(out)
     assert report["splits"]["train"]["dropped"] == 2 and report["splits"]["val"]["dropped"] == 1
     dropped = [json.loads(line) for line in (out / "dropped_samples.jsonl").read_text().splitlines()]
-    assert [(d["split"], d["index"], d["length"]) for d in dropped] == [
-        ("train", 1, 300),
-        ("train", 3, 280),
-        ("val", 0, 250),
+    assert [(d["split"], d["index"], d["length"], d["reason"]) for d in dropped] == [
+        ("train", 1, 300, "over_length"),
+        ("train", 3, 280, "over_length"),
+        ("val", 0, 250, "over_length"),
     ]
     for name, lengths in (("train", train), ("val", val)):
         original = json.loads((data / f"{name}.json").read_text())

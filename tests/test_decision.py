@@ -79,6 +79,12 @@ def test_bad_settings_are_refused(headroom, override, policy):
         data_utils.check_settings(headroom, override, policy)
 
 
+def test_bad_truncate_from_is_refused():
+    data_utils.check_settings(0.1, None, "truncate", "end")
+    with pytest.raises(UserInputError, match="--seq.truncate_from must be one of prompt, end, got 'start'"):
+        data_utils.check_settings(0.1, None, "truncate", "start")
+
+
 def test_split_stats_hand_checked():
     stats = data_utils.split_stats([5, 1, 9, 3, 9, 2, 7, 4, 6, 8], limit=6)
     assert stats == {
@@ -157,11 +163,12 @@ def test_an_empty_split_has_stats_and_a_histogram():
 
 def test_write_dropped_keeps_samples_unchanged(tmp_path):
     sample = {"instruction": "héllo", "output": "x", "extra": [1, 2]}
-    data_utils.write_dropped(tmp_path / "d.jsonl", [("val", 3, 99, sample)])
-    assert json.loads((tmp_path / "d.jsonl").read_text()) == {
+    data_utils.write_dropped(tmp_path / "d.jsonl", [("val", 3, 99, "unsupervised", sample)])
+    assert json.loads((tmp_path / "d.jsonl").read_text(encoding="utf-8")) == {
         "split": "val",
         "index": 3,
         "length": 99,
+        "reason": "unsupervised",
         "sample": sample,
     }
 

@@ -576,45 +576,21 @@ def test_max_seq_length_shorter_than_template():
     assert "max_seq_length 20" in message and "25 tokens" in message
 
 
-@pytest.mark.parametrize("mask_prompt", [False, True])
-@pytest.mark.parametrize("limit", [1, 2, 30, 45, 60, 500])
-def test_supervised_tokens_match_sftdataset(tiny_checkpoint, mask_prompt, limit):
-    """Targets with a loss (labels[1:] not ignored, as the training loss shifts them), from litgpt's own SFTDataset."""
-    tokenizer = Tokenizer(tiny_checkpoint)
-    samples = [sample(i, output=" ".join(["answer"] * (3 * i))) for i in range(8)] + [
-        sample(9, input="short text", output="a")
-    ]
-    full = SFTDataset(samples, tokenizer, prompt_style="alpaca")
-    cut = SFTDataset(samples, tokenizer, prompt_style="alpaca", max_seq_length=limit, mask_prompt=mask_prompt)
-    prompts = input_checks.prompt_lengths(full, range(len(samples)))
-    for i in range(len(samples)):
-        expected = int((cut[i]["labels"][1:] != -100).sum())
-        assert input_checks.supervised_tokens(len(full[i]["input_ids"]), prompts[i], limit, mask_prompt) == expected
-
-
 def test_no_supervised_token_names_samples_in_the_users_file():
     lengths = {"train": [40, 60, 80], "val": [30]}
-    prompts = {"train": {1: 50, 2: 55}}  # over-limit samples 1 and 2: the prompt of 2 fills max_seq_length 50
     where = lambda split, i: f"position {[7, 3, 9][i]} of data.json"
     warnings = input_checks.outcome_warnings(
         lengths,
         decision(lengths, override=50),
         "truncate",
         template_length=20,
-        mask_prompt=True,
-        prompt_lengths_by_split=prompts,
+        unsupervised={"train": [2, 1]},
         where=where,
     )
     empty = next(w for w in warnings if w["kind"] == "no_supervised_token")
-    assert empty["indices"] == [1, 2] and empty["split"] == "train"
-    assert "train[1] (position 3 of data.json)" in empty["message"] and "--data.mask_prompt" in empty["message"]
-
-
-def test_max_seq_length_one_leaves_nothing_to_learn_without_mask():
-    lengths = {"train": [40, 60], "val": [30]}
-    warnings = input_checks.outcome_warnings(lengths, decision(lengths, override=1), "truncate", template_length=20)
-    empty = [w for w in warnings if w["kind"] == "no_supervised_token"]
-    assert [(w["split"], w["count"]) for w in empty] == [("train", 2), ("val", 1)]
+    assert empty["indices"] == [1, 2] and empty["split"] == "train" and (empty["count"], empty["of"]) == (2, 3)
+    assert "train[1] (position 3 of data.json), train[2] (position 9 of data.json)" in empty["message"]
+    assert "left out (listed in dropped_samples.jsonl)" in empty["message"]
 
 
 def test_instantiation_error_message_keeps_the_reason():

@@ -1,4 +1,4 @@
-"""Two CPU ranks on gloo: each scans its own share, both end with the same full list, and bad input stops both.
+"""Two CPU ranks on gloo: each scans its own share, both end with the same full list of parts, and bad input stops both.
 
 One two-rank run (launching costs ~10 s of imports and process-group setup) scans three times: serially, with two
 scan workers per rank, and with a bad sample in rank 1's share. The tests read what each rank wrote.
@@ -52,7 +52,7 @@ SCRIPT = textwrap.dedent(
             del samples[int(bad)]["output"]
         dataset = SFTDataset(samples, tokenizer, prompt_style="alpaca", transform=record)
         try:
-            results[phase] = {"lengths": seq_data.scan_split(fabric, dataset, "train", workers)}
+            results[phase] = {"parts": seq_data.scan_split(fabric, dataset, "train", workers)}
         except data_utils.UserInputError as problem:
             results[phase] = {"error": str(problem)}
     with open(os.path.join(out, f"result-{rank}.json"), "w") as f:
@@ -103,12 +103,14 @@ def two_ranks(tmp_path_factory, tiny_checkpoint):
 @pytest.mark.parametrize("phase", ["serial", "parallel"])
 def test_each_rank_scans_its_share_and_both_get_the_whole_list(two_ranks, tiny_checkpoint, phase):
     _, results, seen = two_ranks
-    single = data_utils.scan_lengths(
+    single = data_utils.scan_parts(
         SFTDataset(word_samples(COUNT), Tokenizer(tiny_checkpoint), prompt_style="alpaca"), "train"
     )
-    assert len(single) == COUNT and len(set(single)) > 50  # lengths vary, so an out-of-order gather would show
-    assert results[0][phase]["lengths"] == single
-    assert results[1][phase]["lengths"] == single
+    single = [list(parts) for parts in single]  # as JSON holds them
+    assert len(single) == COUNT and len({p[1] for p in single}) > 50  # lengths vary: an out-of-order gather would show
+    assert len({p[0] for p in single}) > 5  # prompts vary too: a column mixed up would show
+    assert results[0][phase]["parts"] == single
+    assert results[1][phase]["parts"] == single
     share = (COUNT + 1) // 2
     (seen_0, processes_0), (seen_1, processes_1) = seen[phase, 0], seen[phase, 1]
     assert seen_0 == list(range(0, share))  # each index once, and only this rank's share

@@ -1,4 +1,5 @@
-"""The scanned length of every sample is exactly ``len(dataset[i]["input_ids"])`` of the dataset the model trains on.
+"""The scanned length of every sample is exactly ``len(dataset[i]["input_ids"])`` of the dataset the model trains on,
+and its prompt length exactly what litgpt masks under mask_prompt.
 
 Locally built tokenizers of both litgpt backends (Hugging Face tokenizer.json: a byte-level BPE whose post-processor
 adds BOS itself, and the demo's word-level one; SentencePiece: a small BPE model with byte fallback), each with BOS on
@@ -100,6 +101,15 @@ def getitem_lengths(dataset) -> list[int]:
     return [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
 
 
+def lengths_of(parts) -> list[int]:
+    return [p.length for p in parts]
+
+
+def masked_prompt_lengths(dataset) -> list[int]:
+    """How many leading labels litgpt masks under mask_prompt: exactly its encoded prompt."""
+    return [int((dataset[i]["labels"] == dataset.ignore_index).sum()) for i in range(len(dataset))]
+
+
 WHITESPACE = st.sampled_from([" ", "  ", "\n", "\t", "\r\n", "\u3000", "\xa0", " \n "])
 PIECES = st.sampled_from(
     ["<s>", "</s>", "<unk>", "### Response:", "[INST]", "<|im_end|>", "日本語", "🙂", "Ωmega", "the fox"]
@@ -120,7 +130,10 @@ def test_scan_equals_sft_dataset_on_random_text(local_tokenizers, name, samples)
     for style in PROMPT_STYLES:
         for mask_prompt in (True, False):
             dataset = SFTDataset(samples, tokenizer, prompt_style=style, mask_prompt=mask_prompt)
-            assert data_utils.scan_lengths(dataset, "train") == getitem_lengths(dataset), (style, mask_prompt)
+            parts = data_utils.scan_parts(dataset, "train")
+            assert lengths_of(parts) == getitem_lengths(dataset), (style, mask_prompt)
+            if mask_prompt:
+                assert [p.prompt for p in parts] == masked_prompt_lengths(dataset), style
 
 
 def test_a_transform_and_a_custom_tokenizer_are_honoured(local_tokenizers):
@@ -136,7 +149,7 @@ def test_a_transform_and_a_custom_tokenizer_are_honoured(local_tokenizers):
     rename = lambda s: {"instruction": s["question"], "input": "", "output": s["answer"]}  # noqa: E731
     for tok in (tokenizer, shouting):
         dataset = SFTDataset(renamed, tok, prompt_style="alpaca", transform=rename)
-        assert data_utils.scan_lengths(dataset, "train") == getitem_lengths(dataset)
+        assert lengths_of(data_utils.scan_parts(dataset, "train")) == getitem_lengths(dataset)
 
 
 def _word_samples(count: int, seed: int = 0) -> list[dict]:
@@ -154,10 +167,12 @@ def _word_samples(count: int, seed: int = 0) -> list[dict]:
 
 def test_parallel_scan_equals_serial_scan(local_tokenizers):
     dataset = SFTDataset(_word_samples(1_301), local_tokenizers["hf-word-bos-True"], prompt_style="alpaca")
-    serial = data_utils.scan_lengths(dataset, "train", workers=1)
-    assert data_utils.scan_lengths(dataset, "train", workers=2) == serial
-    assert data_utils.scan_lengths(dataset, "train", 100, 1_201, workers=2) == serial[100:1_201]
-    assert serial[:50] == getitem_lengths(SFTDataset(dataset.data[:50], dataset.tokenizer, prompt_style="alpaca"))
+    serial = data_utils.scan_parts(dataset, "train", workers=1)
+    assert data_utils.scan_parts(dataset, "train", workers=2) == serial
+    assert data_utils.scan_parts(dataset, "train", 100, 1_201, workers=2) == serial[100:1_201]
+    assert lengths_of(serial[:50]) == getitem_lengths(
+        SFTDataset(dataset.data[:50], dataset.tokenizer, prompt_style="alpaca")
+    )
 
 
 def test_parallel_scan_reports_the_bad_sample(local_tokenizers):
@@ -165,7 +180,7 @@ def test_parallel_scan_reports_the_bad_sample(local_tokenizers):
     del samples[777]["output"]
     dataset = SFTDataset(samples, local_tokenizers["sentencepiece-bos-True"], prompt_style="alpaca")
     with pytest.raises(data_utils.UserInputError, match=r"val sample 777 has no field 'output'"):
-        data_utils.scan_lengths(dataset, "val", workers=2)
+        data_utils.scan_parts(dataset, "val", workers=2)
 
 
 REAL_TOKENIZERS = ("llama2-hf", "llama2-sentencepiece")
@@ -180,5 +195,7 @@ def test_every_real_sample_with_both_real_tokenizers(tokenizer_name, data_file):
     samples = json.loads((SHARED / "data" / data_file).read_text(encoding="utf-8"))
     dataset = SFTDataset(samples, tokenizer, prompt_style="alpaca", mask_prompt=True)
     expected = getitem_lengths(dataset)
-    assert data_utils.scan_lengths(dataset, "train", workers=1) == expected
-    assert data_utils.scan_lengths(dataset, "train", workers=2) == expected
+    parts = data_utils.scan_parts(dataset, "train", workers=1)
+    assert lengths_of(parts) == expected
+    assert [p.prompt for p in parts] == masked_prompt_lengths(dataset)
+    assert data_utils.scan_parts(dataset, "train", workers=2) == parts
