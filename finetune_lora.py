@@ -64,7 +64,9 @@ import seq_data
 from cli_support import FlowParser
 from data_utils import UserInputError
 from lr_schedule import get_lr_scheduler
+from packed_forward import check_packable
 from seq_args import SeqArgs
+from token_loss import StepLookahead
 from training_loss import train_loss
 
 
@@ -92,6 +94,8 @@ def setup(checkpoint_dir: Path, seq: SeqArgs = SeqArgs(), **litgpt_flags) -> Non
         checkpoint_dir = find_checkpoint_dir(Path(checkpoint_dir), flags["access_token"], need_weights=not seq.dry_run)
         lora_settings = {name: value for name, value in flags.items() if name.startswith("lora_")}  # Config's names
         config = Config.from_file(checkpoint_dir / "model_config.yaml", **lora_settings)
+        if seq.pack:
+            check_packable(config)  # from the config alone: before any weight is read, in a dry run too
         logger = choose_logger(
             flags["logger_name"],
             out_dir,
@@ -181,7 +185,8 @@ def main(
     tokenizer = Tokenizer(checkpoint_dir)
     plan = seq_data.plan_lengths(fabric, data, tokenizer, train, seq, config.block_size, located)
     decision = plan.decision
-    plan.warnings += input_checks.check_run(train, eval, plan.kept, fabric.world_size, seq.group_by_length)
+    packed = seq_data.packed_micro_batches(fabric, plan, train.micro_batch_size, seed) if seq.pack else None
+    plan.warnings += input_checks.check_run(train, eval, plan.kept, fabric.world_size, seq.group_by_length, packed)
     report = seq_data.publish_plan(fabric, out_dir, plan, seq, train.micro_batch_size, seed)
     if seq.dry_run:
         fabric.print("dry run: nothing trained (--seq.dry_run true).")
@@ -191,7 +196,9 @@ def main(
         fabric.print(earlier)
 
     # 2. The loaders the plan allows; then the model, built with the decided length, and its weights.
-    train_loader, val_loader = seq_data.make_loaders(fabric, plan, train.micro_batch_size, seq.group_by_length, seed)
+    train_loader, val_loader = seq_data.make_loaders(
+        fabric, plan, train.micro_batch_size, seq.group_by_length, seed, pack=seq.pack
+    )
     steps_per_epoch = len(train_loader) // train.gradient_accumulation_iters(fabric.world_size, 1)
     lr_max_steps = min(train.epochs * steps_per_epoch, (train.max_steps or float("inf")))
     input_checks.check_schedule(train.lr_warmup_steps, lr_max_steps)  # as planned; the loaders have the last word
@@ -216,7 +223,7 @@ def main(
     if seq.rehearse:
         loaders = {"train": train_loader, "val": val_loader}
         lengths = {name: plan.kept_lengths(name) for name in loaders}
-        batches = rehearsal.rehearsal_batches(loaders, lengths, train.micro_batch_size)
+        batches = rehearsal.rehearsal_batches(loaders, lengths, train.micro_batch_size, decision.max_seq_length)
         report["rehearsal"] = rehearsal.rehearse(fabric, model, optimizer, batches, train, decision)
         seq_data.write_report(fabric, out_dir, report)
     save = partial(save_checkpoint, checkpoint_dir=checkpoint_dir, data=data, hyperparameters=hyperparameters)
@@ -235,9 +242,11 @@ def main(
         eval=eval,
         save=save,
         verify=not seq.rehearse,
+        token_weighting=seq.token_weighting,
     )
     fabric.print(create_finetuning_performance_report(time.perf_counter() - started, token_counts, fabric.device.type))
-    report["batches"] = seq_data.batches_trained(token_counts, train.micro_batch_size, seq.group_by_length)
+    report["batches"] = seq_data.batches_trained(token_counts, train.micro_batch_size, seq.group_by_length, seq.pack)
+    report["batches"]["loss_weighting"] = "token" if seq.token_weighting else "batch"
     seq_data.write_report(fabric, out_dir, report)
 
     if eval.final_validation:
@@ -267,12 +276,14 @@ def fit(
     eval: EvalArgs,
     save: Callable,
     verify: bool = True,
+    token_weighting: bool = False,
 ) -> dict:
     """The training loop. max_seq_length was settled before the model was built; nothing here changes it.
 
     ``save(fabric, model, directory)`` writes a checkpoint. ``verify``: without an initial validation, run two val
     batches first as upstream does (not needed after a rehearsal). They run with the RNG states put back, as the
-    rehearsal's are, so both runs train alike. Returns the run's token counts, summed over the ranks.
+    rehearsal's are, so both runs train alike. ``token_weighting``: every supervised token of a step weighs the same
+    (``token_loss.StepLookahead`` counts the step's tokens first). Returns the run's token counts, summed over the ranks.
     """
     if eval.initial_validation:
         val_loss = f"{validate(fabric, model, val_loader, dataclasses.replace(eval, max_iters=len(val_loader))):.3f}"
@@ -285,11 +296,16 @@ def fit(
 
     accumulation = train.gradient_accumulation_iters(fabric.world_size, 1)
     batches = CycleIterator(train_loader)
+    if token_weighting:
+        batches = StepLookahead(batches, accumulation, fabric)
     throughput = ThroughputMonitor(fabric, window_size=50)
     running_loss = RunningMean(window=accumulation, sync_on_compute=False).to(fabric.device)
     max_steps = train.max_steps or float("inf")
     max_time = train.max_time or float("inf")
-    counts = {key: torch.tensor(0, device=fabric.device, dtype=torch.long) for key in ("raw", "template", "padded")}
+    counts = {
+        key: torch.tensor(0, device=fabric.device, dtype=torch.long)
+        for key in ("raw", "template", "padded", "rows", "samples")
+    }
     step = iteration = 0
     started = time.perf_counter()
 
@@ -311,7 +327,7 @@ def fit(
 
         accumulating = iteration % accumulation != 0
         with fabric.no_backward_sync(model, enabled=accumulating):
-            loss = train_loss(model, batch)
+            loss = train_loss(model, batch, batches.tokens_per_micro_batch if token_weighting else None)
             fabric.backward(loss / accumulation)
         running_loss.update(loss.detach())
         if not accumulating:
@@ -323,13 +339,15 @@ def fit(
         counts["raw"] += batch["token_counts"]["raw"].sum().item()
         counts["template"] += batch["token_counts"]["raw_plus_prompt_template"].sum().item()
         counts["padded"] += batch["input_ids"].numel()
+        counts["rows"] += batch["input_ids"].size(0)
+        counts["samples"] += batch["token_counts"]["raw"].numel()
 
         if iteration % train.log_interval == 0:
             now = time.perf_counter()
             throughput.update(
                 time=now - started,
                 batches=iteration,
-                samples=iteration * train.micro_batch_size,
+                samples=counts["samples"].item(),
                 lengths=counts["padded"].item(),
             )
             throughput.compute_and_log(step=iteration)
@@ -361,6 +379,8 @@ def fit(
         "raw_tokens_plus_prompt_template": totals["template"],
         "raw_tokens_plus_prompt_template_and_padding": totals["padded"],
         "micro_batches": iteration * fabric.world_size,
+        "rows": totals["rows"],
+        "samples": totals["samples"],
     }
 
 

@@ -235,6 +235,11 @@ def _seq_problems(seq, train) -> list[str]:
     except UserInputError as problem:
         problems = [str(problem)]
     problems += _at_least("--seq.scan_workers", seq.scan_workers, 1, "CPU processes for the length scan", optional=True)
+    if getattr(seq, "pack", False) and seq.group_by_length:
+        problems.append(
+            "--seq.pack true and --seq.group_by_length true exclude each other (packing already fills the rows);"
+            " set one of them to false."
+        )
     return problems
 
 
@@ -400,14 +405,26 @@ def check_schedule(
     ]
 
 
-def check_run(train, eval, kept: Mapping[str, Sequence[int]], ranks: int, group_by_length: bool) -> list[dict]:
+def check_run(
+    train,
+    eval,
+    kept: Mapping[str, Sequence[int]],
+    ranks: int,
+    group_by_length: bool,
+    packed_micro_batches: int | None = None,
+) -> list[dict]:
     """After the length plan (``kept``: the indices each split keeps), before any loader or model: the run takes an
     optimizer step, its warmup does not crash litgpt's scheduler (warnings for one that never peaks), and an integer
-    --eval.evaluate_example names a sample. A dry run checks all of it too."""
+    --eval.evaluate_example names a sample. A dry run checks all of it too. Under --seq.pack the train loader's length
+    is the packed plan's, given as ``packed_micro_batches`` (this rank's, in the first epoch)."""
     accumulation = train.gradient_accumulation_iters(ranks, 1)
     steps_per_epoch, total = planned_steps(
         len(kept["train"]), train.micro_batch_size, ranks, accumulation, train.epochs, train.max_steps, group_by_length
     )
+    if packed_micro_batches is not None:
+        steps_per_epoch = packed_micro_batches // accumulation
+        total = steps_per_epoch * train.epochs if train.epochs else math.inf
+        total = int(min(total, train.max_steps or math.inf))
     found = check_schedule(
         train.lr_warmup_steps,
         total,

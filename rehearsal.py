@@ -16,6 +16,7 @@ from litgpt.finetune.lora import validate
 from torch.utils.data import DataLoader
 
 import data_utils
+import packing
 from data_utils import Decision, UserInputError
 from training_loss import train_loss
 
@@ -36,14 +37,18 @@ def preserved_rng():
 
 
 def rehearsal_batches(
-    loaders: dict[str, DataLoader], lengths: dict[str, list[int]], batch_size: int
+    loaders: dict[str, DataLoader], lengths: dict[str, list[int]], batch_size: int, max_seq_length: int | None = None
 ) -> dict[str, dict]:
     """For each loader, its largest micro-batch: the ``batch_size`` longest samples of its dataset (whose sample
-    lengths are ``lengths[name]``, in dataset order), collated with the loader's own collate_fn."""
+    lengths are ``lengths[name]``, in dataset order), or for a packed loader (``max_seq_length`` needed) the
+    ``batch_size`` fullest rows; collated with the loader's own collate_fn."""
     batches = {}
     for name, loader in loaders.items():
-        indices = data_utils.longest_batch(lengths[name], batch_size)
-        batches[name] = loader.collate_fn([loader.dataset[i] for i in indices])
+        if isinstance(loader.dataset, packing.PackedRows):
+            items = packing.fullest_rows(lengths[name], max_seq_length, batch_size)
+        else:
+            items = data_utils.longest_batch(lengths[name], batch_size)
+        batches[name] = loader.collate_fn([loader.dataset[i] for i in items])
     return batches
 
 

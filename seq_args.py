@@ -27,6 +27,20 @@ class SeqArgs:
     group_by_length: bool = False
     """Draw each train micro-batch from samples of similar length (megabatches of 50 micro-batches sorted by length,
     in shuffled order; deterministic under --seed), so less of the compute goes to padding. Validation is unchanged."""
+    pack: bool = False
+    """Pack whole train samples into rows of at most max_seq_length tokens (best fit within shuffled groups; rows in
+    shuffled order, deterministic under --seed), each micro-batch being micro_batch_size rows. Positions restart and
+    attention stays within each sample, so a step trains as on the samples one by one. Validation is unpacked.
+    Implies --seq.loss_weighting token; excludes --seq.group_by_length."""
+    loss_weighting: Literal["token", "batch"] = "batch"
+    """How a step's loss weighs its tokens: "batch" (upstream) averages over each micro-batch, then over the
+    micro-batches; "token" divides the sum of the token losses of the whole step (all micro-batches, all ranks) by its
+    number of supervised tokens, so every token weighs the same. Forced to "token" by --seq.pack true."""
     rehearse: bool = True
-    """Before the first step, run the longest train micro-batch (forward + backward) and the longest val micro-batch
-    (forward), then undo everything (gradients, RNG), so a length or memory failure shows in the first minute."""
+    """Before the first step, run the longest train micro-batch (forward + backward; under --seq.pack the fullest
+    rows) and the longest val micro-batch (forward), then undo everything (gradients, RNG), so a length or memory failure shows in the first minute."""
+
+    @property
+    def token_weighting(self) -> bool:
+        """Whether a step's loss weighs every supervised token the same (--seq.loss_weighting token, or packing)."""
+        return self.pack or self.loss_weighting == "token"

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, RandomSampler, Sampler, Subset
 import cli_support
 import data_utils
 import input_checks
+import packing
 import run_lock
 import truncation
 from data_utils import Decision, SampleParts, UserInputError
@@ -181,12 +182,16 @@ def scan_split(fabric: L.Fabric, dataset, split: str, workers: int) -> list[Samp
 
 
 def make_loaders(
-    fabric: L.Fabric, plan: LengthPlan, micro_batch_size: int, group_by_length: bool, seed: int
+    fabric: L.Fabric, plan: LengthPlan, micro_batch_size: int, group_by_length: bool, seed: int, pack: bool = False
 ) -> tuple[DataLoader, DataLoader]:
-    """Train and val loaders, set up by Fabric: the scanned loaders over only the kept samples, each cut as planned."""
+    """Train and val loaders, set up by Fabric: the scanned loaders over only the kept samples, each cut as planned.
+    Under ``pack`` the train loader gives packed micro-batches (``micro_batch_size`` rows each); validation is never
+    packed."""
     train_loader, val_loader = (
         keep_samples(plan.loaders[name], plan.kept[name], plan.cuts[name]) for name in ("train", "val")
     )
+    if pack:
+        return packed_loader(fabric, train_loader, plan, micro_batch_size, seed), fabric.setup_dataloaders(val_loader)
     if not group_by_length:
         return fabric.setup_dataloaders(train_loader, val_loader)
     sampler = GroupedBatchSampler(
@@ -202,6 +207,41 @@ def make_loaders(
         train_loader, use_distributed_sampler=False
     )  # the sampler splits by rank itself
     return train_loader, fabric.setup_dataloaders(val_loader)
+
+
+def packed_micro_batches(fabric: L.Fabric, plan: LengthPlan, micro_batch_size: int, seed: int) -> int:
+    """This rank's packed train micro-batches in the first epoch: the length of ``packed_loader``, before it exists."""
+    batches_for_epoch = packing.packed_plan(
+        plan.kept_lengths("train"),
+        plan.decision.max_seq_length,
+        micro_batch_size,
+        seed,
+        rank=fabric.global_rank,
+        world_size=fabric.world_size,
+    )
+    return len(batches_for_epoch(0))
+
+
+def packed_loader(
+    fabric: L.Fabric, loader: DataLoader, plan: LengthPlan, micro_batch_size: int, seed: int
+) -> DataLoader:
+    """``loader``'s samples packed into rows (``packing.packed_plan``: this rank's rows, a new packing per epoch),
+    collated by ``packing.packed_collate``, whatever items the dataset gives (input_ids, labels, token_counts)."""
+    batches_for_epoch = packing.packed_plan(
+        plan.kept_lengths("train"),
+        plan.decision.max_seq_length,
+        micro_batch_size,
+        seed,
+        rank=fabric.global_rank,
+        world_size=fabric.world_size,
+    )
+    packed = DataLoader(
+        packing.PackedRows(loader.dataset),
+        batch_sampler=packing.PackedBatchSampler(batches_for_epoch),
+        num_workers=loader.num_workers,
+        collate_fn=packing.packed_collate,  # ignores -100, as the loss does
+    )
+    return fabric.setup_dataloaders(packed, use_distributed_sampler=False)  # the plan splits by rank itself
 
 
 def keep_samples(loader: DataLoader, indices: list[int], cuts: list[truncation.Plan]) -> DataLoader:
@@ -267,14 +307,12 @@ def publish_plan(
             f"warning: --train.max_seq_length {decision.wanted} is above the model's block_size {decision.block_size}; using {decision.block_size}."
         )
     report = build_report(plan, seq)
-    report["batches_estimate"] = data_utils.estimate_padding(
-        plan.kept_lengths("train"),
-        micro_batch_size,
-        decision.max_seq_length,
-        seq.group_by_length,
-        seed,
-        fabric.world_size,
+    expected = packing.expected_efficiency(
+        plan.kept_lengths("train"), decision.max_seq_length, micro_batch_size, seed, fabric.world_size
     )
+    report["expected_efficiency"] = {how: estimate["efficiency"] for how, estimate in expected.items()}
+    chosen = "packed" if seq.pack else "grouped" if seq.group_by_length else "random"
+    report["batches_estimate"] = {"packed": False, **expected[chosen]}
     report["batches_estimate"].update(micro_batch_size=micro_batch_size, group_by_length=seq.group_by_length)
     report["warnings"] = plan.warnings
     report["dry_run"] = seq.dry_run
@@ -348,9 +386,19 @@ def print_report(fabric: L.Fabric, report: dict, plan: LengthPlan) -> None:
         fabric.print(f"lengths in {name}:")
         fabric.print(data_utils.histogram(split_lengths, decision.max_seq_length, decision.block_size))
     estimate = report["batches_estimate"]
+    how = (
+        f"packed, {estimate['samples_per_row']:g} samples per row"
+        if estimate["packed"]
+        else f"group_by_length {str(estimate['group_by_length']).lower()}"
+    )
     fabric.print(
         f"train batches (estimate): {estimate['efficiency']:.1%} of the tokens real, the rest padding"
-        f" (micro_batch_size {estimate['micro_batch_size']}, group_by_length {str(estimate['group_by_length']).lower()})"
+        f" (micro_batch_size {estimate['micro_batch_size']}, {how})"
+    )
+    expected = ", ".join(f"{how} {efficiency:.1%}" for how, efficiency in report["expected_efficiency"].items())
+    fabric.print(
+        f"expected share of real tokens in train batches (epoch 1, micro_batch_size {estimate['micro_batch_size']},"
+        f" max_seq_length {decision.max_seq_length}): {expected} (--seq.group_by_length, --seq.pack)"
     )
 
 
@@ -376,14 +424,19 @@ def key_figures(report: dict) -> dict:
     return figures
 
 
-def batches_trained(token_counts: dict, micro_batch_size: int, group_by_length: bool) -> dict:
-    """The padding of the whole run, from fit's exact counts (summed over the ranks)."""
+def batches_trained(token_counts: dict, micro_batch_size: int, group_by_length: bool, pack: bool = False) -> dict:
+    """The padding of the whole run, from fit's exact counts (summed over the ranks). A row is one sample unpacked."""
     real, processed = (
         token_counts["raw_tokens_plus_prompt_template"],
         token_counts["raw_tokens_plus_prompt_template_and_padding"],
     )
+    rows, samples = token_counts["rows"], token_counts["samples"]
     return {
         "count": token_counts["micro_batches"],
+        "packed": pack,
+        "rows": rows,
+        "samples": samples,
+        "samples_per_row": round(samples / rows, 3) if rows else 0.0,
         "real_tokens": real,
         "padded_tokens": processed,
         "efficiency": round(real / processed, 6) if processed else 1.0,

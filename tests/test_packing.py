@@ -1,0 +1,287 @@
+"""Packed micro-batches train exactly as their samples one by one: per-token losses and LoRA gradients of
+``packed_forward`` equal those of litgpt's own ``GPT.forward`` run on each sample alone (float32, CPU)."""
+
+import random
+
+import pytest
+import torch
+from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
+
+from data_utils import UserInputError
+from packed_forward import batch_logits, check_packable, packed_forward
+from packing import PADDING_SEGMENT, packed_collate
+from token_loss import micro_batch_loss_sum
+
+LORA = {
+    "lora_r": 4,
+    "lora_alpha": 8,
+    "lora_dropout": 0.0,
+    "lora_query": True,
+    "lora_key": True,
+    "lora_value": True,
+    "lora_projection": True,
+    "lora_mlp": True,
+    "lora_head": True,
+}
+TINY = dict(block_size=64, vocab_size=96, padded_vocab_size=96, n_layer=2, n_head=4, n_embd=32, **LORA)
+CONFIGS = {
+    # Llama: RMSNorm, LLaMAMLP, full rotary, grouped-query attention
+    "llama": {
+        "rotary_percentage": 1.0,
+        "parallel_residual": False,
+        "bias": False,
+        "norm_class_name": "RMSNorm",
+        "mlp_class_name": "LLaMAMLP",
+        "intermediate_size": 64,
+        "n_query_groups": 2,
+    },
+    # Pythia / GPT-NeoX: parallel residual, a quarter of each head rotated, LayerNorm, biases
+    "pythia": {
+        "rotary_percentage": 0.25,
+        "parallel_residual": True,
+        "bias": True,
+        "norm_class_name": "LayerNorm",
+        "mlp_class_name": "GptNeoxMLP",
+        "n_embd": 64,
+    },
+    # Gemma-2-like without its sliding window: both softcappings, scaled embeddings, extra norms, GemmaMLP, MQA
+    "softcapped": {
+        "rotary_percentage": 1.0,
+        "parallel_residual": False,
+        "bias": False,
+        "norm_class_name": "RMSNorm",
+        "mlp_class_name": "GemmaMLP",
+        "intermediate_size": 64,
+        "n_query_groups": 1,
+        "scale_embeddings": True,
+        "attention_logit_softcapping": 5.0,
+        "final_logit_softcapping": 3.0,
+        "post_attention_norm": True,
+        "post_mlp_norm": True,
+        "attention_scores_scalar": 16,
+    },
+    # Gemma-3-like without windows: a local rope base for some layers (rope_indices), norms on q and k
+    "dual_rope": {
+        "rotary_percentage": 1.0,
+        "parallel_residual": False,
+        "bias": False,
+        "norm_class_name": "RMSNorm",
+        "mlp_class_name": "LLaMAMLP",
+        "intermediate_size": 64,
+        "rope_local_base_freq": 100.0,
+        "rope_indices": [1, 0],
+        "norm_qk": True,
+    },
+    # Mixture of experts: routing is per token
+    "moe": {
+        "rotary_percentage": 1.0,
+        "parallel_residual": False,
+        "bias": False,
+        "norm_class_name": "RMSNorm",
+        "mlp_class_name": "LLaMAMoE",
+        "intermediate_size": 64,
+        "moe_intermediate_size": 32,
+        "n_expert": 4,
+        "n_expert_per_token": 2,
+    },
+}
+
+
+def tiny_lora_gpt(name: str) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(Config(name=name, **{**TINY, **CONFIGS[name]}))
+    with torch.no_grad():  # LoRA's B starts at zero; random values everywhere make every gradient count
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.2)
+    mark_only_lora_as_trainable(model)
+    return model.train()
+
+
+def sample(rng: random.Random, length: int, prompt: int, vocab: int = 96) -> dict:
+    """An item as litgpt's SFTDataset makes it: labels are the ids with the prompt (``prompt`` tokens) ignored."""
+    ids = torch.tensor([rng.randrange(vocab) for _ in range(length)])
+    labels = ids.clone()
+    labels[:prompt] = -100
+    return {"input_ids": ids, "labels": labels, "token_counts": {"raw": length, "raw_plus_prompt_template": length}}
+
+
+def samples_and_rows(seed: int = 0):
+    rng = random.Random(seed)
+    # prompt 0 is SFTDataset's mask_prompt=False: its first label is a real token, the case the collate must cut
+    items = [sample(rng, n, p) for n, p in [(7, 3), (12, 0), (5, 2), (20, 8), (1, 0), (9, 0), (16, 5), (3, 1)]]
+    rows = [[0, 1, 2], [3, 4], [5, 6, 7]]  # widths 24, 21, 28: the first two rows end in padding
+    return items, rows
+
+
+def one_by_one(model: GPT, items: list[dict]):
+    """Per-token losses of each sample run alone through litgpt's GPT.forward, and the LoRA gradients of their sum."""
+    model.zero_grad()
+    losses = []
+    for item in items:
+        logits = model(item["input_ids"][None])[0]
+        losses.append(
+            torch.nn.functional.cross_entropy(logits[:-1], item["labels"][1:], reduction="none", ignore_index=-100)
+        )
+    torch.cat(losses).sum().backward()
+    return [loss.detach() for loss in losses], lora_gradients(model)
+
+
+def packed(model: GPT, items: list[dict], rows: list[list[int]], lm_head_chunk_size: int = 0):
+    model.zero_grad()
+    batch = packed_collate([[items[i] for i in row] for row in rows])
+    logits = packed_forward(model, batch["input_ids"], batch["position_ids"], batch["segment_ids"], lm_head_chunk_size)
+    total, count = micro_batch_loss_sum(logits, batch["labels"])
+    total.backward()
+    logits = torch.cat(logits, dim=1) if isinstance(logits, list) else logits
+    token_losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], reduction="none", ignore_index=-100
+    ).detach()
+    losses = {}
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            end = start + len(items[i]["input_ids"])
+            losses[i] = token_losses[r, start : end - 1]  # the predictions made from this sample's tokens
+            start = end
+    return [losses[i] for i in range(len(items))], lora_gradients(model), count
+
+
+def lora_gradients(model: GPT) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("lm_head_chunk_size", [0, 8])
+def test_packed_equals_one_by_one(name, lm_head_chunk_size):
+    model = tiny_lora_gpt(name)
+    items, rows = samples_and_rows()
+    reference_losses, reference_gradients = one_by_one(model, items)
+    losses, gradients, count = packed(model, items, rows, lm_head_chunk_size)
+
+    assert count == sum(int((item["labels"][1:] != -100).sum()) for item in items)
+    for reference, loss in zip(reference_losses, losses):
+        torch.testing.assert_close(loss, reference, atol=1e-5, rtol=0)
+    assert gradients.keys() == reference_gradients.keys() and any("lora_A" in k for k in gradients)
+    for key, reference in reference_gradients.items():
+        assert reference.abs().sum() > 0, key  # every LoRA weight takes part
+        torch.testing.assert_close(gradients[key], reference, atol=1e-5, rtol=0, msg=key)
+
+
+def test_without_cutting_the_first_labels_samples_would_leak():
+    """The test above can fail: if a row's second sample kept its first label, the first sample's last token would
+    be trained to predict it (one more target than one by one)."""
+    items, rows = samples_and_rows()
+    batch = packed_collate([[items[i] for i in row] for row in rows])
+    assert batch["labels"][0, 7] == -100  # sample 1 (mask_prompt=False) starts at 7; its own first label was a token
+    assert items[1]["labels"][0] != -100
+
+
+def test_through_fabric_module_runs_the_root_call():
+    """Through the module ``fabric.setup_module`` returns: the same logits, and the GPT's own call (with its hooks,
+    where FSDP gathers parameters) runs."""
+    import lightning as L
+
+    model = tiny_lora_gpt("llama")
+    items, rows = samples_and_rows()
+    batch = packed_collate([[items[i] for i in row] for row in rows])
+    expected = batch_logits(model, batch)
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
+    wrapped = fabric.setup_module(model)
+    torch.testing.assert_close(batch_logits(wrapped, batch), expected, atol=0, rtol=0)
+    assert calls == [1]
+    assert "forward" not in vars(model)  # the redirection is undone
+    torch.testing.assert_close(wrapped(batch["input_ids"][:1, :7]), model(items[0]["input_ids"][None]))
+
+
+def test_collate_hand_computed():
+    a = {
+        "input_ids": torch.tensor([11, 12, 13]),
+        "labels": torch.tensor([-100, 12, 13]),
+        "token_counts": {"raw": 2, "raw_plus_prompt_template": 3},
+    }
+    b = {
+        "input_ids": torch.tensor([21, 22]),
+        "labels": torch.tensor([21, 22]),
+        "token_counts": {"raw": 2, "raw_plus_prompt_template": 2},
+    }
+    c = {
+        "input_ids": torch.tensor([31, 32, 33, 34, 35, 36]),
+        "labels": torch.tensor([-100, -100, 33, 34, 35, 36]),
+        "token_counts": {"raw": 5, "raw_plus_prompt_template": 6},
+    }
+    batch = packed_collate([[a, b], [c]], pad_id=0)
+    assert batch["input_ids"].tolist() == [[11, 12, 13, 21, 22, 0], [31, 32, 33, 34, 35, 36]]
+    assert batch["labels"].tolist() == [[-100, 12, 13, -100, 22, -100], [-100, -100, 33, 34, 35, 36]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]]
+    p = PADDING_SEGMENT
+    assert batch["segment_ids"].tolist() == [[0, 0, 0, 1, 1, p], [0, 0, 0, 0, 0, 0]]
+    assert batch["token_counts"]["raw_plus_prompt_template"].flatten().tolist() == [3, 2, 6]
+
+
+@pytest.mark.parametrize("name", ["Gemma-2-2b", "Gemma-3-1b-it", "Mistral-7B-v0.1", "Phi-3-mini-4k-instruct"])
+def test_sliding_window_models_are_refused_from_the_config(name):
+    with pytest.raises(UserInputError, match=r"--seq.pack true cannot train .*sliding-window.*--seq.pack false"):
+        check_packable(Config.from_name(name))
+
+
+def test_refused_in_the_forward_too():
+    config = Config(**{**TINY, **CONFIGS["llama"]}, sliding_window_size=4, sliding_window_indices=[0, 1])
+    model = GPT(config)
+    batch = packed_collate([[sample(random.Random(0), 5, 1)]])
+    with pytest.raises(UserInputError, match="in layer\\(s\\) 1"):
+        batch_logits(model, batch)
+
+
+def test_a_window_in_no_layer_is_accepted():
+    check_packable(Config(**{**TINY, **CONFIGS["llama"]}, sliding_window_size=4, sliding_window_indices=[0, 0]))
+    for name in ("Llama-2-7b-hf", "pythia-160m", "gemma-2b"):
+        check_packable(Config.from_name(name))
+
+
+def test_the_forward_rotates_by_the_given_positions():
+    """RoPE is relative, so a sample's scores do not change when all its positions shift by the same offset (and
+    the test above could not tell); what the forward must not do is ignore ``position_ids``: with every position 0
+    (no rotation) the logits differ, and with the restart they equal the sample's own run."""
+    model = tiny_lora_gpt("llama").eval()
+    items, rows = samples_and_rows()
+    batch = packed_collate([[items[i] for i in rows[0]]])
+    with torch.no_grad():
+        logits = packed_forward(model, batch["input_ids"], batch["position_ids"], batch["segment_ids"])
+        unrotated = packed_forward(
+            model, batch["input_ids"], torch.zeros_like(batch["position_ids"]), batch["segment_ids"]
+        )
+        alone = model(items[1]["input_ids"][None])
+    torch.testing.assert_close(logits[:, 7:19], alone, atol=1e-5, rtol=0)
+    assert not torch.allclose(unrotated[:, 7:19], alone, atol=1e-3)
+
+
+@pytest.mark.parametrize("mask_prompt", [True, False])
+def test_collate_of_litgpt_sft_items(tmp_path, mask_prompt):
+    """Rows of litgpt's own SFTDataset items: each sample's ids and labels in its place, only its first label
+    ignored (already so when the prompt is masked), positions from 0 and one segment per sample."""
+    from litgpt.data import SFTDataset
+    from litgpt.prompts import Alpaca
+    from litgpt.tokenizer import Tokenizer
+
+    import demo_assets
+
+    demo_assets.build_tokenizer(tmp_path)
+    samples = [
+        {"instruction": "write a short story", "input": "", "output": "the model learns"},
+        {"instruction": "explain", "input": "the data", "output": "because every sample fits"},
+        {"instruction": "list", "input": "", "output": "first second"},
+    ]
+    dataset = SFTDataset(samples, Tokenizer(tmp_path), prompt_style=Alpaca(), mask_prompt=mask_prompt)
+    items = [dataset[i] for i in range(3)]
+    batch = packed_collate([[items[0], items[1]], [items[2]]])
+    start = 0
+    for item, segment in zip(items[:2], (0, 1)):
+        end = start + len(item["input_ids"])
+        assert batch["input_ids"][0, start:end].tolist() == item["input_ids"].tolist()
+        assert batch["labels"][0, start:end].tolist() == [-100] + item["labels"][1:].tolist()
+        assert batch["position_ids"][0, start:end].tolist() == list(range(end - start))
+        assert set(batch["segment_ids"][0, start:end].tolist()) == {segment}
+        start = end
+    assert (batch["labels"][1, len(items[2]["input_ids"]) :] == -100).all()

@@ -1,0 +1,102 @@
+"""Token-weighted loss (--seq.loss_weighting token): every supervised token of an optimizer step weighs the same.
+
+Upstream averages the loss within each micro-batch and then over the micro-batches of a step, so a token in a
+micro-batch with few supervised tokens weighs more than one in a full micro-batch. Here a step's loss is
+
+    (sum of the token losses of all its micro-batches on all ranks) / (number of supervised tokens of the step)
+
+Each micro-batch contributes its loss *sum*; the step's token count is known before the first backward pass
+(``StepLookahead`` draws the step's micro-batches first and ``step_supervised_tokens`` counts them, summed over the
+ranks). ``training_loss.train_loss`` divides each micro-batch's loss sum by the step's mean tokens per micro-batch
+(``step_tokens / (accumulation * world_size)``); fit divides by ``accumulation`` as upstream does and data
+parallelism averages over the ranks, which leaves the gradient of the step's mean over all its tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def shifted(logits: torch.Tensor | list[torch.Tensor], labels: torch.Tensor):
+    """Output n predicts token n + 1: the logits without the last position and the labels without the first, as
+    ``fit`` pairs them (``logits`` may be the list of chunks ``lm_head_chunk_size`` gives)."""
+    if isinstance(logits, list):
+        return [*logits[:-1], logits[-1][..., :-1, :]], labels[..., 1:]
+    return logits[..., :-1, :], labels[..., 1:]
+
+
+def micro_batch_loss_sum(
+    logits: torch.Tensor | list[torch.Tensor], labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sum of the cross-entropy losses of the supervised tokens of one micro-batch, and their count.
+
+    ``logits`` are the model's output for the whole micro-batch (a tensor or the list of chunks along T that
+    ``lm_head_chunk_size`` gives), ``labels`` the batch's labels; the shift is done here. Packed or not alike.
+    """
+    logits, targets = shifted(logits, labels)
+    chunks = logits if isinstance(logits, list) else [logits]
+    target_chunks = targets.split([chunk.size(1) for chunk in chunks], dim=1)
+    total = sum(
+        torch.nn.functional.cross_entropy(
+            chunk.reshape(-1, chunk.size(-1)), target.reshape(-1), ignore_index=ignore_index, reduction="sum"
+        )
+        for chunk, target in zip(chunks, target_chunks)
+    )
+    return total, (targets != ignore_index).sum()
+
+
+def supervised_tokens(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The number of tokens of a micro-batch the loss counts (labels after the shift that are not ignored)."""
+    return (labels[..., 1:] != ignore_index).sum()
+
+
+def step_supervised_tokens(batches: Sequence[dict], fabric=None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The supervised tokens of one optimizer step: over ``batches`` (this rank's micro-batches of the step) and, with
+    ``fabric``, summed over all ranks. At least 1, so a step without any target gives a zero loss, not a NaN."""
+    count = sum(supervised_tokens(batch["labels"], ignore_index) for batch in batches)
+    count = torch.as_tensor(count)
+    if fabric is not None:
+        count = fabric.all_reduce(count.to(fabric.device), reduce_op="sum")
+    return count.clamp(min=1)
+
+
+class StepLookahead:
+    """Wraps the iterator of ``fit`` (litgpt's ``CycleIterator``, or any iterator with an ``epoch``) so that the
+    supervised tokens of each optimizer step are known before its first backward pass.
+
+    At the first micro-batch of a step it draws all ``accumulation`` micro-batches of the step and counts their
+    supervised tokens over all ranks (``step_supervised_tokens``, a collective: every rank draws at the same
+    iterations). ``tokens_per_micro_batch`` is that count divided by the step's micro-batches on all ranks, what
+    ``training_loss.train_loss`` divides each micro-batch's loss sum by. ``epoch`` is the wrapped iterator's epoch as it
+    was when the micro-batch just returned was drawn, so fit's ``batches.epoch >= train.epochs`` stops where it would
+    without the look-ahead. Any other attribute is the wrapped iterator's (between two steps nothing is pending).
+    """
+
+    def __init__(self, batches, accumulation: int, fabric=None, ignore_index: int = IGNORE_INDEX) -> None:
+        self.batches, self.accumulation, self.fabric, self.ignore_index = batches, accumulation, fabric, ignore_index
+        self.pending: list[tuple[dict, int]] = []
+        self.tokens_per_micro_batch = torch.tensor(1.0)
+        self.epoch = batches.epoch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if not self.pending:
+            for _ in range(self.accumulation):
+                batch = next(self.batches)
+                self.pending.append((batch, self.batches.epoch))
+            tokens = step_supervised_tokens([batch for batch, _ in self.pending], self.fabric, self.ignore_index)
+            micro_batches = self.accumulation * (self.fabric.world_size if self.fabric is not None else 1)
+            self.tokens_per_micro_batch = tokens.float() / micro_batches
+        batch, self.epoch = self.pending.pop(0)
+        return batch
+
+    def __getattr__(self, name: str):
+        if name == "batches":  # not set yet (e.g. while unpickling)
+            raise AttributeError(name)
+        return getattr(self.batches, name)
