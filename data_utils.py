@@ -70,6 +70,12 @@ def sample_parts(dataset, index: int, split: str = "?") -> SampleParts:
         ) from None
 
 
+def _sample_problem(example) -> str | None:
+    from input_checks import sample_problem  # here: input_checks imports this module
+
+    return sample_problem(example)
+
+
 def _sft_parts(dataset, index: int, split: str) -> SampleParts:
     example = dataset.data[index]
     if not isinstance(example, Mapping):
@@ -79,6 +85,8 @@ def _sft_parts(dataset, index: int, split: str) -> SampleParts:
         )
     if dataset.transform is not None:
         example = dataset.transform(example)
+    if (problem := _sample_problem(example)) is not None:  # e.g. "output": null, which tokenizers refuse
+        raise UserInputError(f"{split} sample {index} {problem} Fix the data file.")
     tokenizer, style = dataset.tokenizer, dataset.prompt_style
     prompt_ids = tokenizer.encode(style.apply(prompt=example["instruction"], **example)).tolist()
     response = len(tokenizer.encode(example["output"], bos=False, eos=True))
@@ -173,7 +181,10 @@ def scan_parts(
         else:
             # HF tokenizers refuse to use their thread pool after a fork; they are called one text at a time here.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
+            from cli_support import ignore_sigint  # here: cli_support imports this module
+
+            # Workers ignore Ctrl-C (sent to the whole process group): only the main process reports it, in one line.
+            with multiprocessing.get_context("fork").Pool(workers, initializer=ignore_sigint) as pool:
                 parts = _collect(pool.imap(_scan_range, bounds), bar)
     finally:
         _scan_target = ()
@@ -280,8 +291,11 @@ def cut_by(lengths: Sequence[int], limit: int) -> tuple[int, int]:
     return len(over), sum(over) - limit * len(over)
 
 
-def over_length_error(lengths_by_split: Mapping[str, Sequence[int]], decision: Decision, shown: int = 5) -> str | None:
-    """The message for ``--seq.over_length error``, or None when every sample fits."""
+def over_length_error(
+    lengths_by_split: Mapping[str, Sequence[int]], decision: Decision, shown: int = 5, where=None
+) -> str | None:
+    """The message for ``--seq.over_length error``, or None when every sample fits. ``where(split, index)`` (when
+    given) names a sample's place in the user's file, e.g. "position 10 of /data/all.json"."""
     offenders = [
         (split, i, lengths[i])
         for split, lengths in lengths_by_split.items()
@@ -289,23 +303,32 @@ def over_length_error(lengths_by_split: Mapping[str, Sequence[int]], decision: D
     ]
     if not offenders:
         return None
-    listed = ", ".join(f"{split}[{i}] = {n}" for split, i, n in offenders[:shown])
+    listed = ", ".join(
+        f"{split}[{i}] = {n}" + (f" ({where(split, i)})" if where else "") for split, i, n in offenders[:shown]
+    )
     more = f" and {len(offenders) - shown} more" if len(offenders) > shown else ""
     return (
         f"{len(offenders)} sample(s) are longer than max_seq_length {decision.max_seq_length}"
-        f" ({decision.summary()}): {listed}{more}.\n"
-        "To go on, either raise the limit (--train.max_seq_length, up to the block_size"
-        f" {decision.block_size}; or --seq.headroom), or choose what happens to them:"
-        " --seq.over_length truncate (cut them) or --seq.over_length drop (leave them out)."
+        f" ({decision.summary()}): {listed}{more}.\n" + over_length_fix(decision)
     )
 
 
+def over_length_fix(decision: Decision) -> str:
+    """The advice ending an over-length error, naming only flags that can help: raising the limit cannot help once it
+    is the model's block_size, and --seq.headroom does nothing under --train.max_seq_length."""
+    policies = "--seq.over_length truncate (cut them) or --seq.over_length drop (leave them out)"
+    if decision.max_seq_length >= decision.block_size:
+        return f"max_seq_length is the model's block_size {decision.block_size}, so no limit can keep them whole: use {policies}."
+    # Sized from the data, the limit is below the longest sample only when capped: so here it is an override.
+    return f"Raise --train.max_seq_length (up to block_size {decision.block_size}), or use {policies}."
+
+
 def apply_over_length(
-    lengths_by_split: Mapping[str, Sequence[int]], decision: Decision, policy: str
+    lengths_by_split: Mapping[str, Sequence[int]], decision: Decision, policy: str, where=None
 ) -> dict[str, list[int]]:
     """The indices each split keeps under ``--seq.over_length``; raises for ``error`` with an over-long sample, and for
     ``drop`` when it would empty the train or val split."""
-    if policy == "error" and (message := over_length_error(lengths_by_split, decision)):
+    if policy == "error" and (message := over_length_error(lengths_by_split, decision, where=where)):
         raise UserInputError(message)
     if policy != "drop":
         return {split: list(range(len(lengths))) for split, lengths in lengths_by_split.items()}
@@ -317,9 +340,17 @@ def apply_over_length(
         if split in kept and not kept[split]:
             raise UserInputError(
                 f"--seq.over_length drop leaves the {split} split empty: all {len(lengths_by_split[split])} samples are longer"
-                f" than max_seq_length {decision.max_seq_length}. Raise --train.max_seq_length or use --seq.over_length truncate."
+                f" than max_seq_length {decision.max_seq_length}. {_keep_them(decision)}"
             )
     return kept
+
+
+def _keep_them(decision: Decision) -> str:
+    if decision.max_seq_length >= decision.block_size:
+        return (
+            f"That is the model's block_size {decision.block_size}: use --seq.over_length truncate, or shorter samples."
+        )
+    return f"Raise --train.max_seq_length (up to block_size {decision.block_size}) or use --seq.over_length truncate."
 
 
 def longest_batch(lengths: Sequence[int], batch_size: int) -> list[int]:
@@ -333,12 +364,15 @@ def longest_batch(lengths: Sequence[int], batch_size: int) -> list[int]:
     return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))[:batch_size]
 
 
-def write_dropped(path: Path, dropped: Sequence[tuple[str, int, int, str, object]]) -> None:
+def write_dropped(path: Path, dropped: Sequence[tuple[str, int, int, str, object]], source=None) -> None:
     """One JSON line per dropped sample: its split, index, length, the reason (``over_length`` under
-    ``--seq.over_length drop``, ``unsupervised`` when cutting left no token to learn from) and the sample, unchanged."""
-    keys = ("split", "index", "length", "reason", "sample")
+    ``--seq.over_length drop``, ``unsupervised`` when cutting left no token to learn from), with ``source(split,
+    index)`` the file and position it came from (``DataFiles.source``), and the sample, unchanged."""
     with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(dict(zip(keys, row)), ensure_ascii=False) + "\n" for row in dropped)
+        for split, index, length, reason, sample in dropped:
+            record = {"split": split, "index": index, "length": length, "reason": reason}
+            record.update(source(split, index) if source else {})
+            f.write(json.dumps({**record, "sample": sample}, ensure_ascii=False) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
+from jsonargparse import ActionConfigFile, Namespace, set_parsing_settings
 from lightning.fabric.plugins import BitsandbytesPrecision
 from lightning.fabric.strategies import ModelParallelStrategy
 from lightning.fabric.utilities import ThroughputMonitor
@@ -31,11 +31,9 @@ from litgpt.data import Alpaca, DataModule
 from litgpt.finetune.full import setup as litgpt_finetune_full
 from litgpt.finetune.lora import (
     generate_example,
-    get_lr_scheduler,
     parallelize_fn,
     save_lora_checkpoint,
     validate,
-    validate_args,
 )
 from litgpt.finetune.lora import setup as litgpt_finetune_lora
 from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
@@ -58,11 +56,15 @@ from litgpt.utils import (
 from torch.utils.data import DataLoader
 from torchmetrics import RunningMean
 
-import data_utils
+import cli_support
+import input_checks
 import rehearsal
 import resume_state
+import run_lock
 import seq_data
+from cli_support import FlowParser
 from data_utils import UserInputError
+from lr_schedule import get_lr_scheduler
 from packed_forward import check_packable
 from seq_args import SeqArgs
 from token_loss import StepLookahead
@@ -85,67 +87,62 @@ def setup(checkpoint_dir: Path, seq: SeqArgs = SeqArgs(), resume: resume_state.R
     flags.apply_defaults()
     flags = flags.arguments
     train, eval, seed = flags["train"], flags["eval"], flags["seed"]
-    data_utils.check_settings(seq.headroom, train.max_seq_length, seq.over_length, seq.truncate_from)
-    if seq.pack and seq.group_by_length:
-        raise UserInputError(
-            "--seq.pack true and --seq.group_by_length true exclude each other (packing already fills the rows);"
-            " set one of them to false."
-        )
-    try:
-        validate_args(train, eval)
-    except ValueError as problem:
-        raise UserInputError(str(problem)) from None
-
-    checkpoint_dir = find_checkpoint_dir(Path(checkpoint_dir), flags["access_token"], need_weights=not seq.dry_run)
-    out_dir = init_out_dir(Path(flags["out_dir"]))
-    data = flags["data"] or Alpaca()
-    lora_settings = {name: value for name, value in flags.items() if name.startswith("lora_")}  # Config's own names
-    config = Config.from_file(checkpoint_dir / "model_config.yaml", **lora_settings)
-    if seq.pack:
-        check_packable(config)  # from the config alone: before any weight is read, in a dry run too
     devices, num_nodes = parse_devices(flags["devices"]), flags["num_nodes"]
     precision, quantize = flags["precision"] or get_default_supported_precision(training=True), flags["quantize"]
-    logger = choose_logger(
-        flags["logger_name"],
-        out_dir,
-        name=f"finetune-{config.name}",
-        log_interval=train.log_interval,
-        log_args=dataclasses.asdict(flags["log"]),
-        resume=bool(resume),
-    )
-
-    plugins = None
-    if quantize is not None and quantize.startswith("bnb."):
-        if "mixed" in precision:
-            raise UserInputError("--quantize cannot be combined with a mixed --precision; use e.g. bf16-true.")
-        dtype = {"16-true": torch.float16, "bf16-true": torch.bfloat16, "32-true": torch.float32}[precision]
-        plugins = BitsandbytesPrecision(quantize[4:], dtype)
-        precision = None
-    strategy = "auto"
-    if devices * num_nodes > 1:
-        if quantize:
-            raise UserInputError("--quantize works on a single device only: set --devices 1 --num_nodes 1.")
-        strategy = ModelParallelStrategy(
-            parallelize_fn=parallelize_fn, data_parallel_size=devices * num_nodes, tensor_parallel_size=1
+    out_dir = init_out_dir(Path(flags["out_dir"]))
+    # Every setting, upstream's included, before anything is read or built; out_dir is created and tried for writing.
+    input_checks.check_settings(train, eval, seq, devices, num_nodes, quantize, precision, out_dir)
+    with run_lock.hold_out_dir(out_dir, enabled=run_lock.launched_as_rank_zero()):  # one run per out_dir, for its life
+        data = flags["data"] or Alpaca()
+        located = input_checks.check_data_files(data)  # every sample of the user's files, before a token is made
+        checkpoint_dir = find_checkpoint_dir(Path(checkpoint_dir), flags["access_token"], need_weights=not seq.dry_run)
+        lora_settings = {name: value for name, value in flags.items() if name.startswith("lora_")}  # Config's names
+        config = Config.from_file(checkpoint_dir / "model_config.yaml", **lora_settings)
+        if seq.pack:
+            check_packable(config)  # from the config alone: before any weight is read, in a dry run too
+        logger = choose_logger(
+            flags["logger_name"],
+            out_dir,
+            name=f"finetune-{config.name}",
+            log_interval=train.log_interval,
+            log_args=dataclasses.asdict(flags["log"]),
+            resume=bool(resume),
         )
 
-    fabric = L.Fabric(
-        devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=logger, plugins=plugins
-    )
-    fabric.launch(
-        main,
-        config=config,
-        data=data,
-        checkpoint_dir=checkpoint_dir,
-        out_dir=out_dir,
-        train=train,
-        eval=eval,
-        seq=seq,
-        optimizer=flags["optimizer"],
-        precision=precision,
-        seed=seed,
-        resume=resume,
-    )
+        plugins = None
+        if quantize is not None and quantize.startswith("bnb."):  # check_settings saw a -true precision, one device
+            dtype = {"16-true": torch.float16, "bf16-true": torch.bfloat16, "32-true": torch.float32}[precision]
+            plugins = BitsandbytesPrecision(quantize[4:], dtype)
+            precision = None
+        strategy = "auto"
+        if devices * num_nodes > 1:
+            strategy = ModelParallelStrategy(
+                parallelize_fn=parallelize_fn, data_parallel_size=devices * num_nodes, tensor_parallel_size=1
+            )
+
+        fabric = L.Fabric(
+            devices=devices,
+            num_nodes=num_nodes,
+            strategy=strategy,
+            precision=precision,
+            loggers=logger,
+            plugins=plugins,
+        )
+        fabric.launch(
+            main,
+            config=config,
+            data=data,
+            located=located,
+            checkpoint_dir=checkpoint_dir,
+            out_dir=out_dir,
+            train=train,
+            eval=eval,
+            seq=seq,
+            optimizer=flags["optimizer"],
+            precision=precision,
+            seed=seed,
+            resume=resume,
+        )
 
 
 def find_checkpoint_dir(checkpoint_dir: Path, access_token: str | None, need_weights: bool) -> Path:
@@ -179,6 +176,7 @@ def main(
     fabric: L.Fabric,
     config: Config,
     data: DataModule,
+    located: input_checks.DataFiles | None,
     checkpoint_dir: Path,
     out_dir: Path,
     train: TrainArgs,
@@ -196,10 +194,12 @@ def main(
     if resume_from is not None:
         resume_state.check_same_model(resume_from, checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
-    plan = seq_data.plan_lengths(fabric, data, tokenizer, train, seq, config.block_size)
+    plan = seq_data.plan_lengths(fabric, data, tokenizer, train, seq, config.block_size, located)
     run = resume_state.run_flags(train, seq, seed, fabric.world_size, optimizer, precision, config)
     resumption, plan = resume_state.begin(fabric, out_dir, resume_from, plan, run, saves=not seq.dry_run)
     decision = plan.decision
+    packed = seq_data.packed_micro_batches(fabric, plan, train.micro_batch_size, seed) if seq.pack else None
+    plan.warnings += input_checks.check_run(train, eval, plan.kept, fabric.world_size, seq.group_by_length, packed)
     report = seq_data.publish_plan(fabric, out_dir, plan, seq, train.micro_batch_size, seed)
     if resumption.report():
         report["resumed_from"] = resumption.report()
@@ -208,6 +208,8 @@ def main(
         fabric.print("dry run: nothing trained (--seq.dry_run true).")
         return
     hyperparameters.train.max_seq_length = decision.max_seq_length  # what the model trains with, for a rerun
+    if fabric.global_rank == 0 and (earlier := run_lock.earlier_run_warning(out_dir)):
+        fabric.print(earlier)
 
     # 2. The loaders the plan allows; then the model, built with the decided length, and its weights.
     train_loader, val_loader = seq_data.make_loaders(
@@ -215,6 +217,7 @@ def main(
     )
     steps_per_epoch = len(train_loader) // train.gradient_accumulation_iters(fabric.world_size, 1)
     lr_max_steps = min(train.epochs * steps_per_epoch, (train.max_steps or float("inf")))
+    input_checks.check_schedule(train.lr_warmup_steps, lr_max_steps)  # as planned; the loaders have the last word
     fabric.seed_everything(seed)  # the same on every rank, for model init
     with fabric.init_module(empty_init=(fabric.world_size > 1)):
         model = GPT(config)
@@ -481,15 +484,18 @@ def swap_in_stable_embedding(model) -> None:
     model.transformer.wte = new.to(device=old.weight.device, dtype=old.weight.dtype)
 
 
-def build_parser() -> ArgumentParser:
-    """The command line: litgpt finetune_lora's own flags, defaults and help (read from its function), plus --seq.*."""
+def build_parser() -> FlowParser:
+    """The command line: litgpt finetune_lora's own flags, defaults and help (read from its function), plus --seq.*.
+    ``FlowParser`` checks the data paths before the data module is built, and says what --train.max_seq_length and
+    --train.lr_warmup_steps mean here (``cli_support.HELP``)."""
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # help text from the dataclasses' docstrings
-    parser = ArgumentParser(default_meta=False, description=setup.__doc__.partition("\n")[0])
+    parser = FlowParser(default_meta=False, description=setup.__doc__.partition("\n")[0])
     parser.add_argument("--config", action=ActionConfigFile, help="Path to a configuration file (yaml).")
     parser.add_function_arguments(litgpt_finetune_lora, as_group=False, as_positional=True, sub_configs=True)
     parser.add_class_arguments(SeqArgs, "seq", sub_configs=True)
     not_resume = set(inspect.signature(litgpt_finetune_full).parameters) - {"resume"}
     parser.add_function_arguments(litgpt_finetune_full, as_group=False, skip=not_resume)  # --resume, as upstream's
+    cli_support.use_flow_help(parser)
     return parser
 
 
@@ -503,17 +509,11 @@ def cli() -> None:
     warnings.filterwarnings(
         "ignore", message=r"The epoch parameter in `scheduler.step\(\)` was not necessary", category=UserWarning
     )
-    parser = build_parser()
-    try:
+    with cli_support.user_facing_exits():  # bad input: `error: ...`, exit 2; Ctrl-C: one line, exit 130
+        parser = build_parser()
         flags = parser.instantiate_classes(parser.parse_args())
         flags.pop("config", None)
         setup(**flags)
-    except UserInputError as problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without a traceback
-        print("Interrupted.", file=sys.stderr)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -9,19 +9,21 @@ class SeqArgs:
     """Sequence-length arguments (new in this entry point)"""
 
     headroom: float = 0.1
-    """Margin above the longest sample when max_seq_length is sized from the data: 0.1 adds 10%. Capped at block_size."""
+    """Margin above the longest sample when max_seq_length is sized from the data: 0.1 adds 10%. Capped at block_size.
+    Ignored when --train.max_seq_length is set."""
     over_length: Literal["truncate", "drop", "error"] = "truncate"
-    """What happens to samples longer than max_seq_length: cut them, leave them out (kept in
-    OUT_DIR/dropped_samples.jsonl), or stop before the model is built."""
+    """What happens to samples longer than max_seq_length: cut them, leave them out (each written with its file and
+    position to OUT_DIR/dropped_samples.jsonl), or stop before the model is built, naming them."""
     truncate_from: Literal["prompt", "end"] = "prompt"
     """How truncate cuts a sample: `prompt` cuts the middle of the user's text (instruction/input) first, keeping the
     prompt template, its response marker and the whole response with its EOS whenever they fit; `end` keeps the first
     max_seq_length tokens, as litgpt does. Either way a sample left with no token to learn from is dropped (kept in
     OUT_DIR/dropped_samples.jsonl)."""
     dry_run: bool = False
-    """Scan, decide and report, then exit: needs only the tokenizer and the data (no lit_model.pth)."""
+    """Scan, decide and report, then exit: needs only the tokenizer and the data (no lit_model.pth). Into an out_dir
+    that holds a trained run, the report goes to seq_lengths.dry_run.json, leaving the run's own report alone."""
     scan_workers: int | None = None
-    """CPU processes for the length scan. Default: the data module's num_workers (at least 1)."""
+    """CPU processes for the length scan (>= 1). Default: the data module's num_workers (at least 1)."""
     group_by_length: bool = False
     """Draw each train micro-batch from samples of similar length (megabatches of 50 micro-batches sorted by length,
     in shuffled order; deterministic under --seed), so less of the compute goes to padding. Validation is unchanged."""

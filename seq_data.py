@@ -7,7 +7,7 @@ DataLoader and to the ranks of a Fabric run. Nothing here builds a model or read
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -19,9 +19,12 @@ from litgpt.data import DataModule
 from litgpt.tokenizer import Tokenizer
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
+import cli_support
 import data_utils
+import input_checks
 import packing
 import resume_state
+import run_lock
 import truncation
 from data_utils import Decision, SampleParts, UserInputError
 from seq_args import SeqArgs
@@ -43,6 +46,13 @@ class LengthPlan:
         """Every sample's untruncated length, per split, in dataset order."""
         return {split: [p.length for p in parts] for split, parts in self.parts.items()}
 
+    warnings: list[dict] = field(default_factory=list)  # outcomes that train on little or nothing (input_checks)
+    located: input_checks.DataFiles | None = None  # where each sample sits in the user's files (JSON module only)
+
+    def where(self, split: str, index: int) -> str | None:
+        """A sample's place in the user's file ("position 10 of /data/all.json"), or None when unknown."""
+        return self.located.where(split, index) if self.located else None
+
     def kept_lengths(self, split: str) -> list[int]:
         """The lengths of the kept samples as cut, in the order the loaders see them."""
         return [self.cuts[split][i].length for i in self.kept[split]]
@@ -59,16 +69,25 @@ class LengthPlan:
 
 
 def plan_lengths(
-    fabric: L.Fabric, data: DataModule, tokenizer: Tokenizer, train: TrainArgs, seq: SeqArgs, block_size: int
+    fabric: L.Fabric,
+    data: DataModule,
+    tokenizer: Tokenizer,
+    train: TrainArgs,
+    seq: SeqArgs,
+    block_size: int,
+    located: input_checks.DataFiles | None = None,
 ) -> LengthPlan:
     """Scan every split untruncated, decide max_seq_length, apply the over-length policy, plan each sample's cut and
-    leave out the samples that the cut leaves with no token to learn from."""
+    leave out the samples that the cut leaves with no token to learn from; then find what would train on little or
+    nothing (``plan.warnings``). ``located`` (from ``input_checks.check_data_files``) names samples by their place in
+    the user's files, in errors, warnings and dropped_samples.jsonl."""
     loaders = load_splits(fabric, data, tokenizer, train.micro_batch_size, max_seq_length=None)
     workers = seq.scan_workers if seq.scan_workers is not None else max(1, getattr(data, "num_workers", 1))
     parts = {name: scan_split(fabric, loader.dataset, name, workers) for name, loader in loaders.items()}
     lengths = {name: [p.length for p in split_parts] for name, split_parts in parts.items()}
     decision = data_utils.decide_max_seq_length(lengths, block_size, seq.headroom, train.max_seq_length)
-    within_policy = data_utils.apply_over_length(lengths, decision, seq.over_length)
+    where = located.where if located else None
+    within_policy = data_utils.apply_over_length(lengths, decision, seq.over_length, where=where)
     cuts = {name: truncation.plan_split(parts[name], decision.max_seq_length, seq.truncate_from) for name in parts}
     kept, dropped = {}, {}
     for name, loader in loaders.items():
@@ -77,19 +96,23 @@ def plan_lengths(
         )
         dropped[name] = dict.fromkeys(sorted(set(range(len(parts[name]))) - set(within_policy[name])), "over_length")
         dropped[name].update(dict.fromkeys(without_target, "unsupervised"))
-    check_learning_signal(kept, dropped, decision, seq)
-    return LengthPlan(decision, parts, cuts, kept, dropped, loaders)
+    check_learning_signal(kept, dropped, decision, seq, where)
+    plan = LengthPlan(decision, parts, cuts, kept, dropped, loaders, located=located)
+    plan.warnings = input_checks.plan_warnings(plan, data, tokenizer, seq.over_length, where=where)
+    return plan
 
 
 def check_learning_signal(
-    kept: dict[str, list[int]], dropped: dict[str, dict[int, str]], decision: Decision, seq: SeqArgs
+    kept: dict[str, list[int]], dropped: dict[str, dict[int, str]], decision: Decision, seq: SeqArgs, where=None
 ) -> None:
     """Train and val must keep a sample with a token to learn from (--seq.over_length drop checked its own case)."""
     for split in ("train", "val"):
         if kept[split]:
             continue
         unsupervised = [i for i, reason in dropped[split].items() if reason == "unsupervised"]
-        shown = ", ".join(f"{split}[{i}]" for i in unsupervised[:5]) + (" ..." if len(unsupervised) > 5 else "")
+        shown = ", ".join(f"{split}[{i}]" + (f" ({where(split, i)})" if where else "") for i in unsupervised[:5]) + (
+            " ..." if len(unsupervised) > 5 else ""
+        )
         hint = " --seq.truncate_from prompt," if seq.truncate_from == "end" else ""
         raise UserInputError(
             f"Every remaining {split} sample ({len(unsupervised)}: {shown}) has no token to learn from once cut to"
@@ -111,7 +134,7 @@ def load_splits(
     def empty(name: str) -> UserInputError:
         hint = " (set --data.val_split_fraction, or add samples to the val file)" if name == "val" else ""
         return UserInputError(
-            f"The {name} split of {data!r} is empty{hint}: nothing to {'train on' if name == 'train' else 'validate with'}."
+            f"The {name} split of {describe(data)} is empty{hint}: nothing to {'train on' if name == 'train' else 'validate with'}."
         )
 
     try:
@@ -129,35 +152,30 @@ def load_splits(
     return splits
 
 
+def describe(data: DataModule) -> str:
+    """The data module as a user named it: its class and its file (the repr prints prompt-style objects)."""
+    path = getattr(data, "json_path", None) or getattr(data, "download_dir", None)
+    return f"{type(data).__name__}({path})" if path is not None else type(data).__name__
+
+
 def scan_split(fabric: L.Fabric, dataset, split: str, workers: int) -> list[SampleParts]:
     """Every sample's parts. Each rank scans its own contiguous share; the shares are gathered in order."""
     share = math.ceil(len(dataset) / fabric.world_size)
     start = min(len(dataset), fabric.global_rank * share)
     stop = min(len(dataset), start + share)
+    problem = None
     try:
-        mine, problem = (
-            data_utils.scan_parts(dataset, split, start, stop, workers, progress=fabric.global_rank == 0),
-            None,
-        )
+        mine = data_utils.scan_parts(dataset, split, start, stop, workers, progress=fabric.global_rank == 0)
     except UserInputError as error:
         mine, problem = [], error
+    cli_support.agree_on_error(fabric, problem)  # every rank raises the failing rank's message; rank 0 prints it
     if fabric.world_size == 1:
-        if problem:
-            raise problem
         return mine
-    # One row of counts per sample; -1 rows pad a short share; a -2 in the first slot says that rank met bad input
-    # (and raises it itself).
-    width = len(SampleParts._fields)
+    width = len(SampleParts._fields)  # one row of counts per sample; -1 rows pad a short share
     padded = torch.full((share, width), -1, dtype=torch.long, device=fabric.device)
     if mine:
         padded[: len(mine)] = torch.tensor(mine, dtype=torch.long)
-    if problem:
-        padded[0, 0] = -2
     gathered = fabric.all_gather(padded).cpu()
-    if problem:
-        raise problem
-    if (gathered[:, 0, 0] == -2).any():
-        raise UserInputError(f"Another rank met bad input in the {split} split; its message is above.")
     return [SampleParts(*row) for row in gathered.reshape(-1, width).tolist() if row[0] >= 0]
 
 
@@ -199,6 +217,19 @@ def train_batches(
     return partial(resume_state.random_batches, len(lengths), micro_batch_size, seed, **placement)
 
 
+def packed_micro_batches(fabric: L.Fabric, plan: LengthPlan, micro_batch_size: int, seed: int) -> int:
+    """This rank's packed train micro-batches in the first epoch: the length of ``packed_loader``, before it exists."""
+    batches_for_epoch = packing.packed_plan(
+        plan.kept_lengths("train"),
+        plan.decision.max_seq_length,
+        micro_batch_size,
+        seed,
+        rank=fabric.global_rank,
+        world_size=fabric.world_size,
+    )
+    return len(batches_for_epoch(0))
+
+
 def keep_samples(loader: DataLoader, indices: list[int], cuts: list[truncation.Plan]) -> DataLoader:
     """The same loader over only ``indices`` of its untruncated dataset, each sample cut by its plan in ``cuts``
     (the loader itself when all are kept and none is cut). Its collate_fn, built for no max_seq_length, cuts nothing."""
@@ -235,8 +266,9 @@ class GroupedBatchSampler(resume_state.ResumableBatchSampler):
 def publish_plan(
     fabric: L.Fabric, out_dir: Path, plan: LengthPlan, seq: SeqArgs, micro_batch_size: int, seed: int
 ) -> dict:
-    """Print the decision, write seq_lengths.json (and dropped_samples.jsonl, under drop or when a sample has no
-    target), log the key figures."""
+    """Print the decision and the warnings, write seq_lengths.json (and dropped_samples.jsonl, under drop or when a
+    sample has no target), log the key figures. Files an earlier run left that this run does not rewrite are removed
+    first; a dry run into an out_dir with a trained run writes its own files beside it (``run_lock.report_files``)."""
     decision = plan.decision
     if decision.capped and decision.source == "override":
         fabric.print(
@@ -250,13 +282,21 @@ def publish_plan(
     chosen = "packed" if seq.pack else "grouped" if seq.group_by_length else "random"
     report["batches_estimate"] = {"packed": False, **expected[chosen]}
     report["batches_estimate"].update(micro_batch_size=micro_batch_size, group_by_length=seq.group_by_length)
+    report["warnings"] = plan.warnings
+    report["dry_run"] = seq.dry_run
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         dropped = plan.dropped_rows()
-        if seq.over_length == "drop" or dropped:
-            data_utils.write_dropped(out_dir / "dropped_samples.jsonl", dropped)
+        files = run_lock.report_files(out_dir, dry_run=seq.dry_run, drop=seq.over_length == "drop" or bool(dropped))
+        if files.dropped is not None:
+            source = plan.located.source if plan.located else None
+            data_utils.write_dropped(files.dropped, dropped, source=source)
         print_report(fabric, report, plan)
-    write_report(fabric, out_dir, report)
+        for line in input_checks.warning_lines(plan.warnings):
+            fabric.print(line)
+        if files.note:
+            fabric.print(files.note)
+        write_report(fabric, out_dir, report, name=files.report.name)
     fabric.log_dict(key_figures(report), step=0)
     return report
 
@@ -338,9 +378,9 @@ def print_table(fabric: L.Fabric, splits: dict, columns: tuple[str, ...]) -> Non
         fabric.print(f"  {name:<6} " + " ".join(f"{cell:>{w}}" for cell, w in zip(cells, widths)))
 
 
-def write_report(fabric: L.Fabric, out_dir: Path, report: dict) -> None:
+def write_report(fabric: L.Fabric, out_dir: Path, report: dict, name: str = run_lock.REPORT) -> None:
     if fabric.global_rank == 0:
-        (out_dir / "seq_lengths.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out_dir / name).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def key_figures(report: dict) -> dict:

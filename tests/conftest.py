@@ -41,12 +41,9 @@ def make_data(tmp_path, tiny_checkpoint):
     return make
 
 
-def cli_command(checkpoint: Path, data_dir: Path, out_dir: Path, *flags: str, steps: int = 2) -> list[str]:
-    """The command line run_cli runs: finetune_lora.py for a few CPU steps (later ``flags`` override earlier ones)."""
+def cli_args(data_dir: Path, out_dir: Path, *flags: str, steps: int = 2) -> list[str]:
+    """The flags of a short CPU run (after the checkpoint argument), as run_cli and the in-process tests pass them."""
     return [
-        sys.executable,
-        str(ROOT / "finetune_lora.py"),
-        str(checkpoint),
         "--data",
         "JSON",
         "--data.json_path",
@@ -79,9 +76,43 @@ def run_cli(
     checkpoint: Path, data_dir: Path, out_dir: Path, *flags: str, steps: int = 2
 ) -> subprocess.CompletedProcess:
     """Runs finetune_lora.py in a subprocess for a few CPU steps; returns the finished process (never raises on exit code)."""
-    command = cli_command(checkpoint, data_dir, out_dir, *flags, steps=steps)
+    command = [
+        sys.executable,
+        str(ROOT / "finetune_lora.py"),
+        str(checkpoint),
+        *cli_args(data_dir, out_dir, *flags, steps=steps),
+    ]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=out_dir.parent, timeout=600)
+
+
+@pytest.fixture
+def cli_here(monkeypatch, capsys, tiny_checkpoint):
+    """cli_here(data_dir, out_dir, *flags, steps=2, checkpoint=tiny_checkpoint): what run_cli runs, but in this process
+    (``finetune_lora.cli()`` with ``sys.argv`` patched), returned as a CompletedProcess: the exit code from its
+    SystemExit, stdout and stderr from capsys. Any exception other than SystemExit fails the test (no traceback)."""
+    import finetune_lora
+
+    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+
+    def run_here(data_dir: Path, out_dir: Path, *flags: str, steps: int = 2, checkpoint: Path | None = None):
+        argv = [
+            "finetune_lora.py",
+            str(checkpoint or tiny_checkpoint),
+            *cli_args(data_dir, out_dir, *flags, steps=steps),
+        ]
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", argv)
+        try:
+            finetune_lora.cli()
+            code = 0
+        except SystemExit as leaving:
+            code = leaving.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, code, out, err)
+
+    return run_here
 
 
 def read_report(out_dir: Path) -> dict:

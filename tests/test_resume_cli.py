@@ -19,7 +19,7 @@ import torch
 
 import demo_assets
 import resume_state
-from conftest import cli_command, read_report, run_cli
+from conftest import ROOT, cli_args, read_report, run_cli
 
 TRAIN_LENGTHS = [60, 95, 70, 120, 64, 88, 101, 75, 66, 110]
 VAL_LENGTHS = [62, 90]
@@ -49,6 +49,16 @@ def uninterrupted(tiny_checkpoint, resume_data, tmp_path_factory):
         return runs[kind]
 
     return run
+
+
+def cli_command(checkpoint: Path, data_dir: Path, out_dir: Path, *flags: str, steps: int) -> list[str]:
+    """What run_cli runs, for a run the test signals while it trains."""
+    return [
+        sys.executable,
+        str(ROOT / "finetune_lora.py"),
+        str(checkpoint),
+        *cli_args(data_dir, out_dir, *flags, steps=steps),
+    ]
 
 
 def lora(directory: Path) -> dict[str, torch.Tensor]:

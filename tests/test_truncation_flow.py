@@ -195,5 +195,6 @@ def test_cli_end_drops_the_samples_upstream_would_validate_to_nan(tiny_checkpoin
     out = tmp_path / "out"
     run = run_cli(tiny_checkpoint, issue_data, out, "--data.mask_prompt", "true", "--seq.truncate_from", "end")
     assert run.returncode == 2, run.stderr[-3000:]
-    assert "error: Every remaining val sample (4: val[0], val[1], val[2], val[3]) has no token" in run.stderr
+    assert "error: Every remaining val sample (4: val[0] (position 0 of " in run.stderr  # named in the user's file
+    assert "val[3] (position 3 of " in run.stderr and ") has no token to learn from" in run.stderr
     assert "--seq.truncate_from prompt" in run.stderr and "Traceback" not in run.stderr

@@ -1,0 +1,285 @@
+"""The out_dir lock, the report-file hygiene between runs, and the exits a user sees (error, Ctrl-C, SIGTERM)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import cli_support
+import run_lock
+from conftest import ROOT
+from data_utils import UserInputError
+
+
+def test_second_run_into_a_locked_out_dir_stops_naming_the_holder(tmp_path):
+    out = tmp_path / "out"
+    with run_lock.hold_out_dir(out):
+        with pytest.raises(run_lock.OutDirInUse) as raised:
+            with run_lock.hold_out_dir(out):
+                pass
+    message = str(raised.value)
+    assert (
+        str(out) in message and f"pid {os.getpid()}" in message and "started 20" in message and "--out_dir" in message
+    )
+
+
+def test_released_on_an_exception(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError), run_lock.hold_out_dir(out):
+        assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
+        raise RuntimeError("boom")
+    assert not (out / ".lock").exists()
+    with run_lock.hold_out_dir(out):  # free again
+        pass
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    pid = dead_pid()
+    (out / ".lock").write_text(
+        json.dumps({"pid": pid, "host": socket.gethostname(), "started": "2025-01-01T00:00:00+00:00"})
+    )
+    said = []
+    with run_lock.hold_out_dir(out, warn=said.append):
+        assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
+    assert (
+        len(said) == 1 and f"pid {pid}" in said[0] and "no longer running" in said[0] and said[0].startswith("warning:")
+    )
+
+
+def test_ranks_above_zero_hold_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not run_lock.launched_as_rank_zero()
+    out = tmp_path / "out"
+    with (
+        run_lock.hold_out_dir(out, enabled=run_lock.launched_as_rank_zero()),
+        run_lock.hold_out_dir(out, enabled=False),
+    ):
+        assert not (out / ".lock").exists()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert run_lock.launched_as_rank_zero()
+    monkeypatch.setenv("RANK", "3")
+    assert not run_lock.launched_as_rank_zero()
+
+
+@pytest.mark.e2e
+def test_lock_held_by_another_process_and_released_when_it_is_killed(tmp_path):
+    """Another process holds the lock: refused, naming its pid. It is killed (-9, no cleanup): taken over with a warning."""
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import run_lock\n"
+            f"with run_lock.hold_out_dir(__import__('pathlib').Path({str(out)!r})):\n print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(run_lock.OutDirInUse, match=f"pid {holder.pid}"):
+            with run_lock.hold_out_dir(out):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    said = []
+    with run_lock.hold_out_dir(out, warn=said.append):
+        pass
+    assert len(said) == 1 and f"pid {holder.pid}" in said[0] and "no longer running" in said[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def make_trained_run(out, report=None):
+    (out / "final").mkdir(parents=True)
+    (out / "final" / "lit_model.pth.lora").write_bytes(b"weights")
+    (out / "seq_lengths.json").write_text(json.dumps(report or {"max_seq_length": 521}))
+
+
+def test_dry_run_beside_a_trained_run_writes_its_own_report(tmp_path):
+    out = tmp_path / "out"
+    make_trained_run(out)
+    (out / "dropped_samples.jsonl").write_text("{}\n")
+    files = run_lock.report_files(out, dry_run=True, drop=True)
+    assert files.report == out / "seq_lengths.dry_run.json" and files.dropped == out / "dropped_samples.dry_run.jsonl"
+    assert files.removed == [] and "seq_lengths.dry_run.json" in files.note
+    assert json.loads((out / "seq_lengths.json").read_text()) == {"max_seq_length": 521}  # the trained run's, untouched
+    assert (out / "dropped_samples.jsonl").exists()
+
+
+def test_dry_run_into_a_fresh_or_dry_out_dir_writes_the_report(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert run_lock.report_files(out, dry_run=True, drop=False).report == out / "seq_lengths.json"
+    (out / "seq_lengths.json").write_text(json.dumps({"dry_run": True}))
+    assert run_lock.report_files(out, dry_run=True, drop=False).report == out / "seq_lengths.json"
+
+
+def test_trained_report_alone_counts_as_a_trained_run(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "seq_lengths.json").write_text(json.dumps({"max_seq_length": 128}))
+    assert run_lock.report_files(out, dry_run=True, drop=False).report == out / "seq_lengths.dry_run.json"
+
+
+def test_training_run_removes_what_it_will_not_rewrite(tmp_path):
+    out = tmp_path / "out"
+    make_trained_run(out)
+    for name in ("dropped_samples.jsonl", "seq_lengths.dry_run.json", "dropped_samples.dry_run.jsonl"):
+        (out / name).write_text("{}\n")
+    files = run_lock.report_files(out, dry_run=False, drop=False)
+    assert files.report == out / "seq_lengths.json" and files.dropped is None and files.note is None
+    assert sorted(p.name for p in files.removed) == [
+        "dropped_samples.dry_run.jsonl",
+        "dropped_samples.jsonl",
+        "seq_lengths.dry_run.json",
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["final", "seq_lengths.json"]
+
+
+def test_training_run_under_drop_keeps_the_dropped_file_it_rewrites(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "dropped_samples.jsonl").write_text("{}\n")
+    files = run_lock.report_files(out, dry_run=False, drop=True)
+    assert files.dropped == out / "dropped_samples.jsonl" and files.removed == []
+
+
+def test_earlier_checkpoints(tmp_path):
+    out = tmp_path / "out"
+    make_trained_run(out)
+    (out / "step-000002").mkdir()
+    (out / "step-000002" / "lit_model.pth.lora").write_bytes(b"w")
+    (out / "step-000004").mkdir()  # empty: not a checkpoint
+    assert run_lock.earlier_checkpoints(out) == ["final", "step-000002"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exits
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def exit_of(body, capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as leaving, cli_support.user_facing_exits():
+        body()
+    return leaving.value.code, capsys.readouterr().err
+
+
+def raise_(problem):
+    raise problem
+
+
+def test_user_error_is_one_line_and_exit_2(capsys):
+    assert exit_of(lambda: raise_(UserInputError("the val split is empty")), capsys) == (
+        2,
+        "error: the val split is empty\n",
+    )
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+    assert exit_of(lambda: raise_(KeyboardInterrupt()), capsys) == (130, "interrupted (Ctrl-C)\n")
+
+
+def test_sigterm_runs_finally_blocks_and_exits_143(capsys, tmp_path):
+    out = tmp_path / "out"
+
+    def body():
+        with run_lock.hold_out_dir(out):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+
+    assert exit_of(body, capsys) == (143, "terminated (SIGTERM)\n")
+    assert not (out / ".lock").exists()  # released by the finally block
+    assert signal.getsignal(signal.SIGTERM) is not cli_support._terminate  # put back
+
+
+def test_only_rank_zero_prints(capsys, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert exit_of(lambda: raise_(UserInputError("bad")), capsys) == (2, "")
+    assert exit_of(lambda: raise_(KeyboardInterrupt()), capsys) == (130, "")
+
+
+def test_agree_on_error_with_one_rank():
+    from types import SimpleNamespace
+
+    cli_support.agree_on_error(SimpleNamespace(world_size=1), None)
+    with pytest.raises(UserInputError, match="mine"):
+        cli_support.agree_on_error(SimpleNamespace(world_size=1), UserInputError("mine"))
+
+
+@pytest.mark.e2e
+def test_ctrl_c_with_a_forked_pool_is_one_line(tmp_path):
+    """The terminal sends SIGINT to the whole process group: pool workers ignore it, the main process says one line."""
+    script = textwrap.dedent(
+        f"""
+        import multiprocessing, sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        import cli_support
+        with cli_support.user_facing_exits():
+            with multiprocessing.get_context("fork").Pool(2, initializer=cli_support.ignore_sigint) as pool:
+                result = pool.map_async(time.sleep, [30, 30])
+                print("ready", flush=True)
+                result.get()
+        """
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert process.stdout.readline().strip() == "ready"
+    time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does
+    _, err = process.communicate(timeout=30)
+    assert (process.returncode, err) == (130, "interrupted (Ctrl-C)\n")
+
+
+@pytest.mark.e2e
+def test_two_ranks_an_error_met_on_rank_1_is_printed_once(tmp_path):
+    """Two CPU ranks on gloo: rank 1 alone meets bad input; both stop with exit 2 and its message shows once."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        import lightning as L
+        import cli_support
+        from data_utils import UserInputError
+
+        with cli_support.user_facing_exits():
+            fabric = L.Fabric(accelerator="cpu", devices=2, strategy="ddp")
+            fabric.launch()
+            problem = UserInputError("train sample 7 is bad (met on rank 1)") if fabric.global_rank == 1 else None
+            cli_support.agree_on_error(fabric, problem)
+            print("not reached", flush=True)
+        """
+        )
+    )
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    run = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )
+    assert run.returncode == 2 and "not reached" not in run.stdout
+    assert run.stderr.count("error: train sample 7 is bad (met on rank 1)") == 1, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
