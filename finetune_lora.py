@@ -266,7 +266,7 @@ def main(
             token_weighting=seq.token_weighting,
         )
     if signals.checkpoint is not None:
-        sys.exit(signals.exit_code)  # 143 (SIGTERM) / 130 (SIGINT): the step directory is the result, no final/
+        signals.leave(fabric)  # exit 143 (SIGTERM) / 130 (SIGINT): the step directory is the result, no final/
     fabric.print(create_finetuning_performance_report(time.perf_counter() - started, token_counts, fabric.device.type))
     report["batches"] = seq_data.batches_trained(token_counts, train.micro_batch_size, seq.group_by_length, seq.pack)
     report["batches"]["loss_weighting"] = "token" if seq.token_weighting else "batch"

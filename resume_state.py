@@ -772,6 +772,14 @@ class GracefulStop:
         else:
             self.log(f"{name} received again: already stopping after this optimizer step.")
 
+    def leave(self, fabric) -> None:
+        """Ends the process after a stop with a checkpoint: the same last line on stderr as a stop at once
+        (``interrupted (Ctrl-C)`` / ``terminated (SIGTERM)``, rank 0), and exit 130 / 143."""
+        if fabric.global_rank == 0:
+            line = "interrupted (Ctrl-C)" if self.signal_number == signal.SIGINT else "terminated (SIGTERM)"
+            print(line, file=sys.stderr, flush=True)
+        sys.exit(self.exit_code)
+
     def requested_on_any_rank(self, fabric) -> bool:
         """True on every rank when any rank was signalled, so all ranks stop at the same step (a collective)."""
         if fabric.world_size == 1:

@@ -178,6 +178,7 @@ def test_a_signal_saves_after_the_step_exits_and_the_printed_command_ends_bit_id
     stdout, stderr = "".join(lines), (tmp_path / "stderr.txt").read_text()
     assert process.returncode == exit_code, stderr[-3000:]
     assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == {143: "terminated (SIGTERM)", 130: "interrupted (Ctrl-C)"}[exit_code]
     assert f"{signal.Signals(signal_number).name} received: stopping after this optimizer step" in stdout
     stopped = next(line for line in lines if line.startswith("Stopped at step"))
     step = int(stopped.split()[3].rstrip("."))
