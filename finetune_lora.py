@@ -26,6 +26,7 @@ from jsonargparse import ActionConfigFile, Namespace, set_parsing_settings
 from lightning.fabric.plugins import BitsandbytesPrecision
 from lightning.fabric.strategies import ModelParallelStrategy
 from lightning.fabric.utilities import ThroughputMonitor
+from litgpt import utils as litgpt_utils
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.data import Alpaca, DataModule
 from litgpt.finetune.full import setup as litgpt_finetune_full
@@ -40,19 +41,7 @@ from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
 from litgpt.prompts import save_prompt_style
 from litgpt.scripts.merge_lora import merge_lora
 from litgpt.tokenizer import Tokenizer
-from litgpt.utils import (
-    auto_download_checkpoint,
-    choose_logger,
-    copy_config_files,
-    create_finetuning_performance_report,
-    get_default_supported_precision,
-    init_out_dir,
-    instantiate_bnb_optimizer,
-    instantiate_torch_optimizer,
-    load_checkpoint,
-    num_parameters,
-    parse_devices,
-)
+from litgpt.utils import load_checkpoint  # a module-level name: litgpt's own test patches it here
 from torch.utils.data import DataLoader
 from torchmetrics import RunningMean
 
@@ -87,9 +76,12 @@ def setup(checkpoint_dir: Path, seq: SeqArgs = SeqArgs(), resume: resume_state.R
     flags.apply_defaults()
     flags = flags.arguments
     train, eval, seed = flags["train"], flags["eval"], flags["seed"]
-    devices, num_nodes = parse_devices(flags["devices"]), flags["num_nodes"]
-    precision, quantize = flags["precision"] or get_default_supported_precision(training=True), flags["quantize"]
-    out_dir = init_out_dir(Path(flags["out_dir"]))
+    devices, num_nodes = litgpt_utils.parse_devices(flags["devices"]), flags["num_nodes"]
+    precision, quantize = (
+        flags["precision"] or litgpt_utils.get_default_supported_precision(training=True),
+        flags["quantize"],
+    )
+    out_dir = litgpt_utils.init_out_dir(Path(flags["out_dir"]))
     # Every setting, upstream's included, before anything is read or built; out_dir is created and tried for writing.
     input_checks.check_settings(train, eval, seq, devices, num_nodes, quantize, precision, out_dir)
     with run_lock.hold_out_dir(out_dir, enabled=run_lock.launched_as_rank_zero()):  # one run per out_dir, for its life
@@ -100,7 +92,7 @@ def setup(checkpoint_dir: Path, seq: SeqArgs = SeqArgs(), resume: resume_state.R
         config = Config.from_file(checkpoint_dir / "model_config.yaml", **lora_settings)
         if seq.pack:
             check_packable(config)  # from the config alone: before any weight is read, in a dry run too
-        logger = choose_logger(
+        logger = litgpt_utils.choose_logger(
             flags["logger_name"],
             out_dir,
             name=f"finetune-{config.name}",
@@ -149,7 +141,7 @@ def find_checkpoint_dir(checkpoint_dir: Path, access_token: str | None, need_wei
     """The checkpoint directory, downloaded as upstream does when it names a Hub model; checked for what we read."""
     if not checkpoint_dir.is_dir():
         try:
-            checkpoint_dir = auto_download_checkpoint(
+            checkpoint_dir = litgpt_utils.auto_download_checkpoint(
                 model_name=checkpoint_dir, access_token=access_token, ignore_tokenizer_files=True
             )
         except Exception as problem:
@@ -223,14 +215,14 @@ def main(
         model = GPT(config)
     model.max_seq_length = decision.max_seq_length
     mark_only_lora_as_trainable(model)
-    fabric.print(f"Number of trainable parameters: {num_parameters(model, requires_grad=True):,}")
-    fabric.print(f"Number of non-trainable parameters: {num_parameters(model, requires_grad=False):,}")
+    fabric.print(f"Number of trainable parameters: {litgpt_utils.num_parameters(model, requires_grad=True):,}")
+    fabric.print(f"Number of non-trainable parameters: {litgpt_utils.num_parameters(model, requires_grad=False):,}")
     model = fabric.setup_module(model)
     if isinstance(fabric.strategy.precision, BitsandbytesPrecision):
-        optimizer = instantiate_bnb_optimizer(optimizer, model.parameters())
+        optimizer = litgpt_utils.instantiate_bnb_optimizer(optimizer, model.parameters())
         swap_in_stable_embedding(model)
     else:
-        optimizer = instantiate_torch_optimizer(optimizer, model.parameters())
+        optimizer = litgpt_utils.instantiate_torch_optimizer(optimizer, model.parameters())
     optimizer = fabric.setup_optimizers(optimizer)
     scheduler = get_lr_scheduler(optimizer, warmup_steps=train.lr_warmup_steps, max_steps=lr_max_steps)
     load_checkpoint(fabric, model, checkpoint_dir / "lit_model.pth", strict=False)
@@ -267,7 +259,11 @@ def main(
         )
     if signals.checkpoint is not None:
         signals.leave(fabric)  # exit 143 (SIGTERM) / 130 (SIGINT): the step directory is the result, no final/
-    fabric.print(create_finetuning_performance_report(time.perf_counter() - started, token_counts, fabric.device.type))
+    fabric.print(
+        litgpt_utils.create_finetuning_performance_report(
+            time.perf_counter() - started, token_counts, fabric.device.type
+        )
+    )
     report["batches"] = seq_data.batches_trained(token_counts, train.micro_batch_size, seq.group_by_length, seq.pack)
     report["batches"]["loss_weighting"] = "token" if seq.token_weighting else "batch"
     seq_data.write_report(fabric, out_dir, report)
@@ -467,7 +463,7 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     save_lora_checkpoint(fabric, model, directory / "lit_model.pth.lora")
     if fabric.global_rank == 0:
-        copy_config_files(checkpoint_dir, directory)
+        litgpt_utils.copy_config_files(checkpoint_dir, directory)
         build_parser().save(hyperparameters, directory / "hyperparameters.yaml", overwrite=True)
         save_prompt_style(data.prompt_style, directory)
     fabric.barrier()

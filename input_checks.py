@@ -384,8 +384,9 @@ def check_schedule(
         )
     if not warmup_steps or warmup_steps < lr_max_steps:
         return []
+    example = f" (e.g. {lr_max_steps // 10})" if lr_max_steps >= 10 else ""  # a suggestion that is itself below
     fix = (
-        f"Set --train.lr_warmup_steps below {lr_max_steps} (e.g. {max(1, lr_max_steps // 10)}), or 0 for no warmup;"
+        f"Set --train.lr_warmup_steps below {lr_max_steps}{example}, or 0 for no warmup;"
         " or train longer (--train.epochs, --train.max_steps)."
     )
     if warmup_steps == lr_max_steps:

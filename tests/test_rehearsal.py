@@ -17,7 +17,7 @@ from litgpt.args import TrainArgs
 import data_utils
 import rehearsal
 import seq_data
-from conftest import read_report, run_cli
+from conftest import cli_args, read_report, run_cli
 
 # --- which samples: plain lists ------------------------------------------------------------------------------
 
@@ -228,22 +228,7 @@ def test_out_of_memory_in_rehearsal_stops_with_a_clear_message(make_data, tiny_c
         sys.executable,
         str(wrapper),
         str(tiny_checkpoint),
-        "--data",
-        "JSON",
-        "--data.json_path",
-        str(make_data([64, 90], [62, 70])),
-        "--data.num_workers",
-        "0",
-        "--out_dir",
-        str(out_dir),
-        "--precision",
-        "32-true",
-        "--train.global_batch_size",
-        "2",
-        "--train.micro_batch_size",
-        "2",
-        "--train.max_steps",
-        "1",
+        *cli_args(make_data([64, 90], [62, 70]), out_dir, steps=2),
     ]
     done = subprocess.run(
         command, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"), timeout=600
