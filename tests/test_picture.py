@@ -1,0 +1,139 @@
+"""The length picture: one histogram per split and a what-if panel, the decision marked; checked from the figure's
+data (axes, line positions, bar heights), never from pixels."""
+
+import importlib.util
+import random
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import data_utils  # noqa: E402
+
+
+def load_picture():
+    spec = importlib.util.spec_from_file_location("length_picture", ROOT / "litgpt_seqlen" / "report" / "picture.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+picture = load_picture()
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def realistic_lengths(seed: int = 0) -> dict[str, list[int]]:
+    """Instruction data as it comes: most samples a few hundred tokens, a long tail, one outlier in val."""
+    rng = random.Random(seed)
+    train = [int(rng.lognormvariate(5.3, 0.45)) + 20 for _ in range(400)]
+    val = [int(rng.lognormvariate(5.3, 0.45)) + 20 for _ in range(40)] + [1400]
+    return {"train": train, "val": val}
+
+
+def rows_for(lengths: dict[str, list[int]], decision: data_utils.Decision) -> list[dict]:
+    every = [n for split in lengths.values() for n in split]
+    rows = data_utils.what_if(every, decision.block_size, chosen=decision.max_seq_length)
+    # The response share as truncation.add_response_cut adds it; any share in [0, 1] serves the picture.
+    return [{**row, "response_tokens_cut_share": min(1.0, row["tokens_cut_share"] * 1.2)} for row in rows]
+
+
+def lines_labelled(ax, label: str) -> list:
+    return [line for line in ax.get_lines() if line.get_label() == label]
+
+
+def bar_total(ax) -> float:
+    return sum(patch.get_height() for patch in ax.patches)
+
+
+def test_one_histogram_per_split_and_the_what_if_panel_with_the_decision_marked():
+    pytest.importorskip("matplotlib")
+    lengths = realistic_lengths()
+    decision = data_utils.decide_max_seq_length(lengths, block_size=2048, headroom=0.1)
+    assert decision.max_seq_length == 1540  # 1400 + 10%
+    rows = rows_for(lengths, decision)
+
+    figure = picture.length_figure(lengths, decision.max_seq_length, decision.block_size, rows)
+
+    axes = figure.get_axes()
+    assert len(axes) == len(lengths) + 1
+    marker = f"max_seq_length {decision.max_seq_length}"
+    for ax, (split, split_lengths) in zip(axes, lengths.items()):
+        assert ax.get_title(loc="left").startswith(f"{split}: {len(split_lengths)} samples")
+        assert bar_total(ax) == len(split_lengths)
+        (line,) = lines_labelled(ax, marker)
+        assert list(line.get_xdata()) == [decision.max_seq_length] * 2
+        assert not lines_labelled(ax, "block_size 2048")  # far beyond the data: not drawn
+    what_if = axes[-1]
+    assert not what_if.patches
+    (decision_line,) = lines_labelled(what_if, marker)
+    assert list(decision_line.get_xdata()) == [decision.max_seq_length] * 2
+    for key, label in (
+        ("samples_cut_share", "samples cut"),
+        ("tokens_cut_share", "tokens cut"),
+        ("response_tokens_cut_share", "response tokens cut"),
+    ):
+        (curve,) = lines_labelled(what_if, label)
+        assert list(curve.get_xdata()) == [row["max_seq_length"] for row in rows]
+        assert list(curve.get_ydata()) == pytest.approx([row[key] for row in rows])
+    # Read back from the curve: the decided limit cuts nothing, 128 cuts most samples.
+    (samples,) = lines_labelled(what_if, "samples cut")
+    samples_cut = dict(zip(samples.get_xdata(), samples.get_ydata()))
+    assert samples_cut[decision.max_seq_length] == 0.0 and samples_cut[128] > 0.8
+
+
+def test_a_capped_decision_marks_block_size_and_an_empty_split_gets_its_panel():
+    pytest.importorskip("matplotlib")
+    lengths = {"train": [300, 500, 900, 1200], "val": [400, 700], "test": []}
+    decision = data_utils.decide_max_seq_length(lengths, block_size=1024, headroom=0.1)
+    assert decision.capped and decision.max_seq_length == 1024
+    rows = data_utils.what_if([n for split in lengths.values() for n in split], 1024, chosen=1024)  # no response share
+
+    figure = picture.length_figure(lengths, decision.max_seq_length, decision.block_size, rows)
+
+    axes = figure.get_axes()
+    assert len(axes) == 4
+    for ax, split_lengths in zip(axes, lengths.values()):
+        assert bar_total(ax) == len(split_lengths)
+        (block,) = lines_labelled(ax, "block_size 1024")
+        assert list(block.get_xdata()) == [1024, 1024]
+    assert axes[2].get_title(loc="left") == "test: no samples"
+    assert [line.get_label() for line in axes[-1].get_lines()] == ["samples cut", "tokens cut", "max_seq_length 1024"]
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the PNG's first chunk, which must be IHDR."""
+    length, kind = struct.unpack(">I4s", data[8:16])
+    assert kind == b"IHDR" and length == 13
+    return struct.unpack(">II", data[16:24])
+
+
+def test_write_length_picture_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    lengths = realistic_lengths()
+    decision = data_utils.decide_max_seq_length(lengths, block_size=2048, headroom=0.1)
+    path = tmp_path / "seq_lengths.png"
+
+    assert (
+        picture.write_length_picture(path, lengths, decision.max_seq_length, 2048, rows_for(lengths, decision)) is None
+    )
+
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE)
+    width, height = png_size(data)
+    assert width > 0 and height > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seq_lengths.png"]  # nothing left aside
+
+
+def test_without_matplotlib_nothing_is_written_and_the_hint_says_how(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    path = tmp_path / "seq_lengths.png"
+
+    hint = picture.write_length_picture(path, {"train": [10, 20], "val": [15]}, 22, 64, [])
+
+    assert hint == "pip install 'litgpt-seqlen[plot]' (matplotlib) to get seq_lengths.png"
+    assert "\n" not in hint
+    assert not any(tmp_path.iterdir())
