@@ -29,7 +29,7 @@ lint: venv
 
 demo: venv
 	rm -rf $(DEMO_DIR)
-	$(PY) demo_assets.py $(DEMO_DIR)
+	$(PY) tests/assets.py $(DEMO_DIR)
 	$(PY) finetune_lora.py $(DEMO_DIR)/checkpoint --data JSON --data.json_path $(DEMO_DIR)/data --data.num_workers 0 \
 		--out_dir $(DEMO_DIR)/out --precision 32-true --train.global_batch_size 4 --train.micro_batch_size 2 \
 		--train.max_steps 6 --train.lr_warmup_steps 2 --eval.interval 3 --eval.max_new_tokens 8 --eval.initial_validation true

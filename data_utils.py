@@ -1,32 +1,28 @@
 """Sequence-length logic for LoRA fine-tuning, as plain functions over plain values.
 
-Nothing here builds a model or reads a weight: every function takes lengths, ints and datasets, so the
-whole decision can be made (and tested) with only the tokenizer and the data.
+Nothing here imports torch, a model or another module of this project, reads a file or writes one: every function
+takes lengths, ints and settings, so the whole decision can be made (and tested) from the scanned lengths alone.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import math
-import multiprocessing
-import os
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 from typing import NamedTuple
 
 OVER_LENGTH_POLICIES = ("truncate", "drop", "error")
 TRUNCATE_FROM = ("prompt", "end")
 
 
-class UserInputError(Exception):
-    """Bad input from the user: the entry point prints the message and exits non-zero, without a traceback."""
+class LengthError(ValueError):
+    """Settings or data the length decision cannot work with; the message names the flag that changes the outcome."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Scanning: every sample's prompt and response lengths, exactly as the model will see them
+# A sample's parts: prompt and response lengths, and which prompt tokens are template
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -41,88 +37,6 @@ class SampleParts(NamedTuple):
     @property
     def length(self) -> int:
         return self.prompt + self.response
-
-
-USER_FIELDS = ("instruction", "input")  # the user's text; every other field is template (sys_prompt, ...)
-PLACEHOLDERS = ("x", "y")  # two, so a user text that happens to start or end like one of them does not move a bound
-
-
-def sample_parts(dataset, index: int, split: str = "?") -> SampleParts:
-    """The ``SampleParts`` of ``dataset[index]`` for an untruncated dataset, computed without building the item.
-
-    For litgpt's ``SFTDataset`` (whose ``__getitem__`` encodes the prompt and the response separately and
-    concatenates them) the prompt and the response are encoded with the dataset's own tokenizer and prompt style;
-    this skips the third encoding (of the bare instruction, for token counts), the label copy and the tensor
-    concatenation. ``head`` and ``marker`` come from the same prompt built with placeholder user text (see
-    ``template_bounds``). Any other dataset is asked for its item: its prompt is the leading run of ignored labels,
-    none of it template.
-    """
-    from litgpt.data import SFTDataset
-
-    try:
-        if type(dataset).__getitem__ is SFTDataset.__getitem__ and dataset.max_seq_length <= 0:
-            return _sft_parts(dataset, index, split)
-        return _item_parts(dataset[index], getattr(dataset, "ignore_index", -100))
-    except KeyError as missing:
-        raise UserInputError(
-            f"{split} sample {index} has no field {missing.args[0]!r}, which the prompt needs. Every sample needs"
-            " 'instruction' and 'output' (and whatever else the --data.prompt_style uses). Fix the data file."
-        ) from None
-
-
-def _sample_problem(example) -> str | None:
-    from input_checks import sample_problem  # here: input_checks imports this module
-
-    return sample_problem(example)
-
-
-def _sft_parts(dataset, index: int, split: str) -> SampleParts:
-    example = dataset.data[index]
-    if not isinstance(example, Mapping):
-        raise UserInputError(
-            f"{split} sample {index} is a {type(example).__name__}, not an object with the fields"
-            " 'instruction' and 'output'. Fix the data file."
-        )
-    if dataset.transform is not None:
-        example = dataset.transform(example)
-    if (problem := _sample_problem(example)) is not None:  # e.g. "output": null, which tokenizers refuse
-        raise UserInputError(f"{split} sample {index} {problem} Fix the data file.")
-    tokenizer, style = dataset.tokenizer, dataset.prompt_style
-    prompt_ids = tokenizer.encode(style.apply(prompt=example["instruction"], **example)).tolist()
-    response = len(tokenizer.encode(example["output"], bos=False, eos=True))
-    placeholder_ids = [
-        _encoded(tokenizer, style.apply(prompt=e["instruction"], **e)) for e in _placeholder_examples(example)
-    ]
-    head, marker = template_bounds(prompt_ids, placeholder_ids)
-    return SampleParts(len(prompt_ids), response, head, marker)
-
-
-def _item_parts(item: Mapping, ignore_index: int) -> SampleParts:
-    if "labels" not in item:
-        return SampleParts(0, len(item["input_ids"]), 0, 0)
-    labels = item["labels"].tolist()
-    prompt = next((i for i, label in enumerate(labels) if label != ignore_index), len(labels))
-    return SampleParts(prompt, len(labels) - prompt, 0, 0)
-
-
-def _placeholder_examples(example: Mapping) -> list[dict]:
-    """The example with its user text replaced by a placeholder, once per placeholder: the instruction always (every
-    template places it, so an empty one still parts head from marker), the input only when given (an empty input
-    selects Alpaca's shorter template, which must stay the same)."""
-    examples = []
-    for placeholder in PLACEHOLDERS:
-        copy = dict(example)
-        for field in USER_FIELDS:
-            if isinstance(copy.get(field), str) and (copy[field] or field == "instruction"):
-                copy[field] = placeholder
-        examples.append(copy)
-    return examples
-
-
-@functools.lru_cache(maxsize=4096)
-def _encoded(tokenizer, prompt: str) -> tuple[int, ...]:
-    # A data set has few distinct placeholder prompts (one per template shape), so they are encoded once.
-    return tuple(tokenizer.encode(prompt).tolist())
 
 
 def template_bounds(prompt_ids: Sequence[int], placeholder_ids: Sequence[Sequence[int]]) -> tuple[int, int]:
@@ -145,61 +59,6 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
             break
         n += 1
     return n
-
-
-# The dataset a forked scan worker reads; set just before the pool forks, so nothing is pickled.
-_scan_target: tuple = ()
-
-
-def _scan_range(bounds: tuple[int, int]) -> list[SampleParts]:
-    dataset, split = _scan_target
-    return [sample_parts(dataset, i, split) for i in range(*bounds)]
-
-
-def scan_parts(
-    dataset, split: str, start: int = 0, stop: int | None = None, workers: int = 1, progress: bool = False
-) -> list[SampleParts]:
-    """``SampleParts`` of samples ``start..stop`` of ``dataset``, in order, using ``workers`` forked processes
-    (``[p.length for p in ...]`` are the samples' lengths)."""
-    global _scan_target
-    stop = len(dataset) if stop is None else stop
-    count = stop - start
-    workers = max(1, min(workers, count // 256))  # a pool is not worth it for a few hundred samples
-    chunk = max(1, min(2048, math.ceil(count / (workers * 8))))
-    bounds = [(lo, min(lo + chunk, stop)) for lo in range(start, stop, chunk)]
-    bar = None
-    if progress and count >= 20_000:
-        from tqdm import tqdm
-
-        bar = tqdm(total=count, desc=f"scanning {split}", unit="samples", leave=False)
-
-    parts: list[SampleParts] = []
-    _scan_target = (dataset, split)
-    try:
-        if workers == 1:
-            parts = _collect(map(_scan_range, bounds), bar)
-        else:
-            # HF tokenizers refuse to use their thread pool after a fork; they are called one text at a time here.
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            from cli_support import ignore_sigint  # here: cli_support imports this module
-
-            # Workers ignore Ctrl-C (sent to the whole process group): only the main process reports it, in one line.
-            with multiprocessing.get_context("fork").Pool(workers, initializer=ignore_sigint) as pool:
-                parts = _collect(pool.imap(_scan_range, bounds), bar)
-    finally:
-        _scan_target = ()
-        if bar is not None:
-            bar.close()
-    return parts
-
-
-def _collect(pieces, bar) -> list[SampleParts]:
-    parts: list[SampleParts] = []
-    for piece in pieces:
-        parts.extend(piece)
-        if bar is not None:
-            bar.update(len(piece))
-    return parts
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -234,19 +93,17 @@ class Decision:
 def check_settings(headroom: float, override: int | None, over_length: str, truncate_from: str = "prompt") -> None:
     """Fail early, with the flag to change, on settings that can never work."""
     if not (isinstance(headroom, (int, float)) and headroom >= 0 and math.isfinite(headroom)):
-        raise UserInputError(
+        raise LengthError(
             f"--seq.headroom must be a number >= 0 (0.1 means 10% above the longest sample), got {headroom!r}."
         )
     if override is not None and override < 1:
-        raise UserInputError(
+        raise LengthError(
             f"--train.max_seq_length must be at least 1 (or left unset to size it from the data), got {override}."
         )
     if over_length not in OVER_LENGTH_POLICIES:
-        raise UserInputError(
-            f"--seq.over_length must be one of {', '.join(OVER_LENGTH_POLICIES)}, got {over_length!r}."
-        )
+        raise LengthError(f"--seq.over_length must be one of {', '.join(OVER_LENGTH_POLICIES)}, got {over_length!r}.")
     if truncate_from not in TRUNCATE_FROM:
-        raise UserInputError(f"--seq.truncate_from must be one of {', '.join(TRUNCATE_FROM)}, got {truncate_from!r}.")
+        raise LengthError(f"--seq.truncate_from must be one of {', '.join(TRUNCATE_FROM)}, got {truncate_from!r}.")
 
 
 def decide_max_seq_length(
@@ -329,7 +186,7 @@ def apply_over_length(
     """The indices each split keeps under ``--seq.over_length``; raises for ``error`` with an over-long sample, and for
     ``drop`` when it would empty the train or val split."""
     if policy == "error" and (message := over_length_error(lengths_by_split, decision, where=where)):
-        raise UserInputError(message)
+        raise LengthError(message)
     if policy != "drop":
         return {split: list(range(len(lengths))) for split, lengths in lengths_by_split.items()}
     kept = {}
@@ -338,7 +195,7 @@ def apply_over_length(
         kept[split] = [i for i in range(len(lengths)) if i not in over]
     for split in ("train", "val"):
         if split in kept and not kept[split]:
-            raise UserInputError(
+            raise LengthError(
                 f"--seq.over_length drop leaves the {split} split empty: all {len(lengths_by_split[split])} samples are longer"
                 f" than max_seq_length {decision.max_seq_length}. {_keep_them(decision)}"
             )
@@ -362,17 +219,6 @@ def longest_batch(lengths: Sequence[int], batch_size: int) -> list[int]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))[:batch_size]
-
-
-def write_dropped(path: Path, dropped: Sequence[tuple[str, int, int, str, object]], source=None) -> None:
-    """One JSON line per dropped sample: its split, index, length, the reason (``over_length`` under
-    ``--seq.over_length drop``, ``unsupervised`` when cutting left no token to learn from), with ``source(split,
-    index)`` the file and position it came from (``DataFiles.source``), and the sample, unchanged."""
-    with open(path, "w", encoding="utf-8") as f:
-        for split, index, length, reason, sample in dropped:
-            record = {"split": split, "index": index, "length": length, "reason": reason}
-            record.update(source(split, index) if source else {})
-            f.write(json.dumps({**record, "sample": sample}, ensure_ascii=False) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -513,7 +359,6 @@ def grouped_batches(
     micro-batches and every sample is seen at least once per epoch: exactly once when it divides, and always
     exactly once with one rank. Only the last micro-batch of the epoch can be smaller than ``micro_batch_size``.
     """
-    import random
 
     if micro_batch_size < 1 or megabatch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"bad grouping settings: {micro_batch_size=}, {megabatch_size=}, {rank=}, {world_size=}")
@@ -557,35 +402,3 @@ def padding_efficiency(
         "padded_tokens": int(padded),
         "efficiency": real / padded if padded else 1.0,
     }
-
-
-def estimate_padding(
-    lengths: Sequence[int],
-    micro_batch_size: int,
-    max_seq_length: int,
-    group_by_length: bool,
-    seed: int,
-    world_size: int = 1,
-) -> dict:
-    """Padding of one training epoch, estimated before training from the plan alone, summed over the ranks.
-
-    Grouped batches are a function of (seed, epoch), so epoch 1 is computed exactly. Random batches depend on the
-    loader's generator: this is one equally likely epoch (samples shuffled with ``seed``, cut into micro-batches,
-    dealt to the ranks), not necessarily the one the run will draw. The run's exact counts come from ``fit``.
-    """
-    if group_by_length:
-        batches = [
-            b
-            for rank in range(world_size)
-            for b in grouped_batches(lengths, micro_batch_size, seed, 0, rank=rank, world_size=world_size)
-        ]
-    else:
-        import random
-
-        order = list(range(len(lengths)))
-        random.Random(f"estimate/{seed}").shuffle(order)
-        shares = [order[rank::world_size] for rank in range(world_size)]  # as DistributedSampler deals them
-        batches = [share[j : j + micro_batch_size] for share in shares for j in range(0, len(share), micro_batch_size)]
-    estimate = padding_efficiency(batches, lengths, max_seq_length)
-    estimate["efficiency"] = round(estimate["efficiency"], 6)
-    return estimate

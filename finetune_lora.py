@@ -1,13 +1,13 @@
 """LoRA fine-tuning with litgpt that decides max_seq_length from all the data, before the model exists.
 
-A drop-in for ``litgpt finetune_lora``: same flags, same outputs, plus the ``--seq.*`` group. The path is straight:
+A drop-in for ``litgpt finetune_lora``: same flags, same outputs, plus the ``--seq.*`` group and ``--resume``. The
+path is straight:
 
     parse -> tokenizer + data -> scan lengths -> decide max_seq_length -> apply the over-length policy, plan the cuts
           + report -> build GPT, load weights -> rehearse -> fit -> validate -> save
 
-Everything before "build GPT" needs only the tokenizer and the data. This file is the flow; the length work lives in
-``seq_data`` (on Fabric), ``data_utils`` (plain functions) and ``truncation`` (how a sample is cut), the rehearsal in
-``rehearsal``.
+Everything before "build GPT" needs only the tokenizer and the data. This file is the flow; ``data_utils`` holds the
+length logic over plain values and the package ``litgpt_seqlen`` the parts, one room per job.
 """
 
 import dataclasses
@@ -16,51 +16,48 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import lightning as L
 import torch
-from jsonargparse import ActionConfigFile, Namespace, set_parsing_settings
+from jsonargparse import Namespace
 from lightning.fabric.plugins import BitsandbytesPrecision
 from lightning.fabric.strategies import ModelParallelStrategy
 from lightning.fabric.utilities import ThroughputMonitor
 from litgpt import utils as litgpt_utils
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.data import Alpaca, DataModule
-from litgpt.finetune.full import setup as litgpt_finetune_full
-from litgpt.finetune.lora import (
-    generate_example,
-    parallelize_fn,
-    save_lora_checkpoint,
-    validate,
-)
+from litgpt.finetune.lora import generate_example, parallelize_fn, save_lora_checkpoint, validate
 from litgpt.finetune.lora import setup as litgpt_finetune_lora
 from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
 from litgpt.prompts import save_prompt_style
 from litgpt.scripts.merge_lora import merge_lora
 from litgpt.tokenizer import Tokenizer
 from litgpt.utils import load_checkpoint  # a module-level name: litgpt's own test patches it here
-from torch.utils.data import DataLoader
-from torchmetrics import RunningMean
 
-import cli_support
-import input_checks
-import rehearsal
-import resume_state
-import run_lock
-import seq_data
-from cli_support import FlowParser
-from data_utils import UserInputError
-from lr_schedule import get_lr_scheduler
-from packed_forward import check_packable
-from seq_args import SeqArgs
-from token_loss import StepLookahead
-from training_loss import train_loss
+from litgpt_seqlen import ranks
+from litgpt_seqlen.args import Resume, SeqArgs, parse_resume
+from litgpt_seqlen.checkpoint import lookup, same_run
+from litgpt_seqlen.checkpoint import state as training_state
+from litgpt_seqlen.cli import exits
+from litgpt_seqlen.cli.parser import build_parser
+from litgpt_seqlen.data import files, loaders, order
+from litgpt_seqlen.data.plan import plan_lengths
+from litgpt_seqlen.errors import UserInputError
+from litgpt_seqlen.model.base import find_checkpoint_dir, swap_in_stable_embedding
+from litgpt_seqlen.model.packed_forward import check_packable
+from litgpt_seqlen.report import build as report_build
+from litgpt_seqlen.report.warnings import plan_warnings
+from litgpt_seqlen.run import outputs, settings
+from litgpt_seqlen.run.signals import GracefulStop, resume_command
+from litgpt_seqlen.training import rehearsal
+from litgpt_seqlen.training.loss import StepLookahead, train_loss
+from litgpt_seqlen.training.rng import preserved_rng, restore_rng
+from litgpt_seqlen.training.schedule import Steps, get_lr_scheduler
 
 
-def setup(checkpoint_dir: Path, seq: SeqArgs = SeqArgs(), resume: resume_state.Resume = False, **litgpt_flags) -> None:
+def setup(checkpoint_dir: Path, seq: SeqArgs = SeqArgs(), resume: Resume = False, **litgpt_flags) -> None:
     """Fine-tune a model with LoRA, with max_seq_length decided from train, val (and test) before the model is built.
 
     ``litgpt_flags`` are the keyword flags of litgpt's own ``finetune_lora`` (``out_dir``, ``precision``, ``train``,
@@ -68,7 +65,7 @@ def setup(checkpoint_dir: Path, seq: SeqArgs = SeqArgs(), resume: resume_state.R
     litgpt ``finetune_full``'s: a ``step-*`` directory, ``True`` (the newest complete checkpoint in ``out_dir``,
     an error when there is none), ``"auto"`` (the same, but start fresh when there is none) or ``False``.
     """
-    resume = resume_state.parse_resume(resume)
+    resume = parse_resume(resume)
     try:
         flags = inspect.signature(litgpt_finetune_lora).bind(checkpoint_dir, **litgpt_flags)
     except TypeError as problem:
@@ -77,16 +74,14 @@ def setup(checkpoint_dir: Path, seq: SeqArgs = SeqArgs(), resume: resume_state.R
     flags = flags.arguments
     train, eval, seed = flags["train"], flags["eval"], flags["seed"]
     devices, num_nodes = litgpt_utils.parse_devices(flags["devices"]), flags["num_nodes"]
-    precision, quantize = (
-        flags["precision"] or litgpt_utils.get_default_supported_precision(training=True),
-        flags["quantize"],
-    )
+    precision = flags["precision"] or litgpt_utils.get_default_supported_precision(training=True)
+    quantize = flags["quantize"]
     out_dir = litgpt_utils.init_out_dir(Path(flags["out_dir"]))
     # Every setting, upstream's included, before anything is read or built; out_dir is created and tried for writing.
-    input_checks.check_settings(train, eval, seq, devices, num_nodes, quantize, precision, out_dir)
-    with run_lock.hold_out_dir(out_dir, enabled=run_lock.launched_as_rank_zero()):  # one run per out_dir, for its life
+    settings.check_settings(train, eval, seq, devices, num_nodes, quantize, precision, out_dir)
+    with outputs.hold_out_dir(out_dir, enabled=ranks.launched_as_rank_zero()):  # one run per out_dir, for its life
         data = flags["data"] or Alpaca()
-        located = input_checks.check_data_files(data)  # every sample of the user's files, before a token is made
+        located = files.check_data_files(data)  # every sample of the user's files, before a token is made
         checkpoint_dir = find_checkpoint_dir(Path(checkpoint_dir), flags["access_token"], need_weights=not seq.dry_run)
         lora_settings = {name: value for name, value in flags.items() if name.startswith("lora_")}  # Config's names
         config = Config.from_file(checkpoint_dir / "model_config.yaml", **lora_settings)
@@ -108,8 +103,12 @@ def setup(checkpoint_dir: Path, seq: SeqArgs = SeqArgs(), resume: resume_state.R
             precision = None
         strategy = "auto"
         if devices * num_nodes > 1:
+            # One file per training state (not a sharded folder), so it can hold only the LoRA part of the model.
             strategy = ModelParallelStrategy(
-                parallelize_fn=parallelize_fn, data_parallel_size=devices * num_nodes, tensor_parallel_size=1
+                parallelize_fn=parallelize_fn,
+                data_parallel_size=devices * num_nodes,
+                tensor_parallel_size=1,
+                save_distributed_checkpoint=False,
             )
 
         fabric = L.Fabric(
@@ -137,38 +136,11 @@ def setup(checkpoint_dir: Path, seq: SeqArgs = SeqArgs(), resume: resume_state.R
         )
 
 
-def find_checkpoint_dir(checkpoint_dir: Path, access_token: str | None, need_weights: bool) -> Path:
-    """The checkpoint directory, downloaded as upstream does when it names a Hub model; checked for what we read."""
-    if not checkpoint_dir.is_dir():
-        try:
-            checkpoint_dir = litgpt_utils.auto_download_checkpoint(
-                model_name=checkpoint_dir, access_token=access_token, ignore_tokenizer_files=True
-            )
-        except Exception as problem:
-            raise UserInputError(
-                f"checkpoint_dir {str(checkpoint_dir)!r} is not a directory and could not be downloaded ({problem})."
-            ) from None
-    has_tokenizer = (checkpoint_dir / "tokenizer.json").is_file() or (checkpoint_dir / "tokenizer.model").is_file()
-    missing = [
-        name
-        for name, present in (
-            ("model_config.yaml", (checkpoint_dir / "model_config.yaml").is_file()),
-            ("tokenizer.json or tokenizer.model", has_tokenizer),
-            ("lit_model.pth", (checkpoint_dir / "lit_model.pth").is_file() or not need_weights),
-        )
-        if not present
-    ]
-    if missing:
-        dry_run_hint = " (--seq.dry_run true needs no lit_model.pth)" if missing == ["lit_model.pth"] else ""
-        raise UserInputError(f"checkpoint_dir {str(checkpoint_dir)!r} is missing {', '.join(missing)}{dry_run_hint}.")
-    return checkpoint_dir
-
-
 def main(
     fabric: L.Fabric,
     config: Config,
     data: DataModule,
-    located: input_checks.DataFiles | None,
+    located: files.DataFiles | None,
     checkpoint_dir: Path,
     out_dir: Path,
     train: TrainArgs,
@@ -177,43 +149,47 @@ def main(
     optimizer: str | dict,
     precision: str | None,
     seed: int,
-    resume: resume_state.Resume = False,
+    resume: Resume = False,
 ) -> None:
-    # 1. Lengths, from the tokenizer and the data only: scan, decide, apply the policy, plan the cuts, report. On
-    #    resume, the checkpoint must be of this model, this data, these flags and this decision.
+    # 1. Lengths, from the tokenizer and the data only: scan, decide, apply the policy, plan the cuts and the batch
+    #    order, count the steps, report. On resume, the checkpoint must be of this model, data, flags and decision.
     hyperparameters = captured_hyperparameters()
-    resume_from = resume_state.find_checkpoint(out_dir, resume, log=fabric.print)
+    resume_from = lookup.find_checkpoint(out_dir, resume, log=fabric.print)
     if resume_from is not None:
-        resume_state.check_same_model(resume_from, checkpoint_dir)
+        same_run.check_same_model(resume_from, checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
-    plan = seq_data.plan_lengths(fabric, data, tokenizer, train, seq, config.block_size, located)
-    run = resume_state.run_flags(train, seq, seed, fabric.world_size, optimizer, precision, config)
-    resumption, plan = resume_state.begin(fabric, out_dir, resume_from, plan, run, saves=not seq.dry_run)
-    decision = plan.decision
-    packed = seq_data.packed_micro_batches(fabric, plan, train.micro_batch_size, seed) if seq.pack else None
-    plan.warnings += input_checks.check_run(train, eval, plan.kept, fabric.world_size, seq.group_by_length, packed)
-    report = seq_data.publish_plan(fabric, out_dir, plan, seq, train.micro_batch_size, seed)
-    if resumption.report():
-        report["resumed_from"] = resumption.report()
-        seq_data.write_report(fabric, out_dir, report)
+    plan = plan_lengths(fabric, data, tokenizer, train, seq, config.block_size, located)
+    run = same_run.run_flags(train, seq, seed, fabric.world_size, optimizer, precision, config)
+    resumption, plan = same_run.begin(fabric, out_dir, resume_from, plan, run, saves=not seq.dry_run)
+    max_seq_length = plan.decision.max_seq_length
+    batches_for_epoch = order.train_batches(
+        plan.kept_lengths("train"),
+        max_seq_length,
+        train.micro_batch_size,
+        seq.order,
+        seed,
+        fabric.global_rank,
+        fabric.world_size,
+    )
+    accumulation = train.gradient_accumulation_iters(fabric.world_size, 1)
+    steps = Steps.count(len(batches_for_epoch(0)), accumulation, train.epochs, train.max_steps)
+    found = plan_warnings(plan, data, tokenizer, seq.over_length) + settings.check_run(train, eval, plan.kept, steps)
+    report = report_build.publish_plan(
+        fabric, out_dir, plan, seq, train.micro_batch_size, seed, found, resumed_from=resumption.report()
+    )
     if seq.dry_run:
         fabric.print("dry run: nothing trained (--seq.dry_run true).")
         return
-    hyperparameters.train.max_seq_length = decision.max_seq_length  # what the model trains with, for a rerun
-    if fabric.global_rank == 0 and (earlier := run_lock.earlier_run_warning(out_dir)):
+    hyperparameters.train.max_seq_length = max_seq_length  # what the model trains with, for a rerun
+    if fabric.global_rank == 0 and (earlier := outputs.earlier_run_warning(out_dir)):
         fabric.print(earlier)
 
-    # 2. The loaders the plan allows; then the model, built with the decided length, and its weights.
-    train_loader, val_loader = seq_data.make_loaders(
-        fabric, plan, train.micro_batch_size, seq.group_by_length, seed, pack=seq.pack
-    )
-    steps_per_epoch = len(train_loader) // train.gradient_accumulation_iters(fabric.world_size, 1)
-    lr_max_steps = min(train.epochs * steps_per_epoch, (train.max_steps or float("inf")))
-    input_checks.check_schedule(train.lr_warmup_steps, lr_max_steps)  # as planned; the loaders have the last word
+    # 2. The loaders the plan allows; then the model, built with the decided length, its weights and its state.
+    train_loader, val_loader = loaders.make_loaders(fabric, plan, batches_for_epoch, seed, pack=seq.pack)
     fabric.seed_everything(seed)  # the same on every rank, for model init
     with fabric.init_module(empty_init=(fabric.world_size > 1)):
         model = GPT(config)
-    model.max_seq_length = decision.max_seq_length
+    model.max_seq_length = max_seq_length
     mark_only_lora_as_trainable(model)
     fabric.print(f"Number of trainable parameters: {litgpt_utils.num_parameters(model, requires_grad=True):,}")
     fabric.print(f"Number of non-trainable parameters: {litgpt_utils.num_parameters(model, requires_grad=False):,}")
@@ -224,26 +200,25 @@ def main(
     else:
         optimizer = litgpt_utils.instantiate_torch_optimizer(optimizer, model.parameters())
     optimizer = fabric.setup_optimizers(optimizer)
-    scheduler = get_lr_scheduler(optimizer, warmup_steps=train.lr_warmup_steps, max_steps=lr_max_steps)
+    scheduler = get_lr_scheduler(optimizer, warmup_steps=train.lr_warmup_steps, max_steps=steps.total)
     load_checkpoint(fabric, model, checkpoint_dir / "lit_model.pth", strict=False)
+    state = training_state.new_state(model, optimizer, scheduler, accumulation, fabric.device)
     if resume_from is not None:
-        resume_state.load_lora_weights(model, resume_from, fabric.world_size)
+        training_state.load(fabric, resume_from, state)
 
     # 3. Rehearse the worst case (the longest micro-batches), then train, validate, save.
     if seq.rehearse:
-        loaders = {"train": train_loader, "val": val_loader}
-        lengths = {name: plan.kept_lengths(name) for name in loaders}
-        batches = rehearsal.rehearsal_batches(loaders, lengths, train.micro_batch_size, decision.max_seq_length)
-        report["rehearsal"] = rehearsal.rehearse(fabric, model, optimizer, batches, train, decision)
-        seq_data.write_report(fabric, out_dir, report)
+        rehearsal_loaders = {"train": train_loader, "val": val_loader}
+        lengths = {name: plan.kept_lengths(name) for name in rehearsal_loaders}
+        batches = rehearsal.rehearsal_batches(rehearsal_loaders, lengths, train.micro_batch_size, max_seq_length)
+        report.rehearsal = rehearsal.rehearse(fabric, model, optimizer, batches, train, plan.decision)
+        report.write(fabric)
     save = partial(save_checkpoint, checkpoint_dir=checkpoint_dir, data=data, hyperparameters=hyperparameters)
     started = time.perf_counter()
-    with resume_state.GracefulStop(log=fabric.print) as signals:
-        token_counts = fit(
+    with GracefulStop(log=fabric.print) as signals:
+        micro_batches = fit(
             fabric,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
+            state,
             train_loader=train_loader,
             val_loader=val_loader,
             data=data,
@@ -253,20 +228,18 @@ def main(
             eval=eval,
             save=save,
             verify=not seq.rehearse,
-            resumption=resumption,
+            header_parts=resumption.header_parts,
             signals=signals,
             token_weighting=seq.token_weighting,
         )
     if signals.checkpoint is not None:
         signals.leave(fabric)  # exit 143 (SIGTERM) / 130 (SIGINT): the step directory is the result, no final/
+    counts = {key: fabric.all_reduce(value, reduce_op="sum").item() for key, value in state["token_counts"].items()}
     fabric.print(
-        litgpt_utils.create_finetuning_performance_report(
-            time.perf_counter() - started, token_counts, fabric.device.type
-        )
+        litgpt_utils.create_finetuning_performance_report(time.perf_counter() - started, counts, fabric.device.type)
     )
-    report["batches"] = seq_data.batches_trained(token_counts, train.micro_batch_size, seq.group_by_length, seq.pack)
-    report["batches"]["loss_weighting"] = "token" if seq.token_weighting else "batch"
-    seq_data.write_report(fabric, out_dir, report)
+    report.batches = report_build.batches_trained(counts, micro_batches, train.micro_batch_size, seq)
+    report.write(fabric)
 
     if eval.final_validation:
         val_loss = validate(fabric, model, val_loader, dataclasses.replace(eval, max_iters=len(val_loader)))
@@ -277,15 +250,13 @@ def main(
     if fabric.global_rank == 0:
         merge_lora(checkpoint_dir=out_dir / "final", pretrained_checkpoint_dir=checkpoint_dir, precision=precision)
     fabric.barrier()
-    fabric.print(decision.summary())
+    fabric.print(plan.decision.summary())
 
 
 def fit(
     fabric: L.Fabric,
+    state: dict,
     *,
-    model: GPT,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
     train_loader,
     val_loader,
     data: DataModule,
@@ -293,54 +264,51 @@ def fit(
     out_dir: Path,
     train: TrainArgs,
     eval: EvalArgs,
-    save: Callable,
+    save,
     verify: bool = True,
-    resumption: resume_state.Resumption,
-    signals: resume_state.GracefulStop | None = None,
+    header_parts: dict,
+    signals: GracefulStop | None = None,
     token_weighting: bool = False,
-) -> dict:
-    """The training loop. max_seq_length was settled before the model was built; nothing here changes it.
+) -> int:
+    """The training loop over ``state`` (``checkpoint.state.new_state``; a loaded one goes on where it stopped).
+    max_seq_length was settled before the model was built; nothing here changes it.
 
-    ``save(fabric, model, directory)`` writes a checkpoint. ``verify``: without an initial validation, run two val
-    batches first as upstream does (not needed after a rehearsal). They run with the RNG states put back, as the
-    rehearsal's are, so both runs train alike. ``token_weighting``: every supervised token of a step weighs the same
-    (``token_loss.StepLookahead`` counts the step's tokens first). ``resumption``: the checkpoint to go on from (its
-    state is put back after the initial validation) and what every checkpoint records; ``signals``: SIGTERM or
-    SIGINT ends the loop after the optimizer step it arrives in, with a checkpoint (``signals.checkpoint``).
-    Returns the run's token counts, summed over the ranks.
+    ``save(fabric, model, directory)`` writes upstream's checkpoint files. ``verify``: without an initial validation,
+    run two val batches first as upstream does (not needed after a rehearsal). ``token_weighting``: every supervised
+    token of a step weighs the same (``StepLookahead`` counts the step's tokens first). ``header_parts``: what every
+    checkpoint records to be resumed. ``signals``: SIGTERM or SIGINT ends the loop after the optimizer step it arrives
+    in, with a checkpoint (``signals.checkpoint``). Returns the micro-batches trained, over all ranks.
     """
-    if eval.initial_validation:
-        val_loss = f"{validate(fabric, model, val_loader, dataclasses.replace(eval, max_iters=len(val_loader))):.3f}"
-    else:
-        if verify:
-            fabric.print("Verifying settings ...")
-            with rehearsal.preserved_rng():
+    model, optimizer, scheduler = state["model"], state["optimizer"], state["scheduler"]
+    with preserved_rng():  # evaluation draws nothing that training would draw
+        if eval.initial_validation:
+            val_loss = validate(fabric, model, val_loader, dataclasses.replace(eval, max_iters=len(val_loader)))
+            val_loss = f"{val_loss:.3f}"
+        else:
+            if verify:
+                fabric.print("Verifying settings ...")
                 validate(fabric, model, val_loader, dataclasses.replace(eval, max_iters=2), verbose=False)
-        val_loss = "n/a"
+            val_loss = "n/a"
+    if state["rng"] is not None:  # a resumed run draws what the saved run would have drawn next
+        restore_rng(state["rng"])
+        fabric.print(
+            f"Resumed at step {state['step']} (epoch {state['epoch'] + 1}, {state['position']} micro-batches in; none"
+            " re-read)"
+        )
 
     accumulation = train.gradient_accumulation_iters(fabric.world_size, 1)
-    batches = resume_state.EpochBatches(train_loader)
+    batches = order.EpochBatches(train_loader, epoch=state["epoch"], position=state["position"])
     if token_weighting:
         batches = StepLookahead(batches, accumulation, fabric)
     throughput = ThroughputMonitor(fabric, window_size=50)
-    running_loss = RunningMean(window=accumulation, sync_on_compute=False).to(fabric.device)
-    max_steps = train.max_steps or float("inf")
-    max_time = train.max_time or float("inf")
-    counts = {
-        key: torch.tensor(0, device=fabric.device, dtype=torch.long)
-        for key in ("raw", "template", "padded", "rows", "samples")
-    }
-    step = iteration = 0
-    trained_before = 0.0  # seconds, by the run that saved the checkpoint (--train.max_time counts the whole run)
-    if resumption.step_dir is not None:
-        step, iteration, trained_before = resumption.restore(
-            fabric, batches, optimizer, scheduler, running_loss, counts
-        )
-    started = time.perf_counter() - trained_before
+    running_loss, counts = state["running_loss"], state["token_counts"]
+    max_steps, max_time = train.max_steps or float("inf"), train.max_time or float("inf")
+    poll_every = 1 if fabric.world_size == 1 else max(1, math.ceil(train.log_interval / accumulation))
+    started = time.perf_counter() - state["elapsed_seconds"]  # --train.max_time counts the whole run
 
-    while step < max_steps:
-        iteration += 1
-        iteration_started = time.perf_counter()
+    while state["step"] < max_steps:
+        state["iteration"] += 1
+        iteration, iteration_started = state["iteration"], time.perf_counter()
         batch = next(batches)
         stop = None
         if batches.epoch >= train.epochs:
@@ -349,105 +317,89 @@ def fit(
             stop = f"Max time ({max_time / 60.0:.2f}m) reached, stopping training..."
         if stop:
             if fabric.global_rank == 0:
-                generate_example(fabric, model, tokenizer, eval, data)
+                with preserved_rng():
+                    generate_example(fabric, model, tokenizer, eval, data)
             fabric.print(stop)
-            iteration -= 1  # that batch was not trained on
+            state["iteration"] -= 1  # that batch was not trained on
             break
 
         accumulating = iteration % accumulation != 0
         with fabric.no_backward_sync(model, enabled=accumulating):
             loss = train_loss(model, batch, batches.tokens_per_micro_batch if token_weighting else None)
             fabric.backward(loss / accumulation)
-        running_loss.update(loss.detach())
+        running_loss.update(loss)
         if not accumulating:
             optimizer.step()
             optimizer.zero_grad()
             scheduler.step()
-            step += 1
-
-        counts["raw"] += batch["token_counts"]["raw"].sum().item()
-        counts["template"] += batch["token_counts"]["raw_plus_prompt_template"].sum().item()
-        counts["padded"] += batch["input_ids"].numel()
-        counts["rows"] += batch["input_ids"].size(0)
-        counts["samples"] += batch["token_counts"]["raw"].numel()
+            state["step"] += 1
+        count_tokens(counts, batch)
 
         if iteration % train.log_interval == 0:
-            now = time.perf_counter()
-            throughput.update(
-                time=now - started,
-                batches=iteration,
-                samples=counts["samples"].item(),
-                lengths=counts["padded"].item(),
-            )
-            throughput.compute_and_log(step=iteration)
-            metrics = {
-                "loss": running_loss.compute().item(),
-                "iter": iteration,
-                "step": step,
-                "epoch": batches.epoch,
-                "iter_time": now - iteration_started,
-                "tokens": counts["template"],
-                "total_tokens": counts["template"] * fabric.world_size,
-                "learning_rate": scheduler.get_last_lr()[0],
-            }
-            fabric.print(
-                f"Epoch {batches.epoch + 1} | iter {iteration} step {step} | loss train: {metrics['loss']:.3f},"
-                f" val: {val_loss} | iter time: {metrics['iter_time'] * 1000:.2f} ms{'' if accumulating else ' (step)'}"
-            )
-            fabric.log_dict(metrics, step=iteration)
-
-        if not accumulating and step % eval.interval == 0:
-            val_loss = periodic_validation(fabric, model, val_loader, eval, tokenizer, data, iteration)
-
+            log_progress(fabric, state, batches.epoch, iteration_started, started, throughput, val_loss, accumulating)
         if accumulating:
             continue
-        stopping = signals is not None and signals.requested_on_any_rank(fabric)
+        step = state["step"]
+        if step % eval.interval == 0:
+            val_loss = periodic_validation(fabric, model, val_loader, eval, tokenizer, data, iteration)
+        stopping = signals is not None and step % poll_every == 0 and signals.requested_on_any_rank(fabric)
         if stopping or (train.save_interval is not None and step % train.save_interval == 0):
+            state["epoch"], state["position"] = batches.epoch, batches.position
+            state["elapsed_seconds"] = time.perf_counter() - started
             step_dir = out_dir / f"step-{step:06d}"
-            resumption.save(
-                fabric,
-                step_dir,
-                partial(save, fabric, model),
-                step=step,
-                iteration=iteration,
-                batches=batches,
-                elapsed_seconds=time.perf_counter() - started,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                running_loss=running_loss,
-                token_counts=counts,
-            )
+            training_state.save(fabric, step_dir, state, partial(save, fabric, model), header_parts)
         if stopping:
             signals.checkpoint = step_dir
-            fabric.print(f"Stopped at step {step}. To resume: {resume_state.resume_command(sys.argv, step_dir)}")
+            fabric.print(f"Stopped at step {step}. To resume: {resume_command(sys.argv, step_dir)}")
             break
+    return state["iteration"] * fabric.world_size
 
-    totals = {key: fabric.all_reduce(value, reduce_op="sum").item() for key, value in counts.items()}
-    return {
-        "raw_tokens": totals["raw"],
-        "raw_tokens_plus_prompt_template": totals["template"],
-        "raw_tokens_plus_prompt_template_and_padding": totals["padded"],
-        "micro_batches": iteration * fabric.world_size,
-        "rows": totals["rows"],
-        "samples": totals["samples"],
+
+def count_tokens(counts: dict, batch: dict) -> None:
+    """Adds a micro-batch to this rank's token counts (on the device: no wait for it)."""
+    counts["raw_tokens"] += batch["token_counts"]["raw"].sum()
+    counts["raw_tokens_plus_prompt_template"] += batch["token_counts"]["raw_plus_prompt_template"].sum()
+    counts["raw_tokens_plus_prompt_template_and_padding"] += batch["input_ids"].numel()
+    counts["rows"] += batch["input_ids"].size(0)
+    counts["samples"] += batch["token_counts"]["raw"].numel()
+
+
+def log_progress(fabric, state, epoch, iteration_started, started, throughput, val_loss, accumulating) -> None:
+    """The progress line and the logged metrics, as upstream prints and logs them."""
+    now, iteration, counts = time.perf_counter(), state["iteration"], state["token_counts"]
+    throughput.update(
+        time=now - started,
+        batches=iteration,
+        samples=counts["samples"].item(),
+        lengths=counts["raw_tokens_plus_prompt_template_and_padding"].item(),
+    )
+    throughput.compute_and_log(step=iteration)
+    metrics = {
+        "loss": state["running_loss"].compute().item(),
+        "iter": iteration,
+        "step": state["step"],
+        "epoch": epoch,
+        "iter_time": now - iteration_started,
+        "tokens": counts["raw_tokens_plus_prompt_template"],
+        "total_tokens": counts["raw_tokens_plus_prompt_template"] * fabric.world_size,
+        "learning_rate": state["scheduler"].get_last_lr()[0],
     }
+    fabric.print(
+        f"Epoch {epoch + 1} | iter {iteration} step {state['step']} | loss train: {metrics['loss']:.3f},"
+        f" val: {val_loss} | iter time: {metrics['iter_time'] * 1000:.2f} ms{'' if accumulating else ' (step)'}"
+    )
+    fabric.log_dict(metrics, step=iteration)
 
 
-def periodic_validation(
-    fabric: L.Fabric,
-    model,
-    val_loader: DataLoader,
-    eval: EvalArgs,
-    tokenizer: Tokenizer,
-    data: DataModule,
-    iteration: int,
-) -> str:
+def periodic_validation(fabric, model, val_loader, eval: EvalArgs, tokenizer, data, iteration: int) -> str:
     """Validation during training: the val loss averaged over the ranks, printed and logged, and (on rank 0) an
-    example generated from the model. Returns the loss as the progress lines show it."""
+    example generated from the model, with the random states set aside. Returns the loss as the progress lines show
+    it."""
     started = time.perf_counter()
-    rank_loss = validate(fabric, model, val_loader, eval)
-    if fabric.global_rank == 0:
-        generate_example(fabric, model, tokenizer, eval, data)
+    with preserved_rng():
+        rank_loss = validate(fabric, model, val_loader, eval)
+        if fabric.global_rank == 0:
+            generate_example(fabric, model, tokenizer, eval, data)
     loss = fabric.all_reduce(rank_loss.to(fabric.device), reduce_op="mean")  # a collective: every rank waits here
     fabric.print(
         f"iter {iteration}: val loss {loss.item():.4f}, val time: {(time.perf_counter() - started) * 1000:.2f} ms"
@@ -464,40 +416,18 @@ def save_checkpoint(
     save_lora_checkpoint(fabric, model, directory / "lit_model.pth.lora")
     if fabric.global_rank == 0:
         litgpt_utils.copy_config_files(checkpoint_dir, directory)
-        build_parser().save(hyperparameters, directory / "hyperparameters.yaml", overwrite=True)
+        parser().save(hyperparameters, directory / "hyperparameters.yaml", overwrite=True)
         save_prompt_style(data.prompt_style, directory)
     fabric.barrier()
 
 
-def swap_in_stable_embedding(model) -> None:
-    """bitsandbytes' 8-bit optimizers want a StableEmbedding in place of the token embedding."""
-    from bitsandbytes.nn import StableEmbedding
-
-    old = model.transformer.wte
-    new = StableEmbedding(old.num_embeddings, old.embedding_dim)
-    with torch.no_grad():
-        new.weight.copy_(old.weight)
-    model.transformer.wte = new.to(device=old.weight.device, dtype=old.weight.dtype)
-
-
-def build_parser() -> FlowParser:
-    """The command line: litgpt finetune_lora's own flags, defaults and help (read from its function), plus --seq.*.
-    ``FlowParser`` checks the data paths before the data module is built, and says what --train.max_seq_length and
-    --train.lr_warmup_steps mean here (``cli_support.HELP``)."""
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # help text from the dataclasses' docstrings
-    parser = FlowParser(default_meta=False, description=setup.__doc__.partition("\n")[0])
-    parser.add_argument("--config", action=ActionConfigFile, help="Path to a configuration file (yaml).")
-    parser.add_function_arguments(litgpt_finetune_lora, as_group=False, as_positional=True, sub_configs=True)
-    parser.add_class_arguments(SeqArgs, "seq", sub_configs=True)
-    not_resume = set(inspect.signature(litgpt_finetune_full).parameters) - {"resume"}
-    parser.add_function_arguments(litgpt_finetune_full, as_group=False, skip=not_resume)  # --resume, as upstream's
-    cli_support.use_flow_help(parser)
-    return parser
+def parser():
+    return build_parser(description=setup.__doc__.partition("\n")[0])
 
 
 def captured_hyperparameters() -> Namespace:
     """The command line as parsed, to be written to each checkpoint's hyperparameters.yaml (as upstream does)."""
-    return build_parser().parse_args(sys.argv[1:])
+    return parser().parse_args(sys.argv[1:])
 
 
 def cli() -> None:
@@ -505,9 +435,9 @@ def cli() -> None:
     warnings.filterwarnings(
         "ignore", message=r"The epoch parameter in `scheduler.step\(\)` was not necessary", category=UserWarning
     )
-    with cli_support.user_facing_exits():  # bad input: `error: ...`, exit 2; Ctrl-C: one line, exit 130
-        parser = build_parser()
-        flags = parser.instantiate_classes(parser.parse_args())
+    with exits.user_facing_exits():  # bad input: `error: ...`, exit 2; Ctrl-C: one line, exit 130
+        flow_parser = parser()
+        flags = flow_parser.instantiate_classes(flow_parser.parse_args())
         flags.pop("config", None)
         setup(**flags)
 

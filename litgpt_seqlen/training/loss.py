@@ -7,7 +7,7 @@ micro-batch with few supervised tokens weighs more than one in a full micro-batc
 
 Each micro-batch contributes its loss *sum*; the step's token count is known before the first backward pass
 (``StepLookahead`` draws the step's micro-batches first and ``step_supervised_tokens`` counts them, summed over the
-ranks). ``training_loss.train_loss`` divides each micro-batch's loss sum by the step's mean tokens per micro-batch
+ranks). ``train_loss`` divides each micro-batch's loss sum by the step's mean tokens per micro-batch
 (``step_tokens / (accumulation * world_size)``); fit divides by ``accumulation`` as upstream does and data
 parallelism averages over the ranks, which leaves the gradient of the step's mean over all its tokens.
 """
@@ -17,6 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from litgpt.utils import chunked_cross_entropy
+
+from litgpt_seqlen.model.packed_forward import batch_logits
 
 IGNORE_INDEX = -100
 
@@ -71,7 +74,7 @@ class StepLookahead:
     At the first micro-batch of a step it draws all ``accumulation`` micro-batches of the step and counts their
     supervised tokens over all ranks (``step_supervised_tokens``, a collective: every rank draws at the same
     iterations). ``tokens_per_micro_batch`` is that count divided by the step's micro-batches on all ranks, what
-    ``training_loss.train_loss`` divides each micro-batch's loss sum by. ``epoch`` is the wrapped iterator's epoch as it
+    ``train_loss`` divides each micro-batch's loss sum by. ``epoch`` is the wrapped iterator's epoch as it
     was when the micro-batch just returned was drawn, so fit's ``batches.epoch >= train.epochs`` stops where it would
     without the look-ahead. Any other attribute is the wrapped iterator's (between two steps nothing is pending).
     """
@@ -100,3 +103,41 @@ class StepLookahead:
         if name == "batches":  # not set yet (e.g. while unpickling)
             raise AttributeError(name)
         return getattr(self.batches, name)
+
+
+def train_loss(model: torch.nn.Module, batch: dict, tokens_per_micro_batch: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss of ``batch``, packed (``packing.packed_collate``) or not; labels equal to -100 are ignored.
+
+    Without ``tokens_per_micro_batch``: upstream's mean cross-entropy over this micro-batch's supervised tokens.
+    With it (``StepLookahead.tokens_per_micro_batch``: the step's supervised tokens over all its
+    micro-batches and ranks, divided by their number): the sum of this micro-batch's token losses divided by it.
+    fit's ``backward(loss / accumulation)``, with the ranks' gradients averaged, then gives the gradient of the mean
+    over all the step's tokens, and the mean of these losses over a step is the step's loss (on one device).
+    """
+    logits = batch_logits(model, batch, lm_head_chunk_size=128)
+    if tokens_per_micro_batch is not None:
+        loss_sum, _ = micro_batch_loss_sum(logits, batch["labels"])
+        return loss_sum / tokens_per_micro_batch.to(loss_sum.device)
+    logits[-1] = logits[-1][..., :-1, :]  # output n predicts token n + 1
+    return chunked_cross_entropy(logits, batch["labels"][..., 1:])
+
+
+class RunningLoss:
+    """The mean of the last ``window`` micro-batch losses (one optimizer step's), as the progress lines show it. The
+    losses stay on the device, so updating never waits for it; only ``compute`` does."""
+
+    def __init__(self, window: int, device: torch.device | str = "cpu") -> None:
+        self.window, self.device = window, torch.device(device)
+        self.values: list[torch.Tensor] = []
+
+    def update(self, loss: torch.Tensor) -> None:
+        self.values = [*self.values, loss.detach()][-self.window :]
+
+    def compute(self) -> torch.Tensor:
+        return torch.stack(self.values).mean()
+
+    def state_dict(self) -> dict:
+        return {"values": [value.cpu() for value in self.values]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.values = [value.to(self.device) for value in state["values"]]

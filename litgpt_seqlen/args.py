@@ -1,6 +1,9 @@
-"""The ``--seq.*`` flags: how this entry point decides, applies and reports sequence lengths."""
+"""The flags this entry point adds to litgpt finetune_lora's: the ``--seq.*`` group and ``--resume``."""
+
+from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 
@@ -41,6 +44,31 @@ class SeqArgs:
     rows) and the longest val micro-batch (forward), then undo everything (gradients, RNG), so a length or memory failure shows in the first minute."""
 
     @property
+    def order(self) -> str:
+        """The train batch order: "packed", "grouped" (by length) or "random"."""
+        return "packed" if self.pack else "grouped" if self.group_by_length else "random"
+
+    @property
     def token_weighting(self) -> bool:
         """Whether a step's loss weighs every supervised token the same (--seq.loss_weighting token, or packing)."""
         return self.pack or self.loss_weighting == "token"
+
+
+Resume = bool | Literal["auto"] | Path
+
+
+def parse_resume(value: object) -> Resume:
+    """``--resume`` as litgpt's ``finetune_full`` takes it: False, True, "auto" or a Path (strings accepted too)."""
+    if isinstance(value, (bool, Path)):
+        return value
+    if value is None:
+        return False
+    text = str(value).strip()
+    lowered = text.lower()
+    if lowered in ("false", "no", "0", ""):
+        return False
+    if lowered in ("true", "yes", "1"):
+        return True
+    if lowered == "auto":
+        return "auto"
+    return Path(text)

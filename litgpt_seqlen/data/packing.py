@@ -16,17 +16,13 @@ from functools import partial
 
 import torch
 
-import resume_state
-from data_utils import estimate_padding
-
 IGNORE_INDEX = -100
+
+
 PADDING_SEGMENT = -1  # the segment id of padding tokens: never the id of a sample
+
+
 DEFAULT_GROUP_SIZE = 500  # samples packed together; larger packs tighter, smaller varies the rows more between epochs
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The plan
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def best_fit_decreasing(indices: Sequence[int], lengths: Sequence[int], max_seq_length: int) -> list[list[int]]:
@@ -152,29 +148,6 @@ def row_tokens(row: Sequence[int], lengths: Sequence[int], max_seq_length: int) 
     return sum(min(lengths[i], max_seq_length) for i in row)
 
 
-def expected_efficiency(
-    lengths: Sequence[int],
-    max_seq_length: int,
-    micro_batch_size: int,
-    seed: int,
-    world_size: int = 1,
-    group_size: int = DEFAULT_GROUP_SIZE,
-) -> dict[str, dict]:
-    """For the report and the dry run: the padding of the first epoch, all ranks, with random micro-batches of
-    ``micro_batch_size`` samples (``data_utils.estimate_padding``: one equally likely shuffle), length-grouped ones
-    (exact) and packed ones of ``micro_batch_size`` rows (``plan_report``, exact)."""
-    return {
-        "random": estimate_padding(lengths, micro_batch_size, max_seq_length, False, seed, world_size),
-        "grouped": estimate_padding(lengths, micro_batch_size, max_seq_length, True, seed, world_size),
-        "packed": plan_report(lengths, max_seq_length, micro_batch_size, seed, world_size, group_size),
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The tensors of a packed micro-batch
-# ---------------------------------------------------------------------------------------------------------------
-
-
 def packed_collate(rows: Sequence[Sequence[dict]], pad_id: int = 0, ignore_index: int = IGNORE_INDEX) -> dict:
     """A micro-batch of rows (each a list of SFTDataset items) as tensors of shape (rows, longest row):
 
@@ -240,12 +213,6 @@ def packed_plan(
     """``epoch -> this rank's micro-batches`` (``packed_batches``), each a list of rows of sample indices."""
     placement = {"rank": rank, "world_size": world_size, "group_size": group_size}
     return partial(packed_batches, list(lengths), max_seq_length, micro_batch_size, seed, **placement)
-
-
-class PackedBatchSampler(resume_state.ResumableBatchSampler):
-    """Yields the micro-batches ``batches_for_epoch(epoch)`` (``packed_plan``) of one epoch; the next epoch once a pass
-    is used up. Its length is that of the first epoch; later epochs can differ by a row or two, which the loop does
-    not mind. (``seq_data.make_loaders`` uses ``resume_state.ResumableBatchSampler`` itself.)"""
 
 
 def plan_report(

@@ -1,39 +1,25 @@
 """--seq.rehearse: run the worst case (the longest micro-batches) before the first step, then undo it.
 
 A length or memory failure then shows in the first minute rather than hours in, when the longest sample first comes
-up. The rehearsal trains with ``training_loss.train_loss`` and validates with litgpt's ``validate``, as the run does.
+up. The rehearsal trains with ``loss.train_loss`` and validates with litgpt's ``validate``, as the run does.
 """
 
-import contextlib
-import random
+from __future__ import annotations
+
 import time
 
 import lightning as L
-import numpy as np
 import torch
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.finetune.lora import validate
 from torch.utils.data import DataLoader
 
 import data_utils
-import packing
-from data_utils import Decision, UserInputError
-from training_loss import train_loss
-
-
-@contextlib.contextmanager
-def preserved_rng():
-    """Puts back the python, numpy, torch CPU and CUDA random states on the way out, whatever ran inside."""
-    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
+from data_utils import Decision
+from litgpt_seqlen.data import packing
+from litgpt_seqlen.errors import UserInputError
+from litgpt_seqlen.training.loss import train_loss
+from litgpt_seqlen.training.rng import preserved_rng
 
 
 def rehearsal_batches(

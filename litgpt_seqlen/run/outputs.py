@@ -24,22 +24,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_utils import UserInputError
+from litgpt_seqlen.errors import UserInputError
 
 LOCK_NAME = ".lock"
+
+
 REPORT = "seq_lengths.json"
+
+
 DROPPED = "dropped_samples.jsonl"
+
+
 DRY_REPORT = "seq_lengths.dry_run.json"
+
+
 DRY_DROPPED = "dropped_samples.dry_run.jsonl"
-
-
-def launched_as_rank_zero() -> bool:
-    """Whether this process is global rank 0 as its launcher set the environment (True when started by hand).
-    Fabric's subprocess launcher starts rank k > 0 with LOCAL_RANK=k; torchrun and SLURM set RANK / SLURM_PROCID."""
-    for name in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
-        if os.environ.get(name, "0").strip() not in ("", "0"):
-            return False
-    return True
 
 
 class OutDirInUse(UserInputError):
@@ -131,11 +130,6 @@ def _acquire(path: Path, warn) -> int:
     )
     os.fsync(descriptor)
     return descriptor
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Report files: never two runs' files side by side
-# ---------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from litgpt.model import do_softcapping
 
-from data_utils import UserInputError
+from litgpt_seqlen.errors import UserInputError
 
 
 def check_packable(config) -> None:

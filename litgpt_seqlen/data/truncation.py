@@ -30,10 +30,6 @@ from dataclasses import dataclass
 
 from data_utils import TRUNCATE_FROM, SampleParts
 
-# ---------------------------------------------------------------------------------------------------------------
-# The plan: how many tokens each part keeps
-# ---------------------------------------------------------------------------------------------------------------
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -101,11 +97,6 @@ def plan_split(parts: Sequence[SampleParts], max_seq_length: int, policy: str = 
     return [plan(p, max_seq_length, policy) for p in parts]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Applying a plan to what litgpt's data module produced
-# ---------------------------------------------------------------------------------------------------------------
-
-
 def truncate_item(item: Mapping, plan: Plan) -> dict:
     """The item of an untruncated ``SFTDataset`` cut as ``plan`` says.
 
@@ -151,11 +142,6 @@ class TruncatedSFT:
 
     def __getitem__(self, index: int) -> dict:
         return truncate_item(self.dataset[index], self.plans[index])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The learning signal, and the report
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def masks_prompt(dataset) -> bool:

@@ -1,0 +1,159 @@
+"""Same run, same data, same model: compared with a checkpoint before any weight is read."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from litgpt_seqlen.checkpoint.atomic import forget_training_states, remove_stale_temporaries
+from litgpt_seqlen.checkpoint.lookup import read_header
+from litgpt_seqlen.checkpoint.state import Resumption
+from litgpt_seqlen.errors import UserInputError
+
+# --seq.* flags that do not change what is trained (every other, present or future, must match to resume)
+SEQ_FLAGS_NOT_RUN_CHANGING = ("dry_run", "scan_workers", "rehearse")
+
+
+def run_flags(train, seq, seed: int, world_size: int, optimizer, precision, config) -> dict:
+    """The flags that change the trained weights, keyed by flag name (so a mismatch reads ``--seed was 1, now 2``)."""
+    flags = {
+        f"train.{name}": getattr(train, name)
+        for name in (
+            "micro_batch_size",
+            "global_batch_size",
+            "max_seq_length",
+            "epochs",
+            "max_steps",
+            "lr_warmup_steps",
+        )
+    }
+    flags.update(seed=seed, devices=world_size, optimizer=optimizer, precision=precision)
+    flags.update(
+        {f"seq.{name}": value for name, value in asdict(seq).items() if name not in SEQ_FLAGS_NOT_RUN_CHANGING}
+    )
+    lora = ("lora_r", "lora_alpha", "lora_dropout", "lora_query", "lora_key", "lora_value", "lora_projection")
+    flags.update({name: getattr(config, name) for name in (*lora, "lora_mlp", "lora_head")})
+    return normalized(flags)
+
+
+def data_fingerprint(lengths: Mapping[str, Sequence[int]]) -> dict:
+    """Per split: the sample count, a sha256 of the token lengths, and the lengths (to say where they differ)."""
+    return {
+        name: {
+            "count": len(values),
+            "sha256": hashlib.sha256(json.dumps(list(values)).encode()).hexdigest(),
+            "lengths": list(values),
+        }
+        for name, values in lengths.items()
+    }
+
+
+def decision_record(max_seq_length: int, kept: Mapping[str, Sequence[int]], counts: Mapping[str, int]) -> dict:
+    """The length decision as saved: max_seq_length and, per split, the indices left out (kept = all others)."""
+    dropped = {name: sorted(set(range(counts[name])) - set(kept[name])) for name in kept}
+    return {"max_seq_length": max_seq_length, "dropped": dropped, "counts": dict(counts)}
+
+
+def kept_from_record(record: dict) -> dict[str, list[int]]:
+    """The kept sample indices per split, in dataset order, from ``decision_record``'s output."""
+    kept = {}
+    for name, dropped in record["dropped"].items():
+        left_out = set(dropped)
+        kept[name] = [i for i in range(record["counts"][name]) if i not in left_out]
+    return kept
+
+
+def check_same_run(saved: dict, current: dict, checkpoint: str = "the checkpoint") -> None:
+    """Raises UserInputError naming every setting (``run``) and every split (``data``) that differs between the
+    checkpoint's header and this run. Both are dicts with ``run`` (flag name -> value) and ``data``
+    (``data_fingerprint``). A key only one side has is not compared."""
+    problems = []
+    for name, was in saved.get("run", {}).items():
+        if name in current.get("run", {}) and normalized(current["run"][name]) != normalized(was):
+            problems.append(f"--{name} was {was!r}, now {current['run'][name]!r}")
+    for split, was in saved.get("data", {}).items():
+        now = current.get("data", {}).get(split)
+        if now is None:
+            problems.append(f"the {split} split is missing now ({was['count']} samples then)")
+        elif now["count"] != was["count"]:
+            problems.append(f"the {split} split had {was['count']} samples, now {now['count']}")
+        elif now["sha256"] != was["sha256"]:
+            index = next((i for i, (a, b) in enumerate(zip(was["lengths"], now["lengths"])) if a != b), None)
+            where = (
+                f": {split} sample {index} had {was['lengths'][index]} tokens, now {now['lengths'][index]}"
+                if index is not None
+                else ""
+            )
+            problems.append(f"the {split} split has the same count but other token lengths{where}")
+    if problems:
+        raise UserInputError(
+            f"cannot resume from {checkpoint}: this run differs from the one that saved it: "
+            + "; ".join(problems)
+            + ". Resume with the same data and flags, or start a new run with --resume false (or another --out_dir)."
+        )
+
+
+def normalized(value: object) -> object:
+    return json.loads(json.dumps(value, default=str))
+
+
+def check_same_model(step_dir: Path, checkpoint_dir: Path) -> None:
+    """The step directory's model_config.yaml must be the base checkpoint's (a LoRA state fits only its base model)."""
+    import yaml
+
+    saved = yaml.safe_load((Path(step_dir) / "model_config.yaml").read_text())
+    base = yaml.safe_load((Path(checkpoint_dir) / "model_config.yaml").read_text())
+    changed = sorted(key for key in set(saved) | set(base) if saved.get(key) != base.get(key))
+    if changed:
+        shown = ", ".join(f"{key}: {saved.get(key)!r} there, {base.get(key)!r} here" for key in changed[:5])
+        raise UserInputError(
+            f"--resume {step_dir}: that checkpoint was trained on another base model than checkpoint_dir"
+            f" {checkpoint_dir} ({shown}). Pass the checkpoint_dir it was trained from."
+        )
+
+
+def plan_as_saved(fabric, plan, record: dict):
+    """The plan, checked against the checkpoint's length decision (max_seq_length, kept samples). With the same data
+    and flags (checked before) they agree unless another version of this code decides differently; then the run
+    cannot go on exactly, and stops before any weight is read."""
+    kept = kept_from_record(record)
+    if record["max_seq_length"] == plan.decision.max_seq_length and kept == plan.kept:
+        return plan
+    changed = [
+        f"split {name}: {len(kept[name])} samples kept then, {len(plan.kept[name])} now"
+        for name in kept
+        if kept[name] != plan.kept.get(name)
+    ]
+    raise UserInputError(
+        f"cannot resume: the checkpoint trained with max_seq_length {record['max_seq_length']}, this run decides"
+        f" {plan.decision.max_seq_length} from the same data and flags{(' (' + '; '.join(changed) + ')') if changed else ''}"
+        " (was finetune_lora.py updated in between?). Resume with the version that saved it, or start a new run."
+    )
+
+
+def begin(fabric, out_dir: Path, step_dir: Path | None, plan, run: dict, saves: bool):
+    """After the scan, before any weight: checks this run against the checkpoint (``step_dir``; None for a fresh
+    run), takes the length decision from it, and tidies ``out_dir`` (what a killed save left; a fresh run that
+    ``saves`` (any run that trains: a signal makes it save) makes an old run's checkpoints non-resumable). ``plan`` is a ``seq_data.LengthPlan``. Returns (Resumption, plan)."""
+    data = data_fingerprint({name: plan.lengths[name] for name in ("train", "val")})
+    saved = None
+    if step_dir is not None:
+        saved = read_header(step_dir)
+        check_same_run(saved, {"run": run, "data": data}, str(step_dir))
+        plan = plan_as_saved(fabric, plan, saved["decision"])
+    if fabric.global_rank == 0:
+        for path in remove_stale_temporaries(out_dir):
+            fabric.print(f"Removed {path}: left by a save that did not finish.")
+        forgotten = forget_training_states(out_dir) if step_dir is None and saves else []
+        if forgotten:
+            fabric.print(
+                f"Starting fresh (--resume false) in --out_dir {out_dir}: {', '.join(forgotten)} of an earlier run are"
+                " no longer resumable (their weights stay)."
+            )
+    fabric.barrier()
+    counts = {name: len(plan.lengths[name]) for name in plan.kept}
+    decision = decision_record(plan.decision.max_seq_length, plan.kept, counts)
+    return Resumption(step_dir, saved, {"run": run, "data": data, "decision": decision}), plan

@@ -1,0 +1,128 @@
+"""The training state: one dict, saved with ``fabric.save`` and put back with ``fabric.load``, crash-safe.
+
+``new_state`` is the dict ``fit`` works on: model, optimizer, scheduler, where the run is (step, iteration, epoch,
+position in the epoch, seconds trained) and this rank's token counts, running loss and random states. A checkpoint
+writes upstream's step directory first, then ``resume/<step>/`` (``layout``); each appears only by renaming a finished
+temporary directory, so a kill at any moment leaves the old checkpoint, none, or the new one whole.
+
+Under several ranks the per-rank parts are gathered into one list (``ranks``), so the file holds every rank's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from litgpt.lora import lora_filter
+
+from litgpt_seqlen.checkpoint.atomic import drop_training_state, write_checkpoint_dir_atomically
+from litgpt_seqlen.checkpoint.layout import (
+    FORMAT,
+    HEADER,
+    LORA_FILE,
+    STATE_FILE,
+    file_sha256,
+    files_sha256,
+    state_dir_for,
+)
+from litgpt_seqlen.training.loss import RunningLoss
+from litgpt_seqlen.training.rng import capture_rng
+
+PROGRESS = ("step", "iteration", "epoch", "position", "elapsed_seconds")
+TOKEN_COUNTS = (  # litgpt's names (create_finetuning_performance_report), plus packed rows and samples
+    "raw_tokens",
+    "raw_tokens_plus_prompt_template",
+    "raw_tokens_plus_prompt_template_and_padding",
+    "rows",
+    "samples",
+)
+
+
+def new_state(model, optimizer, scheduler, accumulation: int, device: torch.device) -> dict:
+    """What fit updates and a checkpoint holds; ``rng`` is set only when a checkpoint was loaded (restored last)."""
+    return {
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        **dict.fromkeys(PROGRESS, 0),
+        "token_counts": {key: torch.tensor(0, device=device, dtype=torch.long) for key in TOKEN_COUNTS},
+        "running_loss": RunningLoss(window=accumulation, device=device),
+        "rng": None,
+    }
+
+
+def save(fabric, step_dir: Path, state: dict, write_step_files, header_parts: dict) -> None:
+    """A resumable checkpoint: ``write_step_files(directory)`` writes upstream's files into ``step_dir``, then the
+    training state is written beside it with a header (``header_parts``: run flags, data fingerprint, decision) that
+    records the sha256 of every file. Every rank calls it."""
+    step_dir = Path(step_dir)
+    writer = fabric.global_rank == 0
+    if writer:
+        drop_training_state(step_dir)  # the step directory is about to change: its old state no longer matches
+    write_checkpoint_dir_atomically(step_dir, write_step_files, is_writer=writer, barrier=fabric.barrier)
+    mine = {
+        "rng": capture_rng(),
+        "running_loss": state["running_loss"].state_dict(),
+        "token_counts": {key: int(value) for key, value in state["token_counts"].items()},
+    }
+    saved = {key: state[key] for key in ("model", "optimizer", "scheduler", *PROGRESS)}
+    saved["ranks"] = gather_from_ranks(fabric, mine)
+
+    def write_state(directory: Path) -> None:
+        fabric.save(directory / STATE_FILE, saved, filter={"model": lora_filter})
+        if writer:
+            header = {
+                "format": FORMAT,
+                "step_dir": step_dir.name,
+                "world_size": fabric.world_size,
+                "progress": {key: state[key] for key in PROGRESS},
+                **header_parts,
+                "lora_sha256": file_sha256(step_dir / LORA_FILE),
+                "files": files_sha256(directory),
+            }
+            (directory / HEADER).write_text(json.dumps(header) + "\n")
+
+    write_checkpoint_dir_atomically(state_dir_for(step_dir), write_state, is_writer=writer, barrier=fabric.barrier)
+
+
+def load(fabric, step_dir: Path, state: dict) -> None:
+    """Puts a checkpoint's training state into ``state``: the LoRA weights, optimizer and scheduler in place, the
+    progress and this rank's counts and running loss as values, its random states in ``state["rng"]`` (for fit to
+    restore last, when nothing else draws before the loop)."""
+    loaded = {key: state[key] for key in ("model", "optimizer", "scheduler", *PROGRESS)}
+    loaded["ranks"] = None
+    fabric.load(
+        state_dir_for(step_dir) / STATE_FILE, loaded, strict=False
+    )  # strict=False: the base weights are not in it
+    mine = loaded["ranks"][fabric.global_rank]
+    state.update({key: loaded[key] for key in PROGRESS})
+    for key, value in mine["token_counts"].items():
+        state["token_counts"][key].fill_(value)
+    state["running_loss"].load_state_dict(mine["running_loss"])
+    state["rng"] = mine["rng"]
+
+
+def gather_from_ranks(fabric, mine: dict) -> list[dict]:
+    """Every rank's ``mine``, in rank order, on every rank."""
+    if fabric.world_size == 1:
+        return [mine]
+    everyone: list = [None] * fabric.world_size
+    torch.distributed.all_gather_object(everyone, mine)
+    return everyone
+
+
+@dataclass
+class Resumption:
+    """Where this run resumed from (``step_dir`` None: it started fresh) and what its checkpoints record."""
+
+    step_dir: Path | None
+    saved: dict | None  # the checkpoint's state.json
+    header_parts: dict  # run flags, data fingerprint, length decision: written into every checkpoint of this run
+
+    def report(self) -> dict | None:
+        """For seq_lengths.json: ``{"step_dir", "step"}``, or None for a fresh run."""
+        if self.step_dir is None:
+            return None
+        return {"step_dir": str(self.step_dir), "step": self.saved["progress"]["step"]}

@@ -1,0 +1,42 @@
+"""One clear line and an exit code, never a traceback, for what is not a bug."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+
+from litgpt_seqlen.errors import UserInputError
+from litgpt_seqlen.ranks import launched_as_rank_zero
+
+
+def _say(line: str) -> None:
+    if launched_as_rank_zero():
+        print(line, file=sys.stderr, flush=True)
+
+
+class _Terminated(SystemExit):
+    """SIGTERM outside any handler of the flow's own: leave through the ``finally`` blocks, exit 143."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated(143)
+
+
+@contextlib.contextmanager
+def user_facing_exits():
+    """Wrap the body of ``cli()`` (parse, instantiate, setup) with this."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    except UserInputError as problem:
+        _say(f"error: {problem}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        _say("interrupted (Ctrl-C)")
+        sys.exit(130)
+    except _Terminated:
+        _say("terminated (SIGTERM)")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,103 @@
+"""The command line: litgpt finetune_lora's flags plus ``--seq.*`` and ``--resume``, checked before any class is built."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+from litgpt.finetune.full import setup as litgpt_finetune_full
+from litgpt.finetune.lora import setup as litgpt_finetune_lora
+
+from litgpt_seqlen.args import SeqArgs
+from litgpt_seqlen.data.files import check_json_paths
+from litgpt_seqlen.errors import UserInputError
+
+HELP = {
+    "train.max_seq_length": (
+        "Override of the max_seq_length decided from the data. Unset (default): the longest sample of train, val (and"
+        " test) plus --seq.headroom, capped at the model's block_size. Set: this value, capped at block_size (with a"
+        " warning). Samples longer than it are handled by --seq.over_length. The value trained with is recorded in"
+        " final/hyperparameters.yaml."
+    ),
+    "train.lr_warmup_steps": (
+        "Optimizer steps of linear learning-rate warmup before the cosine decay; 0 for none. Must be below the run's"
+        " optimizer steps (checked before the model is built)."
+    ),
+}
+
+
+class FlowParser(ArgumentParser):
+    """jsonargparse's parser, with the data paths checked before the data module is built from them."""
+
+    def instantiate_classes(self, cfg, *args, **kwargs):
+        check_parsed(cfg)
+        try:
+            return super().instantiate_classes(cfg, *args, **kwargs)
+        except (ValueError, TypeError, FileNotFoundError) as problem:  # raised by a class built from user input
+            raise UserInputError(instantiation_error_message(problem)) from None
+
+
+def use_flow_help(parser: ArgumentParser) -> None:
+    """The help of the flags whose meaning this flow changed (``HELP``); every other text stays upstream's."""
+    for action in parser._actions:
+        if action.dest in HELP:
+            action.help = HELP[action.dest]
+
+
+def check_parsed(cfg) -> None:
+    """Checks that would otherwise surface as exceptions inside jsonargparse's ``instantiate_classes``: the JSON data
+    module's paths (``JSON.__post_init__``) and ``--train.lr_warmup_fraction`` (``TrainArgs.__post_init__``)."""
+    data = cfg.get("data")
+    if data is not None and _is_json_module(data.get("class_path")):
+        init = data.get("init_args") or {}
+        check_json_paths(Path(init.get("json_path")), init.get("val_split_fraction"))
+    train = cfg.get("train")
+    if train is not None and train.get("lr_warmup_fraction") is not None:
+        raise UserInputError(
+            f"--train.lr_warmup_fraction {train.get('lr_warmup_fraction')} is not supported by finetune_lora (nor by"
+            " litgpt's): give the warmup in optimizer steps with --train.lr_warmup_steps N (0 for no warmup)."
+        )
+
+
+def _is_json_module(class_path) -> bool:
+    if not isinstance(class_path, str):
+        return False
+    import importlib
+
+    from litgpt.data import JSON
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        resolved = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):  # jsonargparse itself reports an unknown class
+        return False
+    return isinstance(resolved, type) and issubclass(resolved, JSON)
+
+
+def instantiation_error_message(problem: Exception) -> str:
+    """The user's part of an exception jsonargparse raised while instantiating a class from the CLI: a Union's
+    "Errors:" list without the "Expected a <class 'NoneType'>" line, or the message itself."""
+    text = str(problem)
+    if "Errors:" not in text:
+        return text
+    reasons = [
+        line.strip()[2:]
+        for line in text.partition("Errors:")[2].splitlines()
+        if line.strip().startswith("- ") and "NoneType" not in line
+    ]
+    return "\n".join(reasons) or text
+
+
+def build_parser(description: str) -> FlowParser:
+    """The command line: litgpt finetune_lora's own flags, defaults and help (read from its function), plus --seq.*
+    and finetune_full's --resume. ``FlowParser`` checks the data paths before the data module is built."""
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # help text from the dataclasses' docstrings
+    parser = FlowParser(default_meta=False, description=description)
+    parser.add_argument("--config", action=ActionConfigFile, help="Path to a configuration file (yaml).")
+    parser.add_function_arguments(litgpt_finetune_lora, as_group=False, as_positional=True, sub_configs=True)
+    parser.add_class_arguments(SeqArgs, "seq", sub_configs=True)
+    not_resume = set(inspect.signature(litgpt_finetune_full).parameters) - {"resume"}
+    parser.add_function_arguments(litgpt_finetune_full, as_group=False, skip=not_resume)  # --resume, as upstream's
+    use_flow_help(parser)
+    return parser

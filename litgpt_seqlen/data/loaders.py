@@ -1,0 +1,46 @@
+"""The train and val loaders the length plan allows: only the kept samples, each cut as planned, in the resumable order."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+from torch.utils.data import DataLoader, RandomSampler, Subset
+
+from litgpt_seqlen.data import order, packing, truncation
+from litgpt_seqlen.data.plan import LengthPlan
+
+
+def make_loaders(
+    fabric: L.Fabric, plan: LengthPlan, batches_for_epoch: Callable[[int], list], seed: int, pack: bool = False
+) -> tuple[DataLoader, DataLoader]:
+    """Train and val loaders, set up by Fabric: the scanned loaders over only the kept samples, each cut as planned.
+    Under ``pack`` the train loader gives packed micro-batches (``micro_batch_size`` rows each); validation is never
+    packed. The train order is ``batches_for_epoch`` (``order.train_batches``), so a run can resume at any micro-batch."""
+    train_loader, val_loader = (
+        keep_samples(plan.loaders[name], plan.kept[name], plan.cuts[name]) for name in ("train", "val")
+    )
+    if pack:  # items are rows of samples, collated packed (ignoring -100, as the loss does)
+        rows = packing.PackedRows(train_loader.dataset)
+        train_loader = DataLoader(rows, num_workers=train_loader.num_workers, collate_fn=packing.packed_collate)
+    train_loader = order.resumable_loader(train_loader, order.ResumableBatchSampler(batches_for_epoch), seed)
+    train_loader = fabric.setup_dataloaders(train_loader, use_distributed_sampler=False)  # the order splits by rank
+    return train_loader, fabric.setup_dataloaders(val_loader)
+
+
+def keep_samples(loader: DataLoader, indices: list[int], cuts: list[truncation.Plan]) -> DataLoader:
+    """The same loader over only ``indices`` of its untruncated dataset, each sample cut by its plan in ``cuts``
+    (the loader itself when all are kept and none is cut). Its collate_fn, built for no max_seq_length, cuts nothing."""
+    truncated = any(cuts[i].truncated for i in indices)
+    if len(indices) == len(loader.dataset) and not truncated:
+        return loader
+    dataset = truncation.TruncatedSFT(loader.dataset, cuts) if truncated else loader.dataset
+    shuffle = isinstance(loader.sampler, RandomSampler)
+    return DataLoader(
+        Subset(dataset, indices),
+        batch_size=loader.batch_size,
+        shuffle=shuffle,
+        generator=loader.generator if shuffle else None,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+    )

@@ -1,0 +1,144 @@
+"""The train data order: this rank's micro-batches as a function of ``(seed, epoch)``.
+
+Random (``DistributedSampler`` + ``BatchSampler``), grouped by length (``data_utils.grouped_batches``) or packed
+(``packing.packed_plan``): because the order is a function, the run's step count and its padding are known before a
+loader exists, and a resumed run skips to any micro-batch by handing out index lists only (nothing is read).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler
+
+import data_utils
+from litgpt_seqlen.data import packing
+
+
+def random_batches(
+    num_samples: int, micro_batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+) -> list[list[int]]:
+    """This rank's micro-batches for one epoch of shuffled samples, as torch deals them to ranks (the last may be
+    smaller)."""
+    sampler = DistributedSampler(range(num_samples), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return [list(batch) for batch in BatchSampler(sampler, micro_batch_size, drop_last=False)]
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """A batch sampler whose epoch order is ``batches_for_epoch(epoch)`` and that can start an epoch part-way.
+
+    Each pass hands out the current epoch's index lists from ``skip`` on and, once used up, moves to the next epoch
+    (so a plain DataLoader over it cycles epochs). ``set_position(epoch, skip)`` chooses what
+    the next ``iter()`` gives. The skipped index lists are never handed to the DataLoader, so no sample is read.
+    (No ``set_epoch`` method on purpose: Fabric would call it with its own count of iterations.)
+    """
+
+    def __init__(self, batches_for_epoch: Callable[[int], list[list[int]]]) -> None:
+        self.batches_for_epoch = batches_for_epoch
+        self.epoch = 0
+        self.skip = 0
+        self._length = len(batches_for_epoch(0))
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        return self.batches_for_epoch(epoch)
+
+    def set_position(self, epoch: int, skip: int) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        # Advances only when a pass is used up: a DataLoader with workers calls iter() twice per pass.
+        epoch, skip = self.epoch, self.skip
+        yield from self.batches(epoch)[skip:]
+        self.epoch, self.skip = epoch + 1, 0
+
+    def __len__(self) -> int:
+        return self._length
+
+
+def resumable_loader(loader: DataLoader, batch_sampler: ResumableBatchSampler, seed: int) -> DataLoader:
+    """``loader``'s dataset, collate function and workers with ``batch_sampler`` and a private generator: the
+    DataLoader draws its workers' base seed from it at every ``iter()``, which would otherwise come from the global
+    torch RNG and differ between a resumed and an uninterrupted run (dropout draws from that RNG)."""
+    return DataLoader(
+        loader.dataset,
+        batch_sampler=batch_sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+class EpochBatches:
+    """Stands in for litgpt's ``CycleIterator``: ``next()`` gives the next micro-batch, starting a new epoch when
+    one ends; ``epoch`` counts finished epochs as CycleIterator's does. ``position`` is how many micro-batches of the
+    current epoch were handed out, so ``EpochBatches(loader, sampler, epoch, position)`` continues exactly there."""
+
+    def __init__(self, loader, sampler: ResumableBatchSampler | None = None, epoch: int = 0, position: int = 0) -> None:
+        self.loader, self.sampler = loader, sampler if sampler is not None else loader.batch_sampler
+        self.epoch, self.position = epoch, position
+        self._iterator = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._iterator is None:
+            self._iterator = self._start(self.position)
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._iterator = self._start(0)
+            batch = next(self._iterator)
+        self.position += 1
+        return batch
+
+    def seek(self, epoch: int, position: int) -> None:
+        """Continue at ``position`` micro-batches into ``epoch`` (before the first ``next()``)."""
+        self.epoch, self.position, self._iterator = epoch, position, None
+
+    def _start(self, skip: int):
+        self.sampler.set_position(self.epoch, skip)
+        return iter(self.loader)
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+
+def train_batches(
+    lengths: Sequence[int],
+    max_seq_length: int,
+    micro_batch_size: int,
+    how: str,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Callable[[int], list[list]]:
+    """This rank's train micro-batches (indices into ``lengths``; packed: rows of them) as a function of the epoch.
+    ``how``: "random", "grouped" or "packed"."""
+    placement = {"rank": rank, "world_size": world_size}
+    if how == "packed":
+        return packing.packed_plan(lengths, max_seq_length, micro_batch_size, seed, **placement)
+    if how == "grouped":
+        return partial(data_utils.grouped_batches, lengths, micro_batch_size, seed, **placement)
+    return partial(random_batches, len(lengths), micro_batch_size, seed, **placement)
+
+
+def expected_efficiency(
+    lengths: Sequence[int], max_seq_length: int, micro_batch_size: int, seed: int, world_size: int = 1
+) -> dict[str, dict]:
+    """The padding of the first epoch over all ranks, for each order (exact: each order is a function of the seed)."""
+    figures = {"packed": packing.plan_report(lengths, max_seq_length, micro_batch_size, seed, world_size)}
+    for how in ("random", "grouped"):
+        everyone = [
+            batch
+            for rank in range(world_size)
+            for batch in train_batches(lengths, max_seq_length, micro_batch_size, how, seed, rank, world_size)(0)
+        ]
+        figures[how] = data_utils.padding_efficiency(everyone, lengths, max_seq_length)
+        figures[how]["efficiency"] = round(figures[how]["efficiency"], 6)
+    return {how: figures[how] for how in ("random", "grouped", "packed")}

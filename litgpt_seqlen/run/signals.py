@@ -1,0 +1,85 @@
+"""SIG"""
+
+from __future__ import annotations
+
+import shlex
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+
+class GracefulStop:
+    """Within ``with GracefulStop() as stop:`` the first SIGTERM or SIGINT only sets ``stop.requested`` (the loop
+    finishes its optimizer step, saves and leaves with ``stop.exit_code``: 143 or 130); a second SIGINT raises
+    KeyboardInterrupt at once. The previous handlers come back on exit. Main thread only (Python's rule for signals)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(
+        self, log: Callable[[str], None] = lambda message: print(message, file=sys.stderr, flush=True)
+    ) -> None:
+        self.log = log
+        self.signal_number: int | None = None
+        self.checkpoint: Path | None = None  # set by the loop when it saved and left early
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_number is not None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signal_number if self.signal_number is not None else 0
+
+    def __enter__(self) -> GracefulStop:
+        for number in self.SIGNALS:
+            self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def _handle(self, number: int, frame) -> None:
+        name = signal.Signals(number).name
+        if self.signal_number is None:
+            self.signal_number = number
+            self.log(
+                f"{name} received: stopping after this optimizer step, with a checkpoint. Ctrl-C again to stop at once."
+            )
+        elif number == signal.SIGINT:
+            raise KeyboardInterrupt
+        else:
+            self.log(f"{name} received again: already stopping after this optimizer step.")
+
+    def leave(self, fabric) -> None:
+        """Ends the process after a stop with a checkpoint: the same last line on stderr as a stop at once
+        (``interrupted (Ctrl-C)`` / ``terminated (SIGTERM)``, rank 0), and exit 130 / 143."""
+        if fabric.global_rank == 0:
+            line = "interrupted (Ctrl-C)" if self.signal_number == signal.SIGINT else "terminated (SIGTERM)"
+            print(line, file=sys.stderr, flush=True)
+        sys.exit(self.exit_code)
+
+    def requested_on_any_rank(self, fabric) -> bool:
+        """True on every rank when any rank was signalled, so all ranks stop at the same step (a collective)."""
+        if fabric.world_size == 1:
+            return self.requested
+        flag_tensor = torch.tensor(int(self.requested), device=fabric.device)
+        return bool(fabric.all_reduce(flag_tensor, reduce_op="sum").item())
+
+
+def resume_command(argv: Sequence[str], step_dir: Path, python: str = "python") -> str:
+    """The command line that continues this run from ``step_dir``: ``argv`` with any --resume replaced."""
+    kept, skip_next = [], False
+    for argument in argv:
+        if skip_next:
+            skip_next = False
+        elif argument == "--resume":
+            skip_next = True
+        elif not argument.startswith("--resume="):
+            kept.append(argument)
+    return shlex.join([python, *kept, "--resume", str(step_dir)])
