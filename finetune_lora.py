@@ -43,12 +43,12 @@ from litgpt_seqlen.checkpoint import state as training_state
 from litgpt_seqlen.cli import exits
 from litgpt_seqlen.cli.parser import build_parser
 from litgpt_seqlen.data import files, loaders, order
-from litgpt_seqlen.data.plan import plan_lengths
+from litgpt_seqlen.data.length_plan import plan_lengths
 from litgpt_seqlen.errors import UserInputError
 from litgpt_seqlen.model.base import find_checkpoint_dir, swap_in_stable_embedding
 from litgpt_seqlen.model.packed_forward import check_packable
 from litgpt_seqlen.report import build as report_build
-from litgpt_seqlen.report.warnings import plan_warnings
+from litgpt_seqlen.report.outcomes import plan_warnings
 from litgpt_seqlen.run import outputs, settings
 from litgpt_seqlen.run.signals import GracefulStop, resume_command
 from litgpt_seqlen.training import rehearsal

@@ -1,6 +1,5 @@
 """Shared fixtures: a tiny word-level tokenizer, a random-weight checkpoint and data of exact lengths, all built here."""
 
-import json
 import os
 import subprocess
 import sys
@@ -9,23 +8,21 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-import demo_assets
+import assets
+from helpers import cli_args
 
 # The same examples on every run, so CI cannot pass or fail by chance; HYPOTHESIS_PROFILE=explore draws new ones.
 settings.register_profile("ci", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A 2-layer random GPT with block_size 512 and a word-level tokenizer."""
     directory = tmp_path_factory.mktemp("checkpoint")
-    demo_assets.build_tokenizer(directory)
-    demo_assets.build_checkpoint(directory, block_size=512)
+    assets.build_tokenizer(directory)
+    assets.build_checkpoint(directory, block_size=512)
     return directory
 
 
@@ -35,55 +32,10 @@ def make_data(tmp_path, tiny_checkpoint):
 
     def make(train_lengths, val_lengths, name="data") -> Path:
         directory = tmp_path / name
-        demo_assets.build_data(directory, tiny_checkpoint, train_lengths, val_lengths)
+        assets.build_data(directory, tiny_checkpoint, train_lengths, val_lengths)
         return directory
 
     return make
-
-
-def cli_args(data_dir: Path, out_dir: Path, *flags: str, steps: int = 2) -> list[str]:
-    """The flags of a short CPU run (after the checkpoint argument), as run_cli and the in-process tests pass them."""
-    return [
-        "--data",
-        "JSON",
-        "--data.json_path",
-        str(data_dir),
-        "--data.num_workers",
-        "0",
-        "--out_dir",
-        str(out_dir),
-        "--precision",
-        "32-true",
-        "--train.global_batch_size",
-        "2",
-        "--train.micro_batch_size",
-        "2",
-        "--train.max_steps",
-        str(steps),
-        "--train.lr_warmup_steps",
-        "1",
-        "--eval.interval",
-        "1000",
-        "--eval.max_new_tokens",
-        "4",
-        "--eval.max_iters",
-        "2",
-        *flags,
-    ]
-
-
-def run_cli(
-    checkpoint: Path, data_dir: Path, out_dir: Path, *flags: str, steps: int = 2
-) -> subprocess.CompletedProcess:
-    """Runs finetune_lora.py in a subprocess for a few CPU steps; returns the finished process (never raises on exit code)."""
-    command = [
-        sys.executable,
-        str(ROOT / "finetune_lora.py"),
-        str(checkpoint),
-        *cli_args(data_dir, out_dir, *flags, steps=steps),
-    ]
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=out_dir.parent, timeout=600)
 
 
 @pytest.fixture
@@ -113,10 +65,3 @@ def cli_here(monkeypatch, capsys, tiny_checkpoint):
         return subprocess.CompletedProcess(argv, code, out, err)
 
     return run_here
-
-
-def read_report(out_dir: Path) -> dict:
-    return json.loads((out_dir / "seq_lengths.json").read_text())
-
-
-requires_shared = pytest.mark.skipif(not (SHARED / "data").is_dir(), reason="../shared is absent")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import finetune_lora
-from conftest import read_report, run_cli
+from helpers import read_report, run_cli
 
 MODEL_BUILT = "Number of trainable parameters"  # printed right after GPT(config): must not appear on bad input
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import read_report, run_cli
+from helpers import read_report, run_cli
 
 pytestmark = pytest.mark.e2e
 

@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import data_utils
-from data_utils import UserInputError, decide_max_seq_length
+from data_utils import LengthError, decide_max_seq_length
+from litgpt_seqlen.report import build
 
 lengths_lists = st.lists(st.integers(min_value=1, max_value=5000), min_size=1, max_size=40)
 splits = st.fixed_dictionaries({"train": lengths_lists, "val": lengths_lists})
@@ -75,13 +76,13 @@ def test_cap_at_block_size():
     ],
 )
 def test_bad_settings_are_refused(headroom, override, policy):
-    with pytest.raises(UserInputError):
+    with pytest.raises(LengthError):
         data_utils.check_settings(headroom, override, policy)
 
 
 def test_bad_truncate_from_is_refused():
     data_utils.check_settings(0.1, None, "truncate", "end")
-    with pytest.raises(UserInputError, match="--seq.truncate_from must be one of prompt, end, got 'start'"):
+    with pytest.raises(LengthError, match="--seq.truncate_from must be one of prompt, end, got 'start'"):
         data_utils.check_settings(0.1, None, "truncate", "start")
 
 
@@ -130,7 +131,7 @@ def test_drop_and_error_agree_on_what_does_not_fit(lengths, limit):
     decision = decide_max_seq_length({"train": lengths}, block_size=100, override=limit)
     try:
         kept = data_utils.apply_over_length({"train": lengths, "val": [1]}, decision, "drop")["train"]
-    except UserInputError:  # drop would empty train: then every sample is over the limit
+    except LengthError:  # drop would empty train: then every sample is over the limit
         assert min(lengths) > limit
         return
     assert kept == sorted(kept) and all(lengths[i] <= limit for i in kept)
@@ -139,7 +140,7 @@ def test_drop_and_error_agree_on_what_does_not_fit(lengths, limit):
     try:
         data_utils.apply_over_length({"train": lengths}, decision, "error")
         stopped = False
-    except UserInputError:
+    except LengthError:
         stopped = True
     assert stopped == would_drop
     assert data_utils.split_stats(lengths, limit)["over_limit"] == len(lengths) - len(kept)
@@ -163,7 +164,7 @@ def test_an_empty_split_has_stats_and_a_histogram():
 
 def test_write_dropped_keeps_samples_unchanged(tmp_path):
     sample = {"instruction": "héllo", "output": "x", "extra": [1, 2]}
-    data_utils.write_dropped(tmp_path / "d.jsonl", [("val", 3, 99, "unsupervised", sample)])
+    build.write_dropped(tmp_path / "d.jsonl", [("val", 3, 99, "unsupervised", sample)])
     assert json.loads((tmp_path / "d.jsonl").read_text(encoding="utf-8")) == {
         "split": "val",
         "index": 3,
@@ -185,7 +186,7 @@ def test_apply_over_length_policies():
     everything = {"train": [0, 1, 2], "val": [0, 1]}
     assert data_utils.apply_over_length(lengths, decision, "truncate") == everything
     assert data_utils.apply_over_length(lengths, decision, "drop") == {"train": [0, 2], "val": [1]}
-    with pytest.raises(UserInputError, match=r"train\[1\] = 70"):
+    with pytest.raises(LengthError, match=r"train\[1\] = 70"):
         data_utils.apply_over_length(lengths, decision, "error")
-    with pytest.raises(UserInputError, match="leaves the val split empty"):
+    with pytest.raises(LengthError, match="leaves the val split empty"):
         data_utils.apply_over_length({"train": [10], "val": [60]}, decision, "drop")

@@ -19,8 +19,9 @@ from litgpt.tokenizer import Tokenizer
 from litgpt.utils import CLI
 
 import finetune_lora
-import seq_data
-from seq_args import SeqArgs
+from litgpt_seqlen.args import SeqArgs
+from litgpt_seqlen.data import length_plan
+from litgpt_seqlen.report import build
 
 
 def options(parser) -> dict[str, tuple]:
@@ -43,7 +44,7 @@ REWORDED = {
 def test_the_command_line_is_litgpts_plus_seq():
     """An independent reference: the parser litgpt's own CLI builds for `litgpt finetune_lora`."""
     theirs = options(capture_parser(lambda: CLI(upstream.setup)))
-    ours = options(finetune_lora.build_parser())
+    ours = options(finetune_lora.parser())
     assert len(theirs) > 40 and "--train.micro_batch_size" in theirs and "--lora_r" in theirs
     missing = sorted(set(theirs) - set(ours))
     assert not missing, missing
@@ -122,11 +123,11 @@ def test_a_test_split_is_scanned_and_decides(tiny_checkpoint, make_data):
 
     fabric = L.Fabric(accelerator="cpu", devices=1)
     data = WithTest(json_path=make_data([100, 120], [90, 95]), num_workers=0)
-    plan = seq_data.plan_lengths(fabric, data, Tokenizer(tiny_checkpoint), TrainArgs(), SeqArgs(headroom=0), 512)
+    plan = length_plan.plan_lengths(fabric, data, Tokenizer(tiny_checkpoint), TrainArgs(), SeqArgs(headroom=0), 512)
     assert list(plan.lengths) == ["train", "val", "test"]
     assert plan.lengths["test"] == [300, 95]
     assert (plan.decision.longest, plan.decision.longest_split, plan.decision.max_seq_length) == (300, "test", 300)
-    plain = seq_data.load_splits(
+    plain = length_plan.load_splits(
         fabric, JSON(json_path=make_data([100, 120], [90, 95], name="plain")), Tokenizer(tiny_checkpoint), 1, None
     )
     assert list(plain) == ["train", "val"]
@@ -139,8 +140,8 @@ def test_an_empty_test_split_is_reported_not_a_crash(tiny_checkpoint, make_data,
 
     fabric = L.Fabric(accelerator="cpu", devices=1)
     data = EmptyTest(json_path=make_data([100, 120], [90, 95]), num_workers=0)
-    plan = seq_data.plan_lengths(fabric, data, Tokenizer(tiny_checkpoint), TrainArgs(), SeqArgs(), 512)
-    report = seq_data.publish_plan(fabric, tmp_path, plan, SeqArgs(), micro_batch_size=1, seed=0)
+    plan = length_plan.plan_lengths(fabric, data, Tokenizer(tiny_checkpoint), TrainArgs(), SeqArgs(), 512)
+    report = build.publish_plan(fabric, tmp_path, plan, SeqArgs(), micro_batch_size=1, seed=0).plan
     assert report["splits"]["test"]["count"] == 0 and report["longest"] == 120
     assert json.loads((tmp_path / "seq_lengths.json").read_text())["splits"]["test"]["max"] is None
 

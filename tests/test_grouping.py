@@ -4,6 +4,7 @@ import csv
 import math
 import random
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from conftest import read_report, run_cli
-from data_utils import estimate_padding, grouped_batches, padding_efficiency
-from seq_data import GroupedBatchSampler
+from data_utils import grouped_batches, padding_efficiency
+from helpers import read_report, run_cli
+from litgpt_seqlen.data.order import ResumableBatchSampler, expected_efficiency
 
 lengths_strategy = st.lists(st.integers(1, 2000), min_size=1, max_size=300)
 settings_strategy = dict(
@@ -162,7 +163,7 @@ def test_sampler_in_a_dataloader_pads_as_measured():
         for n in lengths
     ]
     cap = 100
-    sampler = GroupedBatchSampler(lengths, micro_batch_size=4, seed=11)
+    sampler = grouped_sampler(lengths, 4, seed=11)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=get_sft_collate_fn(max_seq_length=cap))
     assert sampler.batches(0) == grouped_batches(lengths, 4, 11, 0) and sampler.epoch == 0  # asking does not advance
     first = [batch["input_ids"] for batch in loader]
@@ -174,7 +175,7 @@ def test_sampler_in_a_dataloader_pads_as_measured():
     second = list(sampler)  # each pass is the next epoch
     assert second == grouped_batches(lengths, 4, 11, 1) != sampler.batches(0)
     for rank in range(3):
-        ranked = GroupedBatchSampler(lengths, 4, 11, rank=rank, world_size=3)
+        ranked = grouped_sampler(lengths, 4, 11, rank=rank, world_size=3)
         assert len(ranked) == len(list(ranked)) == 17
 
 
@@ -220,8 +221,7 @@ def test_cli_grouped_vs_random(tiny_checkpoint, make_data, tmp_path):
         # the cumulative padded tokens the run logged after its epoch: the report holds what the model processed
         assert max(csv_column(out, "lengths")) == batches["padded_tokens"]
         assert estimate["real_tokens"] == sum(kept) and estimate["count"] == steps
-        if grouped == "true":  # grouped batches are a function of (seed, epoch): the estimate is exact
-            assert estimate == {key: batches[key] for key in estimate}
+        assert estimate == {key: batches[key] for key in estimate}  # the order is a function of the seed: exact
         reports[grouped] = batches
         val_losses[grouped] = csv_column(out, "val_loss")[-1]
     assert reports["true"]["efficiency"] > reports["false"]["efficiency"]
@@ -229,21 +229,29 @@ def test_cli_grouped_vs_random(tiny_checkpoint, make_data, tmp_path):
     assert val_losses["true"] == val_losses["false"]
 
 
-def test_estimate_of_grouped_batches_is_the_epoch_each_rank_yields():
+def grouped_sampler(lengths, micro_batch_size, seed, rank=0, world_size=1) -> ResumableBatchSampler:
+    return ResumableBatchSampler(
+        partial(grouped_batches, lengths, micro_batch_size, seed, rank=rank, world_size=world_size)
+    )
+
+
+def test_expected_grouped_padding_is_the_epoch_each_rank_yields():
     lengths = spread_out(50, seed=2, low=1, high=300)
     per_rank = [
-        padding_efficiency(GroupedBatchSampler(lengths, 4, seed=0, rank=r, world_size=2).batches(0), lengths, 250)
+        padding_efficiency(grouped_sampler(lengths, 4, seed=0, rank=r, world_size=2).batches(0), lengths, 250)
         for r in range(2)
     ]
-    estimate = estimate_padding(lengths, 4, 250, group_by_length=True, seed=0, world_size=2)
+    estimate = expected_efficiency(lengths, 250, 4, seed=0, world_size=2)["grouped"]
     real, padded = (sum(m[key] for m in per_rank) for key in ("real_tokens", "padded_tokens"))
     assert (estimate["real_tokens"], estimate["padded_tokens"], estimate["count"]) == (real, padded, 14)
 
 
 @given(lengths=lengths_strategy, micro_batch_size=st.integers(1, 16), world_size=st.integers(1, 4))
-def test_estimate_of_random_batches_sees_every_sample_once(lengths, micro_batch_size, world_size):
-    estimate = estimate_padding(lengths, micro_batch_size, 1000, group_by_length=False, seed=1, world_size=world_size)
-    assert estimate["real_tokens"] == sum(min(n, 1000) for n in lengths)
-    per_rank = [math.ceil(len(lengths[r::world_size]) / micro_batch_size) for r in range(world_size)]
-    assert estimate["count"] == sum(per_rank)
-    assert estimate["real_tokens"] <= estimate["padded_tokens"] <= sum(per_rank) * micro_batch_size * 1000
+def test_expected_random_padding_covers_every_sample_as_the_ranks_deal_them(lengths, micro_batch_size, world_size):
+    estimate = expected_efficiency(lengths, 1000, micro_batch_size, seed=1, world_size=world_size)["random"]
+    per_rank = math.ceil(len(lengths) / world_size)  # each rank gets as many samples, the first ones repeated
+    assert estimate["count"] == world_size * math.ceil(per_rank / micro_batch_size)
+    assert estimate["real_tokens"] >= sum(min(n, 1000) for n in lengths)
+    if len(lengths) % world_size == 0:
+        assert estimate["real_tokens"] == sum(min(n, 1000) for n in lengths)
+    assert estimate["real_tokens"] <= estimate["padded_tokens"] <= estimate["count"] * micro_batch_size * 1000

@@ -16,13 +16,13 @@ from litgpt.prompts import Alpaca
 from litgpt.tokenizer import Tokenizer
 
 import data_utils
-import input_checks
-from data_utils import UserInputError
-
-try:
-    from seq_args import SeqArgs
-except ImportError:  # before the refactor of issue 9
-    from finetune_lora import SeqArgs
+from litgpt_seqlen.args import SeqArgs
+from litgpt_seqlen.cli import parser as cli_parser
+from litgpt_seqlen.data import files
+from litgpt_seqlen.errors import UserInputError
+from litgpt_seqlen.report import outcomes
+from litgpt_seqlen.run import settings
+from litgpt_seqlen.training import schedule
 
 TRAIN = TrainArgs(global_batch_size=4, micro_batch_size=2, lr_warmup_steps=1, epochs=1)
 EVAL = EvalArgs(interval=10, max_new_tokens=4)
@@ -32,7 +32,7 @@ def settings_error(
     train=TRAIN, eval=EVAL, seq=SeqArgs(), devices=1, num_nodes=1, quantize=None, precision="32-true", out_dir=None
 ) -> str:
     with pytest.raises(UserInputError) as raised:
-        input_checks.check_settings(train, eval, seq, devices, num_nodes, quantize, precision, out_dir)
+        settings.check_settings(train, eval, seq, devices, num_nodes, quantize, precision, out_dir)
     return str(raised.value)
 
 
@@ -55,7 +55,7 @@ def sample(i: int, **fields) -> dict:
 
 
 def test_good_settings_pass(tmp_path):
-    input_checks.check_settings(TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", tmp_path / "out")
+    settings.check_settings(TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", tmp_path / "out")
     assert (tmp_path / "out").is_dir() and not list((tmp_path / "out").iterdir())  # the write probe is gone
 
 
@@ -86,7 +86,7 @@ def test_global_batch_below_one_micro_batch_per_device():
 
 def test_warmup_zero_and_none_are_accepted():
     for steps in (0, None):
-        input_checks.check_settings(replace(TRAIN, lr_warmup_steps=steps), EVAL, SeqArgs(), 1, 1, None, None)
+        settings.check_settings(replace(TRAIN, lr_warmup_steps=steps), EVAL, SeqArgs(), 1, 1, None, None)
 
 
 def test_negative_warmup():
@@ -194,12 +194,12 @@ def test_schedule_refuses_what_crashes_and_warns_when_the_lr_never_peaks(warmup)
     rates = litgpt_schedule(warmup, steps)
     if rates is None:
         with pytest.raises(UserInputError) as raised:
-            input_checks.check_schedule(warmup, steps, steps_per_epoch=5, epochs=1)
+            schedule.check_schedule(warmup, steps, steps_per_epoch=5, epochs=1)
         message = str(raised.value)
         assert f"--train.lr_warmup_steps {warmup} equals the run's 5 optimizer steps" in message
         assert "1 epochs × 5 steps per epoch" in message
         return
-    found = input_checks.check_schedule(warmup, steps, steps_per_epoch=5, epochs=1)
+    found = schedule.check_schedule(warmup, steps, steps_per_epoch=5, epochs=1)
     if max(rates) == pytest.approx(1.0):
         assert found == []
     else:
@@ -209,22 +209,21 @@ def test_schedule_refuses_what_crashes_and_warns_when_the_lr_never_peaks(warmup)
 
 def test_schedule_names_max_steps_when_it_limits():
     with pytest.raises(UserInputError, match=r"equals the run's 3 optimizer steps \(--train.max_steps 3\)"):
-        input_checks.check_schedule(3, 3, steps_per_epoch=10, epochs=1, max_steps=3)
+        schedule.check_schedule(3, 3, steps_per_epoch=10, epochs=1, max_steps=3)
 
 
 def test_no_optimizer_step():
     with pytest.raises(UserInputError, match="no optimizer step") as raised:
-        input_checks.check_schedule(0, 0, steps_per_epoch=0, epochs=3, accumulation=8)
+        schedule.check_schedule(0, 0, steps_per_epoch=0, epochs=3, accumulation=8)
     assert "--train.global_batch_size" in str(raised.value) and "8 micro-batches" in str(raised.value)
 
 
 @pytest.mark.parametrize("warmup", [0, None])
 def test_no_warmup_is_a_plain_cosine(warmup):
-    import lr_schedule
 
     assert litgpt_schedule(warmup, 4) is None  # upstream crashes
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = lr_schedule.get_lr_scheduler(optimizer, warmup, 4)
+    scheduler = schedule.get_lr_scheduler(optimizer, warmup, 4)
     rates = []
     for _ in range(4):
         rates.append(optimizer.param_groups[0]["lr"])
@@ -235,10 +234,9 @@ def test_no_warmup_is_a_plain_cosine(warmup):
 
 @pytest.mark.filterwarnings("ignore")
 def test_warmup_schedule_is_litgpts():
-    import lr_schedule
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = lr_schedule.get_lr_scheduler(optimizer, 2, 6)
+    scheduler = schedule.get_lr_scheduler(optimizer, 2, 6)
     rates = []
     for _ in range(6):
         rates.append(optimizer.param_groups[0]["lr"])
@@ -247,29 +245,25 @@ def test_warmup_schedule_is_litgpts():
     assert rates == litgpt_schedule(2, 6)
 
 
-@pytest.mark.parametrize("ranks", [1, 2, 3])
-@pytest.mark.parametrize("micro", [1, 3])
-def test_planned_steps_match_the_loaders(ranks, micro):
-    """Against torch's DistributedSampler + DataLoader, and the grouped sampler's own batches."""
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    for samples in (1, 7, 12, 13):
-        for accumulation in (1, 2):
-            loader = DataLoader(
-                range(samples),
-                batch_size=micro,
-                sampler=DistributedSampler(range(samples), num_replicas=ranks, rank=ranks - 1, shuffle=False),
-            )
-            per_epoch, total = input_checks.planned_steps(samples, micro, ranks, accumulation, epochs=3, max_steps=None)
-            assert (per_epoch, total) == (len(loader) // accumulation, 3 * (len(loader) // accumulation))
-            grouped = data_utils.grouped_batches(
-                [1] * samples, micro, seed=0, epoch=0, rank=ranks - 1, world_size=ranks
-            )
-            assert (
-                input_checks.planned_steps(samples, micro, ranks, accumulation, 3, None, group_by_length=True)[0]
-                == len(grouped) // accumulation
-            )
-    assert input_checks.planned_steps(100, 1, 1, 1, epochs=5, max_steps=7) == (100, 7)
+@pytest.mark.parametrize(
+    "order_flags, steps",
+    [
+        ((), 2),  # 9 samples, 2 per micro-batch: 5 micro-batches, 2 per step
+        (("--seq.group_by_length", "true"), 2),
+        (("--seq.pack", "true"), 1),  # packed at 198: [180] [160] [140] [120 70] [100 80] [60 60]: 3 micro-batches
+    ],
+)
+def test_one_epoch_trains_the_counted_steps_and_the_warmup_check_counts_the_same(
+    cli_here, make_data, tmp_path, order_flags, steps
+):
+    data = make_data([60, 80, 100, 120, 140, 160, 180, 60, 70], [60, 70])
+    epoch = ("--train.epochs", "1", "--train.global_batch_size", "4", "--train.lr_warmup_steps", "0", *order_flags)
+    run = cli_here(data, tmp_path / "out", *epoch, steps=None)
+    assert run.returncode == 0, run.stderr
+    logged = [int(line.split(" step ")[1].split(" ")[0]) for line in run.stdout.splitlines() if " step " in line]
+    assert max(logged) == steps
+    refused = cli_here(data, tmp_path / "refused", *epoch, "--train.lr_warmup_steps", str(steps), steps=None)
+    assert refused.returncode == 2 and f"equals the run's {steps} optimizer steps" in refused.stderr
 
 
 @pytest.mark.parametrize("index", [-4, -3, 0, 4, 5, 6])
@@ -285,9 +279,9 @@ def test_evaluate_example_index_as_litgpt_reads_it(index):
         litgpt_fails = True
     if litgpt_fails:
         with pytest.raises(UserInputError, match=f"--eval.evaluate_example {index} names no sample"):
-            input_checks.check_evaluate_example(index, 3, 5)
+            settings.check_evaluate_example(index, 3, 5)
     else:
-        input_checks.check_evaluate_example(index, 3, 5)
+        settings.check_evaluate_example(index, 3, 5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -299,7 +293,7 @@ def test_evaluate_example_index_as_litgpt_reads_it(index):
 def parser():
     import finetune_lora
 
-    return finetune_lora.build_parser()
+    return finetune_lora.parser()
 
 
 def parse_error(parser, *args) -> str:
@@ -381,7 +375,7 @@ def test_help_tells_the_truth_about_max_seq_length(parser):
 
 def data_error(json_path: Path, **kwargs) -> str:
     with pytest.raises(UserInputError) as raised:
-        input_checks.check_data_files(JSON(json_path=json_path, **kwargs))
+        files.check_data_files(JSON(json_path=json_path, **kwargs))
     return str(raised.value)
 
 
@@ -437,8 +431,7 @@ def test_null_input_is_accepted_because_litgpt_reads_it_as_no_input(tmp_path):
     assert Alpaca().apply("q", input=None) == Alpaca().apply("q")
     samples = [sample(i, input=None) for i in range(4)]
     assert (
-        input_checks.check_data_files(JSON(json_path=write(tmp_path / "d.json", samples), val_split_fraction=0.5))
-        is not None
+        files.check_data_files(JSON(json_path=write(tmp_path / "d.json", samples), val_split_fraction=0.5)) is not None
     )
 
 
@@ -492,14 +485,14 @@ def test_positions_in_the_users_file_match_litgpts_split(tmp_path, tiny_checkpoi
     samples = [sample(i) for i in range(23)]
     text = "\n".join(json.dumps(s) for s in samples) + "\n" if suffix == ".jsonl" else json.dumps(samples)
     data = JSON(json_path=write(tmp_path / f"all{suffix}", text), val_split_fraction=fraction, seed=seed)
-    located = input_checks.check_data_files(data)
+    located = files.check_data_files(data)
     data.connect(Tokenizer(tiny_checkpoint))
     data.setup()
     for split, dataset in (("train", data.train_dataset), ("val", data.test_dataset)):
         assert len(located.positions[split]) == len(dataset)
         for i in range(len(dataset)):
             assert dataset.data[i] == samples[located.positions[split][i]]
-    assert located.positions == input_checks.file_positions(data)  # reading the count from the file itself
+    assert located.positions == files.file_positions(data)  # reading the count from the file itself
     i = 3
     expected = (
         f"line {located.positions['train'][i] + 1} of"
@@ -513,7 +506,7 @@ def test_positions_in_the_users_file_match_litgpts_split(tmp_path, tiny_checkpoi
 def test_positions_with_a_directory_are_the_files_own(tmp_path):
     write(tmp_path / "d" / "train.json", [sample(i) for i in range(3)])
     write(tmp_path / "d" / "val.json", [sample(i) for i in range(2)])
-    located = input_checks.check_data_files(JSON(json_path=tmp_path / "d"))
+    located = files.check_data_files(JSON(json_path=tmp_path / "d"))
     assert located.positions == {"train": [0, 1, 2], "val": [0, 1]}
     assert located.where("val", 1) == f"position 1 of {tmp_path / 'd' / 'val.json'}"
 
@@ -521,7 +514,7 @@ def test_positions_with_a_directory_are_the_files_own(tmp_path):
 def test_other_data_modules_are_left_alone():
     from litgpt.data import Alpaca as AlpacaData
 
-    assert input_checks.check_data_files(AlpacaData()) is None
+    assert files.check_data_files(AlpacaData()) is None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -535,10 +528,10 @@ def decision(lengths, block_size=512, override=None):
 
 def test_dropping_most_of_a_split_warns():
     lengths = {"train": [100, 120, 90, 110], "val": [300, 310, 320, 330, 340, 350, 360, 100]}
-    warnings = input_checks.outcome_warnings(lengths, decision(lengths, override=128), "drop", template_length=20)
+    warnings = outcomes.outcome_warnings(lengths, decision(lengths, override=128), "drop", template_length=20)
     assert [w["kind"] for w in warnings] == ["cut_share"]
     assert (warnings[0]["split"], warnings[0]["count"], warnings[0]["of"]) == ("val", 7, 8)
-    line = input_checks.warning_lines(warnings)[0]
+    line = outcomes.warning_lines(warnings)[0]
     assert (
         line.startswith("warning: --seq.over_length drop leaves out 7 of 8 val samples (88%)")
         and "--train.max_seq_length" in line
@@ -547,7 +540,7 @@ def test_dropping_most_of_a_split_warns():
 
 def test_the_cut_share_threshold_is_more_than_ten_percent():
     lengths = {"train": [100] * 9 + [300], "val": [100] * 8 + [300, 300]}  # 10% and 20%
-    warnings = input_checks.outcome_warnings(lengths, decision(lengths, override=200), "truncate", template_length=20)
+    warnings = outcomes.outcome_warnings(lengths, decision(lengths, override=200), "truncate", template_length=20)
     assert [(w["split"], w["count"]) for w in warnings] == [("val", 2)] and "truncates 2 of 10 val" in warnings[0][
         "message"
     ]
@@ -555,7 +548,7 @@ def test_the_cut_share_threshold_is_more_than_ten_percent():
 
 def test_cut_by_block_size_says_raising_cannot_help():
     lengths = {"train": [600, 700, 100], "val": [100]}
-    warnings = input_checks.outcome_warnings(lengths, decision(lengths), "truncate", template_length=20)
+    warnings = outcomes.outcome_warnings(lengths, decision(lengths), "truncate", template_length=20)
     assert "block_size 512" in warnings[0]["message"] and "Raise" not in warnings[0]["message"]
 
 
@@ -564,12 +557,12 @@ def test_min_prompt_length_is_what_mask_prompt_masks(tiny_checkpoint):
     masked = SFTDataset([{"instruction": "", "output": "answer"}], tokenizer, prompt_style="alpaca", mask_prompt=True)[
         0
     ]["labels"]
-    assert input_checks.min_prompt_length(Alpaca(), tokenizer) == int((masked == -100).sum())
+    assert outcomes.min_prompt_length(Alpaca(), tokenizer) == int((masked == -100).sum())
 
 
 def test_max_seq_length_shorter_than_template():
     lengths = {"train": [100, 120], "val": [100]}
-    warnings = input_checks.outcome_warnings(lengths, decision(lengths, override=20), "truncate", template_length=25)
+    warnings = outcomes.outcome_warnings(lengths, decision(lengths, override=20), "truncate", template_length=25)
     kinds = [w["kind"] for w in warnings]
     assert "shorter_than_template" in kinds
     message = next(w["message"] for w in warnings if w["kind"] == "shorter_than_template")
@@ -579,7 +572,7 @@ def test_max_seq_length_shorter_than_template():
 def test_no_supervised_token_names_samples_in_the_users_file():
     lengths = {"train": [40, 60, 80], "val": [30]}
     where = lambda split, i: f"position {[7, 3, 9][i]} of data.json"
-    warnings = input_checks.outcome_warnings(
+    warnings = outcomes.outcome_warnings(
         lengths,
         decision(lengths, override=50),
         "truncate",
@@ -597,7 +590,7 @@ def test_instantiation_error_message_keeps_the_reason():
     problem = ValueError(
         "Does not validate against any of the Union subtypes\nSubtypes: [...]\nErrors:\n  - Expected a <class 'NoneType'>\n  - The reason.\nGiven value type: x"
     )
-    assert input_checks.instantiation_error_message(problem) == "The reason."
+    assert cli_parser.instantiation_error_message(problem) == "The reason."
 
 
 def test_over_length_fix_names_only_flags_that_help():

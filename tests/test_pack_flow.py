@@ -1,4 +1,4 @@
-"""--seq.pack in the flow: the refusals in setup, the packed train loader from seq_data.make_loaders, the rehearsal's
+"""--seq.pack in the flow: the refusals in setup, the packed train loader from make_loaders, the rehearsal's
 packed micro-batch, and a short packed run through the CLI against an unpacked one."""
 
 import math
@@ -14,12 +14,12 @@ from litgpt.data import JSON
 from litgpt.tokenizer import Tokenizer
 
 import finetune_lora
-import rehearsal
-import seq_data
-from conftest import read_report, run_cli
-from data_utils import UserInputError
-from packing import PADDING_SEGMENT, PackedRows
-from seq_args import SeqArgs
+from helpers import loaders_for, read_report, run_cli
+from litgpt_seqlen.args import SeqArgs
+from litgpt_seqlen.data import length_plan
+from litgpt_seqlen.data.packing import PADDING_SEGMENT, PackedRows
+from litgpt_seqlen.errors import UserInputError
+from litgpt_seqlen.training import rehearsal
 
 
 def sliding_window_checkpoint(tiny_checkpoint, tmp_path):
@@ -59,9 +59,11 @@ def test_packed_train_loader_and_its_rehearsal_batch(tiny_checkpoint, make_data)
     data = JSON(json_path=make_data(train, val), num_workers=0)
     tokenizer = Tokenizer(tiny_checkpoint)
     seq = SeqArgs(pack=True, over_length="drop")
-    plan = seq_data.plan_lengths(fabric, data, tokenizer, TrainArgs(micro_batch_size=2, max_seq_length=130), seq, 512)
+    plan = length_plan.plan_lengths(
+        fabric, data, tokenizer, TrainArgs(micro_batch_size=2, max_seq_length=130), seq, 512
+    )
     assert plan.decision.max_seq_length == 130 and plan.kept["train"] == [i for i, n in enumerate(train) if n <= 130]
-    train_loader, val_loader = seq_data.make_loaders(fabric, plan, 2, False, seed=1, pack=True)
+    train_loader, val_loader = loaders_for(fabric, plan, 2, "packed", seed=1)
     assert "segment_ids" not in next(iter(val_loader))
 
     for _ in range(2):  # two epochs, packed differently

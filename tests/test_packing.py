@@ -7,10 +7,10 @@ import pytest
 import torch
 from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
 
-from data_utils import UserInputError
-from packed_forward import batch_logits, check_packable, packed_forward
-from packing import PADDING_SEGMENT, packed_collate
-from token_loss import micro_batch_loss_sum
+from litgpt_seqlen.data.packing import PADDING_SEGMENT, packed_collate
+from litgpt_seqlen.errors import UserInputError
+from litgpt_seqlen.model.packed_forward import batch_logits, check_packable, packed_forward
+from litgpt_seqlen.training.loss import micro_batch_loss_sum
 
 LORA = {
     "lora_r": 4,
@@ -265,9 +265,9 @@ def test_collate_of_litgpt_sft_items(tmp_path, mask_prompt):
     from litgpt.prompts import Alpaca
     from litgpt.tokenizer import Tokenizer
 
-    import demo_assets
+    import assets
 
-    demo_assets.build_tokenizer(tmp_path)
+    assets.build_tokenizer(tmp_path)
     samples = [
         {"instruction": "write a short story", "input": "", "output": "the model learns"},
         {"instruction": "explain", "input": "the data", "output": "because every sample fits"},

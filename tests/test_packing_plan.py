@@ -12,13 +12,13 @@ from hypothesis import strategies as st
 from litgpt.utils import CycleIterator
 from torch.utils.data import DataLoader
 
-from conftest import SHARED, requires_shared
-from packing import (
+from helpers import SHARED, requires_shared
+from litgpt_seqlen.data import scan
+from litgpt_seqlen.data.order import ResumableBatchSampler, expected_efficiency
+from litgpt_seqlen.data.packing import (
     PADDING_SEGMENT,
-    PackedBatchSampler,
     PackedRows,
     best_fit_decreasing,
-    expected_efficiency,
     fullest_rows,
     pack_rows,
     packed_batches,
@@ -128,7 +128,7 @@ def test_loader_of_packed_rows():
         }
         for i, n in enumerate(lengths)
     ]
-    sampler = PackedBatchSampler(packed_plan(lengths, max_seq_length=10, micro_batch_size=2, seed=3))
+    sampler = ResumableBatchSampler(packed_plan(lengths, max_seq_length=10, micro_batch_size=2, seed=3))
     loader = DataLoader(PackedRows(dataset), batch_sampler=sampler, collate_fn=packed_collate)
     plans = [packed_batches(lengths, 10, 2, seed=3, epoch=e) for e in range(2)]
     assert len(loader) == len(plans[0])
@@ -152,11 +152,9 @@ def test_alpaca_packs_to_at_least_98_percent(name):
     from litgpt.prompts import Alpaca
     from litgpt.tokenizer import Tokenizer
 
-    import data_utils
-
     samples = json.loads((SHARED / "data" / f"{name}.json").read_text())
     dataset = SFTDataset(samples, Tokenizer(SHARED / "tokenizers" / "llama2-sentencepiece"), prompt_style=Alpaca())
-    lengths = [parts.length for parts in data_utils.scan_parts(dataset, "train")]
+    lengths = [parts.length for parts in scan.scan_parts(dataset, "train")]
     limit = math.ceil(max(lengths) * 1.1)
     estimates = expected_efficiency(lengths, limit, micro_batch_size=4, seed=42)
     assert estimates["packed"]["efficiency"] >= 0.98
@@ -168,7 +166,7 @@ def test_fullest_rows_and_the_report():
     lengths = [9, 1, 5, 5, 3, 7, 2, 8]  # best fit at 10: [9, 1], [8, 2], [7, 3], [5, 5]: all full
     rows = fullest_rows(lengths + [4], max_seq_length=10, micro_batch_size=2)
     assert [sum(lengths[i] for i in row) for row in rows] == [10, 10]
-    sampler = PackedBatchSampler(
+    sampler = ResumableBatchSampler(
         packed_plan(lengths + [4], max_seq_length=10, micro_batch_size=2, seed=0, world_size=2)
     )
     report = plan_report(lengths + [4], 10, 2, seed=0, world_size=2)  # 5 rows -> 3 micro-batches -> one repeated

@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 from litgpt.args import TrainArgs
 
 import data_utils
-import rehearsal
-import seq_data
-from conftest import cli_args, read_report, run_cli
+from helpers import cli_args, read_report, run_cli
+from litgpt_seqlen import errors
+from litgpt_seqlen.data import length_plan
+from litgpt_seqlen.training import rehearsal
 
 # --- which samples: plain lists ------------------------------------------------------------------------------
 
@@ -52,7 +53,7 @@ def loaders_for(checkpoint, data_dir, batch_size, max_seq_length):
 
     fabric = L.Fabric(accelerator="cpu", devices=1)
     data = JSON(json_path=data_dir, num_workers=0)
-    return seq_data.load_splits(fabric, data, Tokenizer(checkpoint), batch_size, max_seq_length)
+    return length_plan.load_splits(fabric, data, Tokenizer(checkpoint), batch_size, max_seq_length)
 
 
 def test_rehearsal_batch_is_the_longest(make_data, tiny_checkpoint):
@@ -167,7 +168,7 @@ def test_rehearsal_out_of_memory_is_a_user_error(tiny_run, monkeypatch):
         raise torch.OutOfMemoryError("injected")
 
     monkeypatch.setattr(type(model.module), "forward", out_of_memory)
-    with pytest.raises(data_utils.UserInputError) as caught:
+    with pytest.raises(errors.UserInputError) as caught:
         rehearsal.rehearse(fabric, model, optimizer, batches, train_args, decision)
     message = str(caught.value)
     assert "2 × 40" in message and "cpu" in message

@@ -11,17 +11,18 @@ import time
 
 import pytest
 
-import cli_support
-import run_lock
-from conftest import ROOT
-from data_utils import UserInputError
+from helpers import ROOT
+from litgpt_seqlen import ranks
+from litgpt_seqlen.cli import exits
+from litgpt_seqlen.errors import UserInputError
+from litgpt_seqlen.run import outputs
 
 
 def test_second_run_into_a_locked_out_dir_stops_naming_the_holder(tmp_path):
     out = tmp_path / "out"
-    with run_lock.hold_out_dir(out):
-        with pytest.raises(run_lock.OutDirInUse) as raised:
-            with run_lock.hold_out_dir(out):
+    with outputs.hold_out_dir(out):
+        with pytest.raises(outputs.OutDirInUse) as raised:
+            with outputs.hold_out_dir(out):
                 pass
     message = str(raised.value)
     assert (
@@ -31,11 +32,11 @@ def test_second_run_into_a_locked_out_dir_stops_naming_the_holder(tmp_path):
 
 def test_released_on_an_exception(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError), run_lock.hold_out_dir(out):
+    with pytest.raises(RuntimeError), outputs.hold_out_dir(out):
         assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
         raise RuntimeError("boom")
     assert not (out / ".lock").exists()
-    with run_lock.hold_out_dir(out):  # free again
+    with outputs.hold_out_dir(out):  # free again
         pass
 
 
@@ -53,7 +54,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path):
         json.dumps({"pid": pid, "host": socket.gethostname(), "started": "2025-01-01T00:00:00+00:00"})
     )
     said = []
-    with run_lock.hold_out_dir(out, warn=said.append):
+    with outputs.hold_out_dir(out, warn=said.append):
         assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
     assert (
         len(said) == 1 and f"pid {pid}" in said[0] and "no longer running" in said[0] and said[0].startswith("warning:")
@@ -62,17 +63,17 @@ def test_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path):
 
 def test_ranks_above_zero_hold_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert not run_lock.launched_as_rank_zero()
+    assert not ranks.launched_as_rank_zero()
     out = tmp_path / "out"
     with (
-        run_lock.hold_out_dir(out, enabled=run_lock.launched_as_rank_zero()),
-        run_lock.hold_out_dir(out, enabled=False),
+        outputs.hold_out_dir(out, enabled=ranks.launched_as_rank_zero()),
+        outputs.hold_out_dir(out, enabled=False),
     ):
         assert not (out / ".lock").exists()
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert run_lock.launched_as_rank_zero()
+    assert ranks.launched_as_rank_zero()
     monkeypatch.setenv("RANK", "3")
-    assert not run_lock.launched_as_rank_zero()
+    assert not ranks.launched_as_rank_zero()
 
 
 @pytest.mark.e2e
@@ -84,21 +85,21 @@ def test_lock_held_by_another_process_and_released_when_it_is_killed(tmp_path):
             sys.executable,
             "-c",
             f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import run_lock\n"
-            f"with run_lock.hold_out_dir(__import__('pathlib').Path({str(out)!r})):\n print('held', flush=True); time.sleep(60)",
+            f"with outputs.hold_out_dir(__import__('pathlib').Path({str(out)!r})):\n print('held', flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(run_lock.OutDirInUse, match=f"pid {holder.pid}"):
-            with run_lock.hold_out_dir(out):
+        with pytest.raises(outputs.OutDirInUse, match=f"pid {holder.pid}"):
+            with outputs.hold_out_dir(out):
                 pass
     finally:
         holder.kill()
         holder.wait()
     said = []
-    with run_lock.hold_out_dir(out, warn=said.append):
+    with outputs.hold_out_dir(out, warn=said.append):
         pass
     assert len(said) == 1 and f"pid {holder.pid}" in said[0] and "no longer running" in said[0]
 
@@ -118,7 +119,7 @@ def test_dry_run_beside_a_trained_run_writes_its_own_report(tmp_path):
     out = tmp_path / "out"
     make_trained_run(out)
     (out / "dropped_samples.jsonl").write_text("{}\n")
-    files = run_lock.report_files(out, dry_run=True, drop=True)
+    files = outputs.report_files(out, dry_run=True, drop=True)
     assert files.report == out / "seq_lengths.dry_run.json" and files.dropped == out / "dropped_samples.dry_run.jsonl"
     assert files.removed == [] and "seq_lengths.dry_run.json" in files.note
     assert json.loads((out / "seq_lengths.json").read_text()) == {"max_seq_length": 521}  # the trained run's, untouched
@@ -128,16 +129,16 @@ def test_dry_run_beside_a_trained_run_writes_its_own_report(tmp_path):
 def test_dry_run_into_a_fresh_or_dry_out_dir_writes_the_report(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    assert run_lock.report_files(out, dry_run=True, drop=False).report == out / "seq_lengths.json"
+    assert outputs.report_files(out, dry_run=True, drop=False).report == out / "seq_lengths.json"
     (out / "seq_lengths.json").write_text(json.dumps({"dry_run": True}))
-    assert run_lock.report_files(out, dry_run=True, drop=False).report == out / "seq_lengths.json"
+    assert outputs.report_files(out, dry_run=True, drop=False).report == out / "seq_lengths.json"
 
 
 def test_trained_report_alone_counts_as_a_trained_run(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "seq_lengths.json").write_text(json.dumps({"max_seq_length": 128}))
-    assert run_lock.report_files(out, dry_run=True, drop=False).report == out / "seq_lengths.dry_run.json"
+    assert outputs.report_files(out, dry_run=True, drop=False).report == out / "seq_lengths.dry_run.json"
 
 
 def test_training_run_removes_what_it_will_not_rewrite(tmp_path):
@@ -145,7 +146,7 @@ def test_training_run_removes_what_it_will_not_rewrite(tmp_path):
     make_trained_run(out)
     for name in ("dropped_samples.jsonl", "seq_lengths.dry_run.json", "dropped_samples.dry_run.jsonl"):
         (out / name).write_text("{}\n")
-    files = run_lock.report_files(out, dry_run=False, drop=False)
+    files = outputs.report_files(out, dry_run=False, drop=False)
     assert files.report == out / "seq_lengths.json" and files.dropped is None and files.note is None
     assert sorted(p.name for p in files.removed) == [
         "dropped_samples.dry_run.jsonl",
@@ -159,7 +160,7 @@ def test_training_run_under_drop_keeps_the_dropped_file_it_rewrites(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "dropped_samples.jsonl").write_text("{}\n")
-    files = run_lock.report_files(out, dry_run=False, drop=True)
+    files = outputs.report_files(out, dry_run=False, drop=True)
     assert files.dropped == out / "dropped_samples.jsonl" and files.removed == []
 
 
@@ -169,7 +170,7 @@ def test_earlier_checkpoints(tmp_path):
     (out / "step-000002").mkdir()
     (out / "step-000002" / "lit_model.pth.lora").write_bytes(b"w")
     (out / "step-000004").mkdir()  # empty: not a checkpoint
-    assert run_lock.earlier_checkpoints(out) == ["final", "step-000002"]
+    assert outputs.earlier_checkpoints(out) == ["final", "step-000002"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,7 +179,7 @@ def test_earlier_checkpoints(tmp_path):
 
 
 def exit_of(body, capsys) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as leaving, cli_support.user_facing_exits():
+    with pytest.raises(SystemExit) as leaving, exits.user_facing_exits():
         body()
     return leaving.value.code, capsys.readouterr().err
 
@@ -202,13 +203,13 @@ def test_sigterm_runs_finally_blocks_and_exits_143(capsys, tmp_path):
     out = tmp_path / "out"
 
     def body():
-        with run_lock.hold_out_dir(out):
+        with outputs.hold_out_dir(out):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
 
     assert exit_of(body, capsys) == (143, "terminated (SIGTERM)\n")
     assert not (out / ".lock").exists()  # released by the finally block
-    assert signal.getsignal(signal.SIGTERM) is not cli_support._terminate  # put back
+    assert signal.getsignal(signal.SIGTERM) is not exits._terminate  # put back
 
 
 def test_only_rank_zero_prints(capsys, monkeypatch):
@@ -220,9 +221,9 @@ def test_only_rank_zero_prints(capsys, monkeypatch):
 def test_agree_on_error_with_one_rank():
     from types import SimpleNamespace
 
-    cli_support.agree_on_error(SimpleNamespace(world_size=1), None)
+    ranks.agree_on_error(SimpleNamespace(world_size=1), None)
     with pytest.raises(UserInputError, match="mine"):
-        cli_support.agree_on_error(SimpleNamespace(world_size=1), UserInputError("mine"))
+        ranks.agree_on_error(SimpleNamespace(world_size=1), UserInputError("mine"))
 
 
 @pytest.mark.e2e
@@ -232,9 +233,10 @@ def test_ctrl_c_with_a_forked_pool_is_one_line(tmp_path):
         f"""
         import multiprocessing, sys, time
         sys.path.insert(0, {str(ROOT)!r})
-        import cli_support
-        with cli_support.user_facing_exits():
-            with multiprocessing.get_context("fork").Pool(2, initializer=cli_support.ignore_sigint) as pool:
+        from litgpt_seqlen.cli import exits
+        from litgpt_seqlen.data import scan
+        with exits.user_facing_exits():
+            with multiprocessing.get_context("fork").Pool(2, initializer=scan.start_worker) as pool:
                 result = pool.map_async(time.sleep, [30, 30])
                 print("ready", flush=True)
                 result.get()
@@ -264,14 +266,15 @@ def test_two_ranks_an_error_met_on_rank_1_is_printed_once(tmp_path):
         import sys
         sys.path.insert(0, {str(ROOT)!r})
         import lightning as L
-        import cli_support
-        from data_utils import UserInputError
+        from litgpt_seqlen import ranks
+        from litgpt_seqlen.cli import exits
+        from litgpt_seqlen.errors import UserInputError
 
-        with cli_support.user_facing_exits():
+        with exits.user_facing_exits():
             fabric = L.Fabric(accelerator="cpu", devices=2, strategy="ddp")
             fabric.launch()
             problem = UserInputError("train sample 7 is bad (met on rank 1)") if fabric.global_rank == 1 else None
-            cli_support.agree_on_error(fabric, problem)
+            ranks.agree_on_error(fabric, problem)
             print("not reached", flush=True)
         """
         )

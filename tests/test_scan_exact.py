@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 from litgpt.data import SFTDataset
 from litgpt.tokenizer import Tokenizer
 
-import data_utils
-import demo_assets
-from conftest import SHARED, requires_shared
+import assets
+from helpers import SHARED, requires_shared
+from litgpt_seqlen import errors
+from litgpt_seqlen.data import scan
 
 PROMPT_STYLES = (
     "alpaca",
@@ -84,7 +85,7 @@ def local_tokenizers(tmp_path_factory) -> dict[str, Tokenizer]:
     for add_bos in (True, False):
         for name, build, tokenizer_class in (
             ("hf-bpe", _hf_bpe, "PreTrainedTokenizerFast"),
-            ("hf-word", demo_assets.build_tokenizer, "PreTrainedTokenizerFast"),
+            ("hf-word", assets.build_tokenizer, "PreTrainedTokenizerFast"),
             ("sentencepiece", _sentencepiece, "LlamaTokenizer"),
         ):
             directory = root / f"{name}-bos-{add_bos}"
@@ -130,7 +131,7 @@ def test_scan_equals_sft_dataset_on_random_text(local_tokenizers, name, samples)
     for style in PROMPT_STYLES:
         for mask_prompt in (True, False):
             dataset = SFTDataset(samples, tokenizer, prompt_style=style, mask_prompt=mask_prompt)
-            parts = data_utils.scan_parts(dataset, "train")
+            parts = scan.scan_parts(dataset, "train")
             assert lengths_of(parts) == getitem_lengths(dataset), (style, mask_prompt)
             if mask_prompt:
                 assert [p.prompt for p in parts] == masked_prompt_lengths(dataset), style
@@ -149,12 +150,12 @@ def test_a_transform_and_a_custom_tokenizer_are_honoured(local_tokenizers):
     rename = lambda s: {"instruction": s["question"], "input": "", "output": s["answer"]}  # noqa: E731
     for tok in (tokenizer, shouting):
         dataset = SFTDataset(renamed, tok, prompt_style="alpaca", transform=rename)
-        assert lengths_of(data_utils.scan_parts(dataset, "train")) == getitem_lengths(dataset)
+        assert lengths_of(scan.scan_parts(dataset, "train")) == getitem_lengths(dataset)
 
 
 def _word_samples(count: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
-    words = lambda k: " ".join(rng.choices(demo_assets.WORDS, k=k))  # noqa: E731
+    words = lambda k: " ".join(rng.choices(assets.WORDS, k=k))  # noqa: E731
     return [
         {
             "instruction": words(rng.randint(1, 20)),
@@ -167,9 +168,9 @@ def _word_samples(count: int, seed: int = 0) -> list[dict]:
 
 def test_parallel_scan_equals_serial_scan(local_tokenizers):
     dataset = SFTDataset(_word_samples(1_301), local_tokenizers["hf-word-bos-True"], prompt_style="alpaca")
-    serial = data_utils.scan_parts(dataset, "train", workers=1)
-    assert data_utils.scan_parts(dataset, "train", workers=2) == serial
-    assert data_utils.scan_parts(dataset, "train", 100, 1_201, workers=2) == serial[100:1_201]
+    serial = scan.scan_parts(dataset, "train", workers=1)
+    assert scan.scan_parts(dataset, "train", workers=2) == serial
+    assert scan.scan_parts(dataset, "train", 100, 1_201, workers=2) == serial[100:1_201]
     assert lengths_of(serial[:50]) == getitem_lengths(
         SFTDataset(dataset.data[:50], dataset.tokenizer, prompt_style="alpaca")
     )
@@ -179,8 +180,8 @@ def test_parallel_scan_reports_the_bad_sample(local_tokenizers):
     samples = _word_samples(1_000)
     del samples[777]["output"]
     dataset = SFTDataset(samples, local_tokenizers["sentencepiece-bos-True"], prompt_style="alpaca")
-    with pytest.raises(data_utils.UserInputError, match=r"val sample 777 has no field 'output'"):
-        data_utils.scan_parts(dataset, "val", workers=2)
+    with pytest.raises(errors.UserInputError, match=r"val sample 777 has no field 'output'"):
+        scan.scan_parts(dataset, "val", workers=2)
 
 
 REAL_TOKENIZERS = ("llama2-hf", "llama2-sentencepiece")
@@ -195,7 +196,7 @@ def test_every_real_sample_with_both_real_tokenizers(tokenizer_name, data_file):
     samples = json.loads((SHARED / "data" / data_file).read_text(encoding="utf-8"))
     dataset = SFTDataset(samples, tokenizer, prompt_style="alpaca", mask_prompt=True)
     expected = getitem_lengths(dataset)
-    parts = data_utils.scan_parts(dataset, "train", workers=1)
+    parts = scan.scan_parts(dataset, "train", workers=1)
     assert lengths_of(parts) == expected
     assert [p.prompt for p in parts] == masked_prompt_lengths(dataset)
-    assert data_utils.scan_parts(dataset, "train", workers=2) == parts
+    assert scan.scan_parts(dataset, "train", workers=2) == parts

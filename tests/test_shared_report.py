@@ -9,7 +9,7 @@ from litgpt.data import JSON
 from litgpt.tokenizer import Tokenizer
 from litgpt.utils import save_config
 
-from conftest import SHARED, read_report, requires_shared, run_cli
+from helpers import SHARED, read_report, requires_shared, run_cli
 
 pytestmark = [requires_shared, pytest.mark.e2e]
 

@@ -10,9 +10,8 @@ from litgpt.utils import CycleIterator, chunked_cross_entropy
 from test_packing import lora_gradients, sample, tiny_lora_gpt
 
 from data_utils import grouped_batches
-from packing import packed_batches, packed_collate
-from token_loss import StepLookahead, micro_batch_loss_sum, step_supervised_tokens
-from training_loss import train_loss
+from litgpt_seqlen.data.packing import packed_batches, packed_collate
+from litgpt_seqlen.training.loss import StepLookahead, micro_batch_loss_sum, step_supervised_tokens, train_loss
 
 
 def items_of_uneven_targets():

@@ -25,10 +25,10 @@ from litgpt.utils import chunked_cross_entropy
 from test_scan_exact import TEXT, _config, _hf_bpe, _sentencepiece
 from torch.utils.data import DataLoader, Subset
 
+import assets
 import data_utils
-import demo_assets
-import truncation
-from conftest import SHARED, requires_shared
+from helpers import SHARED, requires_shared
+from litgpt_seqlen.data import scan, truncation
 
 IGNORE = -100
 STYLES = {"alpaca": Alpaca(), "llama3": Llama3(), "default": Default()}  # default: no template at all
@@ -57,7 +57,7 @@ def tokenizers(tmp_path_factory) -> dict[str, Tokenizer]:
     root = tmp_path_factory.mktemp("trunc-tokenizers")
 
     def word_level(directory):
-        demo_assets.build_tokenizer(directory, extra_words=_template_words())
+        assets.build_tokenizer(directory, extra_words=_template_words())
 
     built = {}
     for add_bos in (True, False):
@@ -103,7 +103,7 @@ SAMPLE = st.fixed_dictionaries({"instruction": TEXT, "input": st.one_of(st.just(
 def test_parts_are_what_sft_dataset_encodes_and_masks(tokenizers, name, samples):
     for style_name, style in STYLES.items():
         dataset = SFTDataset(samples, tokenizers[name], prompt_style=style, mask_prompt=True)
-        for i, parts in enumerate(data_utils.scan_parts(dataset, "train")):
+        for i, parts in enumerate(scan.scan_parts(dataset, "train")):
             item = dataset[i]
             assert parts.length == len(item["input_ids"])
             assert parts.prompt == int((item["labels"] == IGNORE).sum())  # litgpt masks exactly its encoded prompt
@@ -131,7 +131,7 @@ def test_parts_of_hand_made_prompts(tokenizers):
         ("llama3", ["write a short poem", "check the code"]),
     ):
         dataset = SFTDataset(samples, tokenizer, prompt_style=style)
-        for i, parts in enumerate(data_utils.scan_parts(dataset, "train")):
+        for i, parts in enumerate(scan.scan_parts(dataset, "train")):
             ids = dataset[i]["input_ids"]
             assert tokenizer.decode(ids[parts.head : parts.prompt - parts.marker]) == spans[i]
             assert parts.response == len(samples[i]["output"].split()) + 1  # + EOS
@@ -206,7 +206,7 @@ def test_plan_invariants(parts, limit, policy):
 def test_cut_items_hold_the_planned_pieces(tokenizers, name, samples, limit, mask_prompt, style_name):
     tokenizer = tokenizers[name]
     dataset = SFTDataset(samples, tokenizer, prompt_style=STYLES[style_name], mask_prompt=mask_prompt)
-    parts = data_utils.scan_parts(dataset, "train")
+    parts = scan.scan_parts(dataset, "train")
     for policy in truncation.TRUNCATE_FROM:
         plans = truncation.plan_split(parts, limit, policy)
         cut = truncation.TruncatedSFT(dataset, plans)
@@ -245,9 +245,9 @@ def _assert_equals_upstream(samples, tokenizer, style, mask_prompt, limit, cut) 
 
 def test_response_longer_than_the_limit(tokenizers):
     tokenizer = tokenizers["hf-word-bos-True"]
-    sample = {"instruction": "write a long story", "input": "", "output": " ".join(demo_assets.WORDS * 3)}
+    sample = {"instruction": "write a long story", "input": "", "output": " ".join(assets.WORDS * 3)}
     dataset = SFTDataset([sample], tokenizer, prompt_style="alpaca", mask_prompt=True)
-    parts = data_utils.scan_parts(dataset, "train")
+    parts = scan.scan_parts(dataset, "train")
     plan = truncation.plan(parts[0], 40, "prompt")
     item = truncation.TruncatedSFT(dataset, [plan])[0]
     assert plan.prompt_kept == parts[0].head + parts[0].marker and plan.eos_lost
@@ -315,9 +315,9 @@ def test_report_figures():
 
 
 def test_long_instructions_give_a_finite_loss_only_when_the_prompt_is_cut(tmp_path):
-    demo_assets.build_tokenizer(tmp_path)
+    assets.build_tokenizer(tmp_path)
     tokenizer = Tokenizer(tmp_path)
-    words = demo_assets.WORDS
+    words = assets.WORDS
     samples = [
         {
             "instruction": " ".join(words[(i + k) % len(words)] for k in range(600)),
@@ -327,7 +327,7 @@ def test_long_instructions_give_a_finite_loss_only_when_the_prompt_is_cut(tmp_pa
         for i in range(4)
     ]
     dataset = SFTDataset(samples, tokenizer, prompt_style="alpaca", mask_prompt=True)
-    parts = data_utils.scan_parts(dataset, "val")
+    parts = scan.scan_parts(dataset, "val")
     collate = get_sft_collate_fn(max_seq_length=512)
     vocab_size = len(json.loads((tmp_path / "tokenizer.json").read_text())["model"]["vocab"])
     torch.manual_seed(0)
@@ -367,7 +367,7 @@ def test_real_data_with_real_tokenizers(tokenizer_name):
     samples = json.loads((SHARED / "data" / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:150]
     for style_name in ("alpaca", "llama3"):
         dataset = SFTDataset(samples, tokenizer, prompt_style=style_name, mask_prompt=True)
-        parts = data_utils.scan_parts(dataset, "train")
+        parts = scan.scan_parts(dataset, "train")
         plans = truncation.plan_split(parts, 64, "prompt")
         cut = truncation.TruncatedSFT(dataset, plans)
         for i, plan in enumerate(plans):

@@ -17,12 +17,13 @@ from litgpt.args import TrainArgs
 from litgpt.data import JSON, SFTDataset
 from litgpt.tokenizer import Tokenizer
 
-import demo_assets
-import rehearsal
-import seq_data
-from conftest import read_report, run_cli
-from data_utils import UserInputError
-from seq_args import SeqArgs
+import assets
+from helpers import loaders_for, read_report, run_cli
+from litgpt_seqlen.args import SeqArgs
+from litgpt_seqlen.data import length_plan
+from litgpt_seqlen.errors import UserInputError
+from litgpt_seqlen.report import build
+from litgpt_seqlen.training import rehearsal
 
 IGNORE = -100
 LIMIT = 512  # the tiny checkpoint's block_size: max_seq_length is capped at it
@@ -30,14 +31,14 @@ LIMIT = 512  # the tiny checkpoint's block_size: max_seq_length is capped at it
 
 def long_prompt_sample(rng: random.Random) -> dict:
     return {
-        "instruction": " ".join(rng.choices(demo_assets.WORDS, k=600)),
+        "instruction": " ".join(rng.choices(assets.WORDS, k=600)),
         "input": "",
-        "output": " ".join(rng.choices(demo_assets.WORDS, k=6)),
+        "output": " ".join(rng.choices(assets.WORDS, k=6)),
     }
 
 
 def short_sample(rng: random.Random) -> dict:
-    words = lambda k: " ".join(rng.choices(demo_assets.WORDS, k=k))  # noqa: E731
+    words = lambda k: " ".join(rng.choices(assets.WORDS, k=k))  # noqa: E731
     return {"instruction": words(rng.randint(3, 12)), "input": words(rng.randint(0, 4)), "output": words(20)}
 
 
@@ -62,7 +63,7 @@ def planned(tiny_checkpoint, data_dir, mask_prompt: bool, truncate_from: str):
     fabric = L.Fabric(accelerator="cpu", devices=1)
     data = JSON(json_path=data_dir, mask_prompt=mask_prompt, num_workers=0)
     seq = SeqArgs(truncate_from=truncate_from)
-    plan = seq_data.plan_lengths(fabric, data, Tokenizer(tiny_checkpoint), TrainArgs(micro_batch_size=2), seq, LIMIT)
+    plan = length_plan.plan_lengths(fabric, data, Tokenizer(tiny_checkpoint), TrainArgs(micro_batch_size=2), seq, LIMIT)
     return fabric, plan, seq
 
 
@@ -81,7 +82,7 @@ def test_prompt_first_keeps_every_answer_whole(tiny_checkpoint, mixed_data, tmp_
     fabric, plan, seq = planned(tiny_checkpoint, data_dir, mask_prompt=True, truncate_from="prompt")
     assert plan.decision.max_seq_length == LIMIT
     assert plan.kept == {"train": list(range(6)), "val": list(range(4))} and plan.dropped == {"train": {}, "val": {}}
-    report = seq_data.publish_plan(fabric, tmp_path / "out", plan, seq, micro_batch_size=2, seed=0)
+    report = build.publish_plan(fabric, tmp_path / "out", plan, seq, micro_batch_size=2, seed=0).plan
     assert not (tmp_path / "out" / "dropped_samples.jsonl").exists()
     tokenizer = Tokenizer(tiny_checkpoint)
     lengths = {n: [len(item["input_ids"]) for item in upstream(s, tiny_checkpoint, True)] for n, s in samples.items()}
@@ -94,7 +95,7 @@ def test_prompt_first_keeps_every_answer_whole(tiny_checkpoint, mixed_data, tmp_
     assert chosen["response_tokens_cut_share"] == 0.0
     assert json.loads((tmp_path / "out" / "seq_lengths.json").read_text())["splits"]["val"] == val
 
-    train_loader, val_loader = seq_data.make_loaders(fabric, plan, 2, group_by_length=False, seed=0)
+    train_loader, val_loader = loaders_for(fabric, plan, 2)
     for i, sample in enumerate(samples["val"]):
         item = val_loader.dataset[i]
         answer = tokenizer.encode(sample["output"], bos=False, eos=True).tolist()
@@ -123,7 +124,7 @@ def test_end_is_upstreams_cut_and_drops_what_has_no_target(tiny_checkpoint, mixe
         assert plan.dropped == {"train": {2: "unsupervised"}, "val": dict.fromkeys([0, 1, 2], "unsupervised")}
     else:
         assert plan.dropped == {"train": {}, "val": {}}
-    report = seq_data.publish_plan(fabric, tmp_path / "out", plan, seq, micro_batch_size=2, seed=0)
+    report = build.publish_plan(fabric, tmp_path / "out", plan, seq, micro_batch_size=2, seed=0).plan
     assert report["splits"]["val"]["unsupervised_dropped"] == (3 if mask_prompt else 0)
     path = tmp_path / "out" / "dropped_samples.jsonl"
     if mask_prompt:
@@ -141,7 +142,7 @@ def test_end_is_upstreams_cut_and_drops_what_has_no_target(tiny_checkpoint, mixe
             len(s["output"].split()) + 1 for s in samples["val"][:3]
         )
 
-    train_loader, val_loader = seq_data.make_loaders(fabric, plan, 2, group_by_length=False, seed=0)
+    train_loader, val_loader = loaders_for(fabric, plan, 2)
     for name, loader in (("train", train_loader), ("val", val_loader)):
         reference = upstream(samples[name], tiny_checkpoint, mask_prompt, max_seq_length=LIMIT)
         for position, index in enumerate(plan.kept[name]):

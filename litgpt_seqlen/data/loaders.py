@@ -8,7 +8,7 @@ import lightning as L
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
 from litgpt_seqlen.data import order, packing, truncation
-from litgpt_seqlen.data.plan import LengthPlan
+from litgpt_seqlen.data.length_plan import LengthPlan
 
 
 def make_loaders(

@@ -128,12 +128,7 @@ def scan_parts(
         if workers == 1:
             parts = _collect(map(_scan_range, bounds), bar)
         else:
-            # HF tokenizers refuse to use their thread pool after a fork; they are called one text at a time here.
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            from cli_support import ignore_sigint  # here: cli_support imports this module
-
-            # Workers ignore Ctrl-C (sent to the whole process group): only the main process reports it, in one line.
-            with multiprocessing.get_context("fork").Pool(workers, initializer=ignore_sigint) as pool:
+            with multiprocessing.get_context("fork").Pool(workers, initializer=start_worker) as pool:
                 parts = _collect(pool.imap(_scan_range, bounds), bar)
     finally:
         _scan_target = ()
@@ -172,7 +167,9 @@ def scan_split(fabric: L.Fabric, dataset, split: str, workers: int) -> list[Samp
     return [SampleParts(*row) for row in gathered.reshape(-1, width).tolist() if row[0] >= 0]
 
 
-def ignore_sigint() -> None:
-    """``multiprocessing.Pool(initializer=ignore_sigint)``: a forked worker ignores Ctrl-C (which the terminal sends
-    to the whole process group); the main process gets KeyboardInterrupt and the pool's exit ends the workers."""
+def start_worker() -> None:
+    """The initializer of a forked scan worker. It ignores Ctrl-C (which the terminal sends to the whole process
+    group): the main process gets KeyboardInterrupt, reports it in one line, and the pool's exit ends the workers.
+    HF tokenizers refuse their thread pool after a fork; a worker encodes one text at a time, so it needs none."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"

@@ -12,9 +12,9 @@ import lightning as L
 import data_utils
 from litgpt_seqlen.args import SeqArgs
 from litgpt_seqlen.data import order, truncation
-from litgpt_seqlen.data.plan import LengthPlan
+from litgpt_seqlen.data.length_plan import LengthPlan
+from litgpt_seqlen.report.outcomes import warning_lines
 from litgpt_seqlen.report.printed import print_report
-from litgpt_seqlen.report.warnings import warning_lines
 from litgpt_seqlen.run import outputs
 
 
@@ -44,8 +44,8 @@ def publish_plan(
     seq: SeqArgs,
     micro_batch_size: int,
     seed: int,
-    warnings: list[dict],
-    resumed_from: dict | None,
+    warnings: Sequence[dict] = (),
+    resumed_from: dict | None = None,
 ) -> RunReport:
     """Print the decision and the warnings, write seq_lengths.json (and dropped_samples.jsonl, under drop or when a
     sample has no target), log the key figures. Files an earlier run left that this run does not rewrite are removed
@@ -62,7 +62,7 @@ def publish_plan(
     content["expected_efficiency"] = {how: estimate["efficiency"] for how, estimate in expected.items()}
     content["batches_estimate"] = {"packed": False, **expected[seq.order]}
     content["batches_estimate"].update(micro_batch_size=micro_batch_size, group_by_length=seq.group_by_length)
-    content["warnings"] = warnings
+    content["warnings"] = list(warnings)
     content["dry_run"] = seq.dry_run
     report = RunReport(out_dir / outputs.REPORT, content, resumed_from=resumed_from)
     if fabric.global_rank == 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 
 import data_utils
-from litgpt_seqlen.data.plan import LengthPlan
+from litgpt_seqlen.data.length_plan import LengthPlan
 
 TRUNCATION_KEYS = (
     "truncated",

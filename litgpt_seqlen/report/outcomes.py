@@ -97,13 +97,14 @@ def warning_lines(warnings: Sequence[dict]) -> list[str]:
     return [f"warning: {w['message']}" for w in warnings]
 
 
-def plan_warnings(plan, data, tokenizer, over_length: str, where=None) -> list[dict]:
-    """``outcome_warnings`` for a ``plan.LengthPlan``: the template length from the data module's prompt style
-    (other data modules, without one, skip that check) and the samples the plan left out for want of a target."""
+def plan_warnings(plan, data, tokenizer, over_length: str) -> list[dict]:
+    """``outcome_warnings`` for a ``LengthPlan``: the template length from the data module's prompt style (other data
+    modules, without one, skip that check), the samples the plan left out for want of a target, named by their place
+    in the user's files when known."""
     prompt_style = getattr(data, "prompt_style", None)
     template = min_prompt_length(prompt_style, tokenizer) if prompt_style is not None else 0
     unsupervised = {
         split: [i for i, reason in reasons.items() if reason == "unsupervised"]
         for split, reasons in plan.dropped.items()
     }
-    return outcome_warnings(plan.lengths, plan.decision, over_length, template, unsupervised, where=where)
+    return outcome_warnings(plan.lengths, plan.decision, over_length, template, unsupervised, where=plan.located.where if plan.located else None)

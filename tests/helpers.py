@@ -1,0 +1,82 @@
+"""What several test modules share: paths, the flags of a short CPU run, running the CLI, reading its report."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+SHARED = ROOT.parent / "shared"
+
+
+def cli_args(data_dir: Path, out_dir: Path, *flags: str, steps: int = 2) -> list[str]:
+    """The flags of a short CPU run (after the checkpoint argument), as run_cli and the in-process tests pass them."""
+    return [
+        "--data",
+        "JSON",
+        "--data.json_path",
+        str(data_dir),
+        "--data.num_workers",
+        "0",
+        "--out_dir",
+        str(out_dir),
+        "--precision",
+        "32-true",
+        "--train.global_batch_size",
+        "2",
+        "--train.micro_batch_size",
+        "2",
+        *(["--train.max_steps", str(steps)] if steps is not None else []),
+        "--train.lr_warmup_steps",
+        "1",
+        "--eval.interval",
+        "1000",
+        "--eval.max_new_tokens",
+        "4",
+        "--eval.max_iters",
+        "2",
+        *flags,
+    ]
+
+
+def run_cli(
+    checkpoint: Path, data_dir: Path, out_dir: Path, *flags: str, steps: int = 2
+) -> subprocess.CompletedProcess:
+    """Runs finetune_lora.py in a subprocess for a few CPU steps; returns the finished process (never raises on exit code)."""
+    command = [
+        sys.executable,
+        str(ROOT / "finetune_lora.py"),
+        str(checkpoint),
+        *cli_args(data_dir, out_dir, *flags, steps=steps),
+    ]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=out_dir.parent, timeout=600)
+
+
+def read_report(out_dir: Path) -> dict:
+    return json.loads((out_dir / "seq_lengths.json").read_text())
+
+
+requires_shared = pytest.mark.skipif(not (SHARED / "data").is_dir(), reason="../shared is absent")
+
+
+def loaders_for(fabric, plan, micro_batch_size: int, how: str = "random", seed: int = 0):
+    """The train and val loaders a run builds for ``plan`` with this batch order."""
+    from litgpt_seqlen.data.loaders import make_loaders
+    from litgpt_seqlen.data.order import train_batches
+
+    batches_for_epoch = train_batches(
+        plan.kept_lengths("train"),
+        plan.decision.max_seq_length,
+        micro_batch_size,
+        how,
+        seed,
+        fabric.global_rank,
+        fabric.world_size,
+    )
+    return make_loaders(fabric, plan, batches_for_epoch, seed, pack=how == "packed")

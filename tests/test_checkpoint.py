@@ -1,0 +1,545 @@
+"""Checkpoints on disk: --resume's meaning, which checkpoint is complete, crash safety, and the same-run checks.
+
+Checkpoints here are written by the real ``checkpoint.state.save`` through a one-device CPU Fabric, for a model whose
+only trainable tensor is a LoRA one; the step files are a LoRA file holding a value, so a test can tell which save
+a file comes from.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from litgpt.args import TrainArgs
+
+from helpers import ROOT
+from litgpt_seqlen.args import SeqArgs, parse_resume
+from litgpt_seqlen.checkpoint import atomic, lookup, same_run
+from litgpt_seqlen.checkpoint import state as training_state
+from litgpt_seqlen.checkpoint.layout import HEADER, LORA_FILE, STATE_DIR, STATE_FILE, file_sha256
+from litgpt_seqlen.errors import UserInputError
+from litgpt_seqlen.training.rng import restore_rng
+
+HEADER_PARTS = {"run": {}, "data": {}, "decision": {}}
+
+
+@pytest.fixture(scope="module")
+def fabric():
+    return L.Fabric(accelerator="cpu", devices=1)
+
+
+class Adapter(torch.nn.Module):
+    """A frozen base weight and a LoRA one, as fit's model has them (only ``lora_*`` goes into a checkpoint)."""
+
+    def __init__(self, value: float = 0.0, size: int = 2) -> None:
+        super().__init__()
+        self.lora_A = torch.nn.Parameter(torch.full((size,), value))
+        self.weight = torch.nn.Parameter(torch.zeros(size), requires_grad=False)
+
+
+def make_state(value: float = 0.0, step: int = 0, size: int = 2) -> dict:
+    model = Adapter(value, size)
+    optimizer = torch.optim.AdamW([model.lora_A], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
+    state = training_state.new_state(model, optimizer, scheduler, accumulation=2, device=torch.device("cpu"))
+    state["step"] = step
+    return state
+
+
+def write_lora_file(directory: Path, value: float, size: int = 2) -> None:
+    torch.save({"model": {"lora_A": torch.full((size,), value)}}, directory / LORA_FILE)
+
+
+def save_checkpoint(fabric, out_dir: Path, step: int, value: float | None = None, header_parts=HEADER_PARTS) -> Path:
+    """A checkpoint of ``step`` whose LoRA file and LoRA tensor hold ``value`` (default: the step)."""
+    value = float(step) if value is None else value
+    step_dir = out_dir / f"step-{step:06d}"
+    state = make_state(value, step)
+    training_state.save(fabric, step_dir, state, lambda directory: write_lora_file(directory, value), header_parts)
+    return step_dir
+
+
+def lora_value(step_dir: Path) -> float:
+    return torch.load(step_dir / LORA_FILE, weights_only=True)["model"]["lora_A"][0].item()
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --resume: which checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_resume_values_parse_as_litgpt_takes_them():
+    values = (False, "false", "no", "0", "", None, True, "True", "yes", "1", "auto", " AUTO ")
+    assert [parse_resume(v) for v in values] == [False] * 6 + [True] * 4 + ["auto"] * 2
+    assert parse_resume("out/step-000002") == Path("out/step-000002")
+    assert parse_resume(Path("out/step-000002")) == Path("out/step-000002")
+
+
+def test_false_never_looks(fabric, tmp_path):
+    save_checkpoint(fabric, tmp_path, 2)
+    assert lookup.find_checkpoint(tmp_path, False) is None
+    assert lookup.find_checkpoint(tmp_path, "false") is None
+
+
+def test_auto_picks_the_newest_complete_and_skips_partial_ones(fabric, tmp_path):
+    complete = save_checkpoint(fabric, tmp_path, 2)
+    save_checkpoint(fabric, tmp_path, 4)
+    (tmp_path / "step-000006").mkdir()  # killed after the step dir, before its state
+    write_lora_file(tmp_path / "step-000006", 6.0)
+    (tmp_path / ".tmp-step-000008").mkdir()  # killed while writing the step dir
+    write_lora_file(tmp_path / ".tmp-step-000008", 8.0)
+    (tmp_path / STATE_DIR / "step-000004" / STATE_FILE).unlink()  # a state without its tensors
+    (tmp_path / "step-000010-old").mkdir()  # not a step directory
+    notes = []
+    assert lookup.find_checkpoint(tmp_path, "auto", log=notes.append) == complete
+    assert notes == [
+        f"Skipping {tmp_path / 'step-000006'}: no training state at {tmp_path / STATE_DIR / 'step-000006' / HEADER}"
+        " (not saved by a resumable run, or it stopped while saving).",
+        f"Skipping {tmp_path / 'step-000004'}: {tmp_path / STATE_DIR / 'step-000004'} lacks {STATE_FILE}.",
+        f"Resuming from {complete}, the newest complete checkpoint in --out_dir {tmp_path} (--resume auto).",
+    ]
+    assert lookup.find_checkpoint(tmp_path, True, log=notes.append) == complete
+    assert notes[-1].endswith("(--resume true).")
+
+
+def test_auto_starts_fresh_and_true_errors_without_a_complete_checkpoint(tmp_path):
+    (tmp_path / "step-000002").mkdir()
+    write_lora_file(tmp_path / "step-000002", 2.0)
+    notes = []
+    assert lookup.find_checkpoint(tmp_path, "auto", log=notes.append) is None
+    assert notes[-1] == f"No complete checkpoint in --out_dir {tmp_path}: starting fresh (--resume auto)."
+    with pytest.raises(UserInputError, match=r"--resume true: there is no complete checkpoint in --out_dir .*auto"):
+        lookup.find_checkpoint(tmp_path, True, log=quiet)
+    assert lookup.find_checkpoint(tmp_path / "never_made", "auto", log=quiet) is None
+
+
+def test_a_path_must_be_a_complete_checkpoint(fabric, tmp_path):
+    step_dir = save_checkpoint(fabric, tmp_path, 2)
+    notes = []
+    assert lookup.find_checkpoint(tmp_path, str(step_dir), log=notes.append) == step_dir
+    assert notes == [f"Resuming from {step_dir} (--resume {step_dir})."]
+    (tmp_path / "final").mkdir()
+    write_lora_file(tmp_path / "final", 1.0)
+    (tmp_path / "empty").mkdir()
+    for path, reason in [
+        (tmp_path / "step-000009", "no such directory"),
+        (tmp_path / "final", "no training state"),
+        (tmp_path / "empty", f"it has no {LORA_FILE}"),
+    ]:
+        with pytest.raises(UserInputError, match=rf"--resume {path}: not a checkpoint to resume from: {reason}"):
+            lookup.find_checkpoint(tmp_path, path, log=quiet)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A checkpoint is complete only when every file is the one saved
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_one_training_state_file_recorded_by_its_sha256(fabric, tmp_path):
+    step_dir = save_checkpoint(fabric, tmp_path, 2)
+    state_dir = tmp_path / STATE_DIR / "step-000002"
+    assert sorted(path.name for path in state_dir.iterdir()) == [HEADER, STATE_FILE]
+    header = lookup.read_header(step_dir)
+    assert header["files"] == {STATE_FILE: file_sha256(state_dir / STATE_FILE)}
+    assert header["lora_sha256"] == file_sha256(step_dir / LORA_FILE)
+    assert header["step_dir"] == "step-000002" and header["progress"]["step"] == 2
+    saved = torch.load(state_dir / STATE_FILE, weights_only=True)
+    assert list(saved["model"]) == ["lora_A"]  # the base weights are not in it
+    assert len(saved["ranks"]) == 1
+    assert lookup.incomplete_reason(step_dir) is None
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-1])
+
+
+@pytest.mark.parametrize("damage", [flip_a_byte, truncate])
+def test_a_damaged_state_is_incomplete_and_auto_uses_the_older_intact_one(fabric, tmp_path, damage):
+    older = save_checkpoint(fabric, tmp_path, 2)
+    newer = save_checkpoint(fabric, tmp_path, 4)
+    state_file = tmp_path / STATE_DIR / "step-000004" / STATE_FILE
+    damage(state_file)
+    reason = f"{state_file} is damaged (its sha256 is not the one recorded when it was saved)"
+    assert lookup.incomplete_reason(newer) == reason
+    notes = []
+    assert lookup.find_checkpoint(tmp_path, "auto", log=notes.append) == older
+    assert notes[0] == f"Skipping {newer}: {reason}."
+    with pytest.raises(UserInputError, match=f"--resume {newer}: not a checkpoint to resume from: {state_file} is"):
+        lookup.find_checkpoint(tmp_path, newer, log=quiet)
+
+
+def test_a_damaged_or_foreign_header_is_incomplete(fabric, tmp_path):
+    save_checkpoint(fabric, tmp_path, 2)
+    step_dir = save_checkpoint(fabric, tmp_path, 4)
+    header = tmp_path / STATE_DIR / "step-000004" / HEADER
+    header.write_text(header.read_text()[:20])
+    assert lookup.incomplete_reason(step_dir).startswith(f"its training state {header} is unreadable")
+    header.write_text((tmp_path / STATE_DIR / "step-000002" / HEADER).read_text())  # another step's
+    assert lookup.incomplete_reason(step_dir) == f"{header} belongs to 'step-000002', format 2"
+
+
+def test_a_step_dir_written_over_after_its_state_is_not_complete(fabric, tmp_path):
+    step_dir = save_checkpoint(fabric, tmp_path, 2, value=1.0)
+    write_lora_file(step_dir, 2.0)  # e.g. a fresh run writing over it, killed before its own state
+    assert "not the one its training state was saved with" in lookup.incomplete_reason(step_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training state round trip
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_the_training_state_round_trips(fabric, tmp_path):
+    state = make_state(value=1.0, step=3)
+    state["model"].lora_A.grad = torch.ones(2)
+    state["optimizer"].step()
+    state["scheduler"].step()
+    state.update(iteration=6, epoch=1, position=1, elapsed_seconds=12.5)
+    for loss in (3.0, 2.0, 1.0):
+        state["running_loss"].update(torch.tensor(loss))
+    state["token_counts"]["raw_tokens"] += 123
+    step_dir = tmp_path / "step-000003"
+    torch.manual_seed(5)
+    training_state.save(fabric, step_dir, state, lambda directory: write_lora_file(directory, 1.0), HEADER_PARTS)
+    expected_draw = torch.rand(3)
+
+    loaded = make_state(value=0.0)
+    torch.manual_seed(0)
+    training_state.load(fabric, step_dir, loaded)
+    assert torch.equal(loaded["model"].lora_A, state["model"].lora_A)
+    assert torch.equal(loaded["model"].weight, torch.zeros(2))  # the base weight is left as it was
+    saved_moments = state["optimizer"].state_dict()["state"][0]
+    loaded_moments = loaded["optimizer"].state_dict()["state"][0]
+    assert all(torch.equal(loaded_moments[key], saved_moments[key]) for key in saved_moments)
+    assert loaded["scheduler"].state_dict() == state["scheduler"].state_dict()
+    assert {key: loaded[key] for key in training_state.PROGRESS} == {
+        "step": 3,
+        "iteration": 6,
+        "epoch": 1,
+        "position": 1,
+        "elapsed_seconds": 12.5,
+    }
+    assert loaded["token_counts"]["raw_tokens"].item() == 123
+    assert loaded["running_loss"].compute() == torch.tensor(1.5)  # the last two (the window)
+    assert loaded["rng"] is not None  # restored by fit, last
+    restore_rng(loaded["rng"])
+    assert torch.equal(torch.rand(3), expected_draw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Crash safety
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_rewriting_a_checkpoint_replaces_both_parts(fabric, tmp_path):
+    save_checkpoint(fabric, tmp_path, 2, value=1.0)
+    step_dir = save_checkpoint(fabric, tmp_path, 2, value=3.0)
+    assert lookup.incomplete_reason(step_dir) is None
+    assert lora_value(step_dir) == 3.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [STATE_DIR, "step-000002"]  # no temporaries left
+    assert sorted(p.name for p in (tmp_path / STATE_DIR).iterdir()) == ["step-000002"]
+
+
+def test_a_write_that_fails_midway_leaves_the_old_checkpoint_and_a_temporary_that_is_removed(fabric, tmp_path):
+    step_dir = save_checkpoint(fabric, tmp_path, 2, value=1.0)
+
+    def dies(directory: Path) -> None:
+        write_lora_file(directory, 5.0)
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        atomic.write_checkpoint_dir_atomically(step_dir, dies)
+    assert lora_value(step_dir) == 1.0 and lookup.incomplete_reason(step_dir) is None
+    assert atomic.remove_stale_temporaries(tmp_path) == [tmp_path / ".tmp-step-000002"]
+    (tmp_path / STATE_DIR / ".tmp-step-000004").mkdir()
+    (tmp_path / STATE_DIR / ".tmp-old-step-000002").write_text("")
+    assert atomic.remove_stale_temporaries(tmp_path) == [
+        tmp_path / STATE_DIR / ".tmp-old-step-000002",
+        tmp_path / STATE_DIR / ".tmp-step-000004",
+    ]
+    assert atomic.remove_stale_temporaries(tmp_path / "never_made") == []
+
+
+class Killed(BaseException):
+    pass
+
+
+def test_a_kill_at_any_file_operation_of_a_rewrite_leaves_only_whole_checkpoints(fabric, tmp_path, monkeypatch):
+    """Rewriting step-000004 (as a fresh run in the same out_dir does), "killed" at its n-th file write, rename or
+    removal, for every n (a killed write leaves half a file): auto resume then chooses a checkpoint whose LoRA file and
+    training state belong together, and once the rewrite has got through, the new one."""
+    real = {"replace": os.replace, "rmtree": atomic.shutil.rmtree, "write_text": Path.write_text}
+    n = 0
+    while True:
+        out_dir = tmp_path / f"kill-{n}"
+        save_checkpoint(fabric, out_dir, 2)
+        save_checkpoint(fabric, out_dir, 4)
+        calls = []
+
+        def reached(name: str) -> bool:
+            calls.append(name)
+            return len(calls) > n
+
+        def killable(name):
+            def operation(*args, **kwargs):
+                if reached(name):
+                    raise Killed
+                return real[name](*args, **kwargs)
+
+            return operation
+
+        def write_text(path, text, *args, **kwargs):
+            if reached("write_text"):
+                real["write_text"](path, text[: len(text) // 2])
+                raise Killed
+            return real["write_text"](path, text, *args, **kwargs)
+
+        def save_state(path, *args, **kwargs):
+            if reached("fabric.save"):
+                Path(path).write_bytes(b"\x80\x02half")
+                raise Killed
+            return type(fabric).save(fabric, path, *args, **kwargs)
+
+        def write_step_files(directory: Path) -> None:
+            if reached("step files"):
+                (directory / LORA_FILE).write_bytes(b"\x80\x02half")
+                raise Killed
+            write_lora_file(directory, 40.0)
+
+        monkeypatch.setattr(os, "replace", killable("replace"))
+        monkeypatch.setattr(atomic.shutil, "rmtree", killable("rmtree"))
+        monkeypatch.setattr(Path, "write_text", write_text)
+        monkeypatch.setattr(fabric, "save", save_state)
+        try:
+            training_state.save(fabric, out_dir / "step-000004", make_state(40.0, 40), write_step_files, HEADER_PARTS)
+            finished = True
+        except Killed:
+            finished = False
+        monkeypatch.undo()
+
+        chosen = lookup.find_checkpoint(out_dir, "auto", log=quiet)
+        step = lookup.read_header(chosen)["progress"]["step"]
+        assert lora_value(chosen) == {2: 2.0, 4: 4.0, 40: 40.0}[step], calls
+        loaded = make_state()
+        training_state.load(fabric, chosen, loaded)
+        assert loaded["step"] == step and loaded["model"].lora_A[0].item() == lora_value(chosen), calls
+        if finished:
+            print("CALLS", n, calls)
+            assert step == 40 and not list(out_dir.rglob(".tmp-*"))
+            assert {"replace", "rmtree", "write_text", "fabric.save", "step files"} <= set(calls)
+            break
+        n += 1
+    assert n >= 8
+
+
+def test_a_fresh_run_forgets_the_old_runs_states_but_keeps_their_weights(fabric, tmp_path):
+    save_checkpoint(fabric, tmp_path, 2)
+    save_checkpoint(fabric, tmp_path, 4)
+    assert atomic.forget_training_states(tmp_path) == ["step-000002", "step-000004"]
+    assert lookup.find_checkpoint(tmp_path, "auto", log=quiet) is None
+    assert lora_value(tmp_path / "step-000004") == 4.0
+    assert list((tmp_path / STATE_DIR).iterdir()) == []
+    assert atomic.forget_training_states(tmp_path / "never_made") == []
+
+
+def test_fsync_raises_for_a_file_it_cannot_flush(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    atomic.fsync_path(tmp_path / "file")
+    atomic.fsync_path(tmp_path)
+
+    def refuses(descriptor):
+        raise OSError("fsync refused")
+
+    monkeypatch.setattr(atomic.os, "fsync", refuses)
+    atomic.fsync_path(tmp_path)  # a directory: some file systems refuse, which is let pass
+    with pytest.raises(OSError, match="fsync refused"):
+        atomic.fsync_path(tmp_path / "file")
+
+
+SAVER = """
+import sys
+sys.path.insert(0, {root!r})
+from pathlib import Path
+import lightning as L, torch
+from litgpt_seqlen.checkpoint import state as training_state
+from litgpt_seqlen.checkpoint.layout import LORA_FILE
+
+fabric = L.Fabric(accelerator="cpu", devices=1)
+out = Path(sys.argv[1])
+big = 1 << 20
+for step in range(1, 1000):
+    model = torch.nn.Module()
+    model.lora_A = torch.nn.Parameter(torch.full((big,), float(step)))
+    optimizer = torch.optim.SGD([model.lora_A], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    state = training_state.new_state(model, optimizer, scheduler, 1, torch.device("cpu"))
+    state["step"] = step
+    write = lambda d, step=step: torch.save({{"model": {{"lora_A": torch.full((big,), float(step))}}}}, d / LORA_FILE)
+    training_state.save(fabric, out / f"step-{{step % 3:06d}}", state, write, {{}})
+    print(step, flush=True)
+"""
+
+
+@pytest.mark.e2e
+def test_sigkill_during_a_save_never_leaves_a_complete_looking_checkpoint(fabric, tmp_path):
+    """A process saves checkpoints in a loop (big files, so saves take a while) and is SIGKILLed mid-way; whatever
+    it left, auto resume chooses a checkpoint that is whole (its state names it and its LoRA file matches)."""
+    script = tmp_path / "saver.py"
+    script.write_text(SAVER.format(root=str(ROOT)))
+    out_dir = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, str(script), str(out_dir)], stdout=subprocess.PIPE, text=True)
+    for _ in range(4):
+        assert process.stdout.readline()
+    time.sleep(0.03)
+    process.kill()
+    process.wait()
+    chosen = lookup.find_checkpoint(out_dir, "auto", log=quiet)
+    assert chosen is not None
+    step = lookup.read_header(chosen)["progress"]["step"]
+    assert lora_value(chosen) == step
+    model = torch.nn.Module()
+    model.lora_A = torch.nn.Parameter(torch.zeros(1 << 20))
+    optimizer = torch.optim.SGD([model.lora_A], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    loaded = training_state.new_state(model, optimizer, scheduler, 1, torch.device("cpu"))
+    training_state.load(fabric, chosen, loaded)
+    assert loaded["step"] == step and model.lora_A[0].item() == step
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Same run, same data, same model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_check_same_run_names_every_change():
+    saved = {
+        "run": {"train.micro_batch_size": 2, "seed": 1337, "seq.group_by_length": False, "lora_dropout": 0.05},
+        "data": same_run.data_fingerprint({"train": [5, 6, 7], "val": [3, 4], "test": [2]}),
+    }
+    same = {"run": dict(saved["run"]), "data": same_run.data_fingerprint({"train": [5, 6, 7], "val": [3, 4], "test": [2]})}
+    same_run.check_same_run(saved, same)
+    current = {
+        "run": {"train.micro_batch_size": 4, "seed": 1337, "seq.group_by_length": True, "lora_dropout": 0.1},
+        "data": same_run.data_fingerprint({"train": [5, 9, 7], "val": [3, 4, 4]}),
+    }
+    with pytest.raises(UserInputError) as error:
+        same_run.check_same_run(saved, current, "out/step-000004")
+    message = str(error.value)
+    assert message.startswith("cannot resume from out/step-000004: this run differs from the one that saved it: ")
+    assert "--train.micro_batch_size was 2, now 4" in message
+    assert "--seq.group_by_length was False, now True" in message
+    assert "--lora_dropout was 0.05, now 0.1" in message
+    assert "--seed" not in message
+    assert "the train split has the same count but other token lengths: train sample 1 had 6 tokens, now 9" in message
+    assert "the val split had 2 samples, now 3" in message
+    assert "the test split is missing now (1 samples then)" in message
+    assert message.endswith("or start a new run with --resume false (or another --out_dir).")
+
+
+def test_run_flags_hold_every_flag_that_changes_the_weights():
+    train = TrainArgs(micro_batch_size=2, global_batch_size=4, epochs=1, max_steps=5, lr_warmup_steps=1)
+    lora = dict(lora_r=4, lora_alpha=8, lora_dropout=0.1, lora_query=True, lora_key=False, lora_value=True)
+    config = SimpleNamespace(**lora, lora_projection=False, lora_mlp=False, lora_head=False)
+    flags = same_run.run_flags(train, SeqArgs(), 7, 1, "AdamW", "32-true", config)
+    seq_flags = {name.removeprefix("seq.") for name in flags if name.startswith("seq.")}
+    every_seq_flag = {field.name for field in dataclasses.fields(SeqArgs)}
+    assert seq_flags == every_seq_flag - {"dry_run", "scan_workers", "rehearse"}
+    assert flags["seed"] == 7 and flags["devices"] == 1 and flags["lora_dropout"] == 0.1
+    assert flags == json.loads(json.dumps(flags))  # as a header holds them
+
+    resumed = same_run.run_flags(train, SeqArgs(dry_run=True, scan_workers=3, rehearse=False), 7, 1, "AdamW", "32-true", config)
+    same_run.check_same_run({"run": flags}, {"run": resumed})  # these change nothing that is trained
+    changed = same_run.run_flags(train, SeqArgs(truncate_from="end"), 7, 1, "AdamW", "32-true", config)
+    with pytest.raises(UserInputError, match="--seq.truncate_from was 'prompt', now 'end'"):
+        same_run.check_same_run({"run": flags}, {"run": changed})
+
+
+def test_the_length_decision_round_trips():
+    record = same_run.decision_record(300, {"train": [0, 2, 3], "val": [0, 1]}, {"train": 5, "val": 2})
+    record = json.loads(json.dumps(record))
+    assert record == {"max_seq_length": 300, "dropped": {"train": [1, 4], "val": []}, "counts": {"train": 5, "val": 2}}
+    assert same_run.kept_from_record(record) == {"train": [0, 2, 3], "val": [0, 1]}
+
+
+def test_a_checkpoint_of_another_base_model_is_refused(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "step-000002").mkdir()
+    (tmp_path / "base" / "model_config.yaml").write_text("n_layer: 2\nn_embd: 32\n")
+    (tmp_path / "step-000002" / "model_config.yaml").write_text("n_layer: 4\nn_embd: 32\n")
+    with pytest.raises(UserInputError, match=r"another base model .*\(n_layer: 4 there, 2 here\)"):
+        same_run.check_same_model(tmp_path / "step-000002", tmp_path / "base")
+    (tmp_path / "step-000002" / "model_config.yaml").write_text("n_embd: 32\nn_layer: 2\n")
+    same_run.check_same_model(tmp_path / "step-000002", tmp_path / "base")
+
+
+class OneRank:
+    global_rank, world_size = 0, 1
+
+    def __init__(self) -> None:
+        self.printed = []
+
+    def print(self, message: str) -> None:
+        self.printed.append(message)
+
+    def barrier(self) -> None:
+        pass
+
+
+def length_plan(kept_train: list[int], max_seq_length: int = 8):
+    lengths = {"train": [5, 9, 7, 4], "val": [3, 6]}
+    return SimpleNamespace(
+        lengths=lengths,
+        kept={"train": kept_train, "val": [0, 1]},
+        decision=SimpleNamespace(max_seq_length=max_seq_length),
+    )
+
+
+def test_begin_a_fresh_run_tidies_the_out_dir_and_a_resumed_one_checks_the_checkpoint(fabric, tmp_path):
+    one_rank = OneRank()
+    save_checkpoint(fabric, tmp_path, 2)
+    (tmp_path / ".tmp-step-000004").mkdir()
+    run = {"seed": 1, "train.micro_batch_size": 2}
+
+    # a dry run (saves nothing) leaves the old run's states alone
+    resumption, _ = same_run.begin(one_rank, tmp_path, None, length_plan([0, 2, 3]), run, saves=False)
+    assert lookup.incomplete_reason(tmp_path / "step-000002") is None
+    assert one_rank.printed == [f"Removed {tmp_path / '.tmp-step-000004'}: left by a save that did not finish."]
+    assert resumption.report() is None
+
+    # a fresh run that trains: the old run can no longer be resumed
+    plan = length_plan([0, 2, 3])
+    resumption, same_plan = same_run.begin(one_rank, tmp_path, None, plan, run, saves=True)
+    assert same_plan is plan
+    assert "step-000002 of an earlier run are no longer resumable" in one_rank.printed[-1]
+    assert lookup.find_checkpoint(tmp_path, "auto", log=quiet) is None
+    parts = resumption.header_parts
+    assert parts["run"] == run and parts["decision"]["dropped"] == {"train": [1], "val": []}
+    assert parts["data"] == same_run.data_fingerprint({"train": [5, 9, 7, 4], "val": [3, 6]})
+
+    # its own checkpoint resumes; a changed flag, or another decision from the same data, stops before any weight
+    step_dir = save_checkpoint(fabric, tmp_path, 4, header_parts=parts)
+    resumption, _ = same_run.begin(one_rank, tmp_path, step_dir, length_plan([0, 2, 3]), run, saves=True)
+    assert resumption.report() == {"step_dir": str(step_dir), "step": 4}
+    assert resumption.header_parts == parts
+    with pytest.raises(UserInputError, match="--seed was 1, now 2"):
+        same_run.begin(one_rank, tmp_path, step_dir, length_plan([0, 2, 3]), {**run, "seed": 2}, saves=True)
+    with pytest.raises(UserInputError, match=r"max_seq_length 8, this run decides 9 .*split train: 3 samples kept"):
+        same_run.begin(one_rank, tmp_path, step_dir, length_plan([0, 1, 2, 3], 9), run, saves=True)

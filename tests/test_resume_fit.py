@@ -1,0 +1,146 @@
+"""A resumed run ends with exactly the LoRA weights of one never interrupted: the real flow, run in this process.
+
+Run A trains STEPS steps, saving every step. Run B starts in a fresh out_dir that holds only A's checkpoint of step
+k (its step directory and its training state, what a run killed right after saving step k leaves) and resumes from
+it with the same flags. LoRA dropout is on, so B ends equal only if it draws the random numbers A drew.
+
+10 train samples, micro-batch 2, global batch 4: an epoch is 5 micro-batches (random or grouped), so step 2 ends
+inside epoch 1 and step 3 takes one micro-batch from epoch 1 and one from epoch 2.
+"""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import assets
+from litgpt_seqlen.checkpoint import lookup
+from litgpt_seqlen.checkpoint import state as training_state
+from litgpt_seqlen.checkpoint.layout import LORA_FILE, STATE_DIR
+
+TRAIN_LENGTHS = [60, 95, 70, 120, 64, 88, 101, 75, 66, 110]
+VAL_LENGTHS = [62, 90]
+STEPS = 5
+FLAGS = (
+    "--train.global_batch_size",
+    "4",
+    "--train.save_interval",
+    "1",
+    "--eval.interval",
+    "3",  # a validation (and a generated example) mid-run: it must not change what training draws
+    "--lora_dropout",
+    "0.1",
+)
+ORDER = {"random": (), "grouped": ("--seq.group_by_length", "true"), "packed": ("--seq.pack", "true")}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tiny_checkpoint, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("resume_fit_data")
+    assets.build_data(directory, tiny_checkpoint, TRAIN_LENGTHS, VAL_LENGTHS)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_runs() -> dict:
+    """The out_dir of each order's uninterrupted run, filled by the first test that needs it."""
+    return {}
+
+
+@pytest.fixture
+def uninterrupted(cli_here, data_dir, uninterrupted_runs, tmp_path_factory):
+    """uninterrupted(order) -> the out_dir of a full run with a checkpoint at every step."""
+
+    def run(order: str) -> Path:
+        if order not in uninterrupted_runs:
+            out_dir = tmp_path_factory.mktemp(f"uninterrupted_{order}") / "out"
+            result = cli_here(data_dir, out_dir, *FLAGS, *ORDER[order], steps=STEPS)
+            assert result.returncode == 0, result.stderr[-3000:]
+            uninterrupted_runs[order] = out_dir
+        return uninterrupted_runs[order]
+
+    return run
+
+
+def only_checkpoint(source: Path, step: int, out_dir: Path) -> Path:
+    """A fresh out_dir holding only ``source``'s checkpoint of ``step``; returns its step directory."""
+    name = f"step-{step:06d}"
+    shutil.copytree(source / name, out_dir / name)
+    shutil.copytree(source / STATE_DIR / name, out_dir / STATE_DIR / name)
+    return out_dir / name
+
+
+def lora(directory: Path) -> dict[str, torch.Tensor]:
+    return torch.load(directory / LORA_FILE, weights_only=True)["model"]
+
+
+def different(ours: dict, theirs: dict) -> list[str]:
+    assert ours.keys() == theirs.keys()
+    return [name for name in ours if not torch.equal(ours[name], theirs[name])]
+
+
+@pytest.mark.parametrize("order", ["random", "grouped", "packed"])
+@pytest.mark.parametrize("step", [2, 3])
+def test_a_resumed_run_ends_bit_identical(order, step, uninterrupted, cli_here, data_dir, tmp_path):
+    reference = uninterrupted(order)
+    progress = lookup.read_header(reference / f"step-{step:06d}")["progress"]
+    if order != "packed":  # packed rows: the micro-batches per epoch depend on the packing
+        assert (progress["epoch"], progress["position"]) == {2: (0, 4), 3: (1, 1)}[step]
+    out_dir = tmp_path / "out"
+    step_dir = only_checkpoint(reference, step, out_dir)
+
+    result = cli_here(data_dir, out_dir, *FLAGS, *ORDER[order], "--resume", str(step_dir), steps=STEPS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resuming from {step_dir} (--resume {step_dir})" in result.stdout
+    assert f"Resumed at step {step} (epoch {progress['epoch'] + 1}, {progress['position']} micro-batches in" in (
+        result.stdout
+    )
+    assert not different(lora(out_dir / "final"), lora(reference / "final"))
+    for later in range(step + 1, STEPS + 1):  # every checkpoint after the resume, too
+        assert not different(lora(out_dir / f"step-{later:06d}"), lora(reference / f"step-{later:06d}"))
+
+
+def test_resumed_without_the_random_states_the_run_differs(uninterrupted, cli_here, data_dir, tmp_path, monkeypatch):
+    """The test above could pass by accident if dropout drew nothing, or if the resumed run happened to draw the same
+    numbers anyway: with everything restored but the random states, the weights differ."""
+    reference = uninterrupted("random")
+    out_dir = tmp_path / "out"
+    step_dir = only_checkpoint(reference, 2, out_dir)
+    load = training_state.load
+
+    def load_without_rng(fabric, step_dir, state):
+        load(fabric, step_dir, state)
+        state["rng"] = None
+
+    monkeypatch.setattr(training_state, "load", load_without_rng)
+    result = cli_here(data_dir, out_dir, *FLAGS, "--resume", str(step_dir), steps=STEPS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert different(lora(out_dir / "final"), lora(reference / "final"))
+
+
+def test_auto_skips_what_a_killed_save_left_and_resumes_from_the_newest_whole_checkpoint(
+    uninterrupted, cli_here, data_dir, tmp_path
+):
+    reference = uninterrupted("random")
+    out_dir = tmp_path / "out"
+    shutil.copytree(reference, out_dir)
+    shutil.rmtree(out_dir / "final")
+    # killed while saving step 5: its step directory is in place, its training state only half written
+    shutil.rmtree(out_dir / STATE_DIR / "step-000005")
+    (out_dir / STATE_DIR / ".tmp-step-000005").mkdir()
+    (out_dir / STATE_DIR / ".tmp-step-000005" / "state.pt").write_bytes(b"\x80half")
+    (out_dir / ".tmp-step-000006").mkdir()
+    # and step 4's training state was damaged on disk afterwards
+    state_file = out_dir / STATE_DIR / "step-000004" / "state.pt"
+    state_file.write_bytes(state_file.read_bytes()[:-100])
+
+    result = cli_here(data_dir, out_dir, *FLAGS, "--resume", "auto", steps=STEPS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Skipping {out_dir / 'step-000005'}: no training state" in result.stdout
+    assert f"Skipping {out_dir / 'step-000004'}: {state_file} is damaged" in result.stdout
+    assert f"Resuming from {out_dir / 'step-000003'}, the newest complete checkpoint" in result.stdout
+    assert not list(out_dir.glob(".tmp-*")) and not list((out_dir / STATE_DIR).glob(".tmp-*"))
+    for step in (4, 5):  # written again, whole
+        assert lookup.incomplete_reason(out_dir / f"step-{step:06d}") is None
+    assert not different(lora(out_dir / "final"), lora(reference / "final"))
