@@ -290,46 +290,6 @@ def what_if(lengths: Sequence[int], block_size: int, chosen: int | None = None) 
     return rows
 
 
-def format_what_if(rows: Sequence[dict], block_size: int) -> str:
-    """The what-if table; with a last column when the rows carry ``response_tokens_cut_share``."""
-    responses = bool(rows) and "response_tokens_cut_share" in rows[0]
-    lines = [
-        "what if max_seq_length were ...   samples cut    tokens cut" + ("  response tokens cut" if responses else "")
-    ]
-    for row in rows:
-        label = "/".join(filter(None, [row["label"], "block_size" if row["max_seq_length"] == block_size else ""]))
-        line = f"  {row['max_seq_length']:>7} {label:<20} {row['samples_cut_share']:>10.1%}  {row['tokens_cut_share']:>11.2%}"
-        if responses:
-            line += f"  {row['response_tokens_cut_share']:>19.2%}"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def histogram(lengths: Sequence[int], max_seq_length: int, block_size: int, bins: int = 12, width: int = 40) -> str:
-    """A terminal histogram of lengths, with the bins that hold max_seq_length and block_size marked."""
-    if not lengths:
-        return "  (no samples)"
-    top = max(max(lengths), max_seq_length)
-    step = max(1, math.ceil(top / bins))
-    counts = [0] * math.ceil((top + 1) / step)
-    for n in lengths:
-        counts[n // step] += 1
-    peak = max(counts)
-    lines = []
-    for b, count in enumerate(counts):
-        lo, hi = b * step, (b + 1) * step - 1
-        marks = [
-            f"{name} {value}"
-            for name, value in (("max_seq_length", max_seq_length), ("block_size", block_size))
-            if lo <= value <= hi
-        ]
-        bar = "#" * math.ceil(width * count / peak) if count else ""
-        lines.append(f"  {lo:>6}-{hi:<6} {bar:<{width}} {count:>7}" + (f"  <- {', '.join(marks)}" if marks else ""))
-    if block_size > top:
-        lines.append(f"  (block_size {block_size} is beyond the longest sample)")
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Length-grouped batching (--seq.group_by_length)
 # ---------------------------------------------------------------------------------------------------------------

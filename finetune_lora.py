@@ -1,13 +1,12 @@
 """LoRA fine-tuning with litgpt that decides max_seq_length from all the data, before the model exists.
 
-A drop-in for ``litgpt finetune_lora``: same flags, same outputs, plus the ``--seq.*`` group and ``--resume``. The
-path is straight:
+A drop-in for ``litgpt finetune_lora``: same flags and outputs, plus ``--seq.*`` and ``--resume``. The path is straight:
 
     parse -> tokenizer + data -> scan lengths -> decide max_seq_length -> apply the over-length policy, plan the cuts
           + report -> build GPT, load weights -> rehearse -> fit -> validate -> save
 
 Everything before "build GPT" needs only the tokenizer and the data. This file is the flow; ``data_utils`` holds the
-length logic over plain values and the package ``litgpt_seqlen`` the parts, one room per job.
+length logic over plain values, the package ``litgpt_seqlen`` the parts, one room per job.
 """
 
 import dataclasses
@@ -161,18 +160,11 @@ def main(
     plan = plan_lengths(fabric, data, tokenizer, train, seq, config.block_size, located)
     run = same_run.run_flags(train, seq, seed, fabric.world_size, optimizer, precision, config)
     resumption, plan = same_run.begin(fabric, out_dir, resume_from, plan, run, saves=not seq.dry_run)
-    max_seq_length = plan.decision.max_seq_length
-    batches_for_epoch = order.train_batches(
-        plan.kept_lengths("train"),
-        max_seq_length,
-        train.micro_batch_size,
-        seq.order,
-        seed,
-        fabric.global_rank,
-        fabric.world_size,
-    )
+    max_seq_length, placement = plan.decision.max_seq_length, (fabric.global_rank, fabric.world_size)
+    lengths, micro_batch_size = plan.kept_lengths("train"), train.micro_batch_size
+    batches_for_epoch = order.train_batches(lengths, max_seq_length, micro_batch_size, seq.order, seed, *placement)
     accumulation = train.gradient_accumulation_iters(fabric.world_size, 1)
-    steps = Steps.count(len(batches_for_epoch(0)), accumulation, train.epochs, train.max_steps)
+    steps = Steps.count(len(batches_for_epoch(0)), accumulation, train.epochs, train.max_steps)  # the one count
     found = plan_warnings(plan, data, tokenizer, seq.over_length) + settings.check_run(train, eval, plan.kept, steps)
     report = report_build.publish_plan(
         fabric, out_dir, plan, seq, train.micro_batch_size, seed, found, resumed_from=resumption.report()
@@ -187,30 +179,16 @@ def main(
     # 2. The loaders the plan allows; then the model, built with the decided length, its weights and its state.
     train_loader, val_loader = loaders.make_loaders(fabric, plan, batches_for_epoch, seed, pack=seq.pack)
     fabric.seed_everything(seed)  # the same on every rank, for model init
-    with fabric.init_module(empty_init=(fabric.world_size > 1)):
-        model = GPT(config)
-    model.max_seq_length = max_seq_length
-    mark_only_lora_as_trainable(model)
-    fabric.print(f"Number of trainable parameters: {litgpt_utils.num_parameters(model, requires_grad=True):,}")
-    fabric.print(f"Number of non-trainable parameters: {litgpt_utils.num_parameters(model, requires_grad=False):,}")
-    model = fabric.setup_module(model)
-    if isinstance(fabric.strategy.precision, BitsandbytesPrecision):
-        optimizer = litgpt_utils.instantiate_bnb_optimizer(optimizer, model.parameters())
-        swap_in_stable_embedding(model)
-    else:
-        optimizer = litgpt_utils.instantiate_torch_optimizer(optimizer, model.parameters())
-    optimizer = fabric.setup_optimizers(optimizer)
-    scheduler = get_lr_scheduler(optimizer, warmup_steps=train.lr_warmup_steps, max_steps=steps.total)
-    load_checkpoint(fabric, model, checkpoint_dir / "lit_model.pth", strict=False)
-    state = training_state.new_state(model, optimizer, scheduler, accumulation, fabric.device)
+    state = build_training_state(fabric, config, max_seq_length, checkpoint_dir, optimizer, train, steps)
+    model, optimizer = state["model"], state["optimizer"]
     if resume_from is not None:
         training_state.load(fabric, resume_from, state)
 
     # 3. Rehearse the worst case (the longest micro-batches), then train, validate, save.
     if seq.rehearse:
-        rehearsal_loaders = {"train": train_loader, "val": val_loader}
-        lengths = {name: plan.kept_lengths(name) for name in rehearsal_loaders}
-        batches = rehearsal.rehearsal_batches(rehearsal_loaders, lengths, train.micro_batch_size, max_seq_length)
+        split_loaders = {"train": train_loader, "val": val_loader}
+        lengths = {name: plan.kept_lengths(name) for name in split_loaders}
+        batches = rehearsal.rehearsal_batches(split_loaders, lengths, train.micro_batch_size, max_seq_length)
         report.rehearsal = rehearsal.rehearse(fabric, model, optimizer, batches, train, plan.decision)
         report.write(fabric)
     save = partial(save_checkpoint, checkpoint_dir=checkpoint_dir, data=data, hyperparameters=hyperparameters)
@@ -235,22 +213,48 @@ def main(
     if signals.checkpoint is not None:
         signals.leave(fabric)  # exit 143 (SIGTERM) / 130 (SIGINT): the step directory is the result, no final/
     counts = {key: fabric.all_reduce(value, reduce_op="sum").item() for key, value in state["token_counts"].items()}
-    fabric.print(
-        litgpt_utils.create_finetuning_performance_report(time.perf_counter() - started, counts, fabric.device.type)
-    )
+    elapsed, device_type = time.perf_counter() - started, fabric.device.type
+    fabric.print(litgpt_utils.create_finetuning_performance_report(elapsed, counts, device_type))
     report.batches = report_build.batches_trained(counts, micro_batches, train.micro_batch_size, seq)
     report.write(fabric)
-
     if eval.final_validation:
-        val_loss = validate(fabric, model, val_loader, dataclasses.replace(eval, max_iters=len(val_loader)))
-        fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)})
-        fabric.print(f"Final evaluation | val loss: {val_loss.item():.3f} | val ppl: {math.exp(val_loss):.3f}")
-
-    save(fabric, model, out_dir / "final")
-    if fabric.global_rank == 0:
-        merge_lora(checkpoint_dir=out_dir / "final", pretrained_checkpoint_dir=checkpoint_dir, precision=precision)
-    fabric.barrier()
+        final_validation(fabric, model, val_loader, eval)
+    save_final(fabric, model, out_dir / "final", checkpoint_dir, precision, save)
     fabric.print(plan.decision.summary())
+
+
+def build_training_state(fabric, config, max_seq_length, checkpoint_dir, optimizer, train, steps: Steps) -> dict:
+    """The model, built with the decided length and its base weights, its optimizer and schedule: fit's state."""
+    with fabric.init_module(empty_init=(fabric.world_size > 1)):
+        model = GPT(config)
+    model.max_seq_length = max_seq_length
+    mark_only_lora_as_trainable(model)
+    fabric.print(f"Number of trainable parameters: {litgpt_utils.num_parameters(model, requires_grad=True):,}")
+    fabric.print(f"Number of non-trainable parameters: {litgpt_utils.num_parameters(model, requires_grad=False):,}")
+    model = fabric.setup_module(model)
+    if isinstance(fabric.strategy.precision, BitsandbytesPrecision):
+        optimizer = litgpt_utils.instantiate_bnb_optimizer(optimizer, model.parameters())
+        swap_in_stable_embedding(model)
+    else:
+        optimizer = litgpt_utils.instantiate_torch_optimizer(optimizer, model.parameters())
+    optimizer = fabric.setup_optimizers(optimizer)
+    scheduler = get_lr_scheduler(optimizer, warmup_steps=train.lr_warmup_steps, max_steps=steps.total)
+    load_checkpoint(fabric, model, checkpoint_dir / "lit_model.pth", strict=False)
+    return training_state.new_state(model, optimizer, scheduler, steps.accumulation, fabric.device)
+
+
+def final_validation(fabric, model, val_loader, eval: EvalArgs) -> None:
+    val_loss = validate(fabric, model, val_loader, dataclasses.replace(eval, max_iters=len(val_loader)))
+    fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+    fabric.print(f"Final evaluation | val loss: {val_loss.item():.3f} | val ppl: {math.exp(val_loss):.3f}")
+
+
+def save_final(fabric, model, final_dir: Path, checkpoint_dir: Path, precision, save) -> None:
+    """final/: upstream's files, then the LoRA merged into the base weights (lit_model.pth), as upstream does."""
+    save(fabric, model, final_dir)
+    if fabric.global_rank == 0:
+        merge_lora(checkpoint_dir=final_dir, pretrained_checkpoint_dir=checkpoint_dir, precision=precision)
+    fabric.barrier()
 
 
 def fit(

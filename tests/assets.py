@@ -1,6 +1,6 @@
 """Builds what the demo and the tests need, locally and in seconds: a tokenizer, a random-weight checkpoint, data.
 
-    python demo_assets.py OUT_DIR   # OUT_DIR/checkpoint (model + tokenizer) and OUT_DIR/data/{train,val}.json
+    python tests/assets.py OUT_DIR   # OUT_DIR/checkpoint (model + tokenizer) and OUT_DIR/data/{train,val}.json
 
 The tokenizer is word-level (one word or punctuation mark = one token), so a sample can be given an exact length.
 The default data set reproduces the reported crash: the longest train sample has 466 tokens, the longest val one 473.

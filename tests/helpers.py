@@ -80,3 +80,20 @@ def loaders_for(fabric, plan, micro_batch_size: int, how: str = "random", seed: 
         fabric.world_size,
     )
     return make_loaders(fabric, plan, batches_for_epoch, seed, pack=how == "packed")
+
+
+def tiny_config(**overrides):
+    """The small LoRA-capable GPT config the tests build by hand (``assets.build_checkpoint`` builds the demo's)."""
+    from litgpt.lora import Config
+
+    return Config(
+        **{
+            "block_size": 64,
+            "vocab_size": 50,
+            "padded_vocab_size": 50,
+            "n_layer": 1,
+            "n_head": 2,
+            "n_embd": 16,
+            **overrides,
+        }
+    )

@@ -162,7 +162,7 @@ def test_warmup_zero_means_no_warmup_and_a_dry_run_then_leaves_the_trained_repor
 
 
 def single_file_with_a_long_sample(make_data, tmp_path) -> tuple[Path, int]:
-    """One file of 20 samples of 100 tokens and one of 295 at position 10 (the issue's case)."""
+    """One file of 20 samples of 100 tokens and one of 295 at position 10."""
     directory = make_data([100] * 10 + [295] + [100] * 9, [100])
     single = tmp_path / "all.json"
     single.write_text(json.dumps(json.loads((directory / "train.json").read_text()), indent=1))

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import read_report, run_cli
+from helpers import read_report
 
 pytestmark = pytest.mark.e2e
 
@@ -31,12 +31,11 @@ def assert_trained(out: Path, max_seq_length: int) -> None:
     assert hyperparameters["train"]["max_seq_length"] == max_seq_length
 
 
-def test_val_longer_than_train(tiny_checkpoint, make_data, tmp_path):
+def test_val_longer_than_train(cli_here, tiny_checkpoint, make_data, tmp_path):
     """The reported crash: train tops out at 466 tokens, val at 473. Validation (initial, periodic, final) must run."""
     data = make_data([100, 466, 200, 150], [473, 90])
     out = tmp_path / "out"
-    run = run_cli(
-        tiny_checkpoint,
+    run = cli_here(
         data,
         out,
         "--eval.initial_validation",
@@ -65,12 +64,12 @@ def test_val_longer_than_train(tiny_checkpoint, make_data, tmp_path):
     assert "max_seq_length = 512 (longest 473 in val" in run.stdout
 
 
-def test_config_file_with_seq_group(tiny_checkpoint, make_data, tmp_path):
+def test_config_file_with_seq_group(cli_here, tiny_checkpoint, make_data, tmp_path):
     """A litgpt-style --config file works, and the --seq group can live in it."""
     config = tmp_path / "config.yaml"
     config.write_text("lora_r: 4\nseq:\n  headroom: 0.25\n")
     out = tmp_path / "out"
-    run = run_cli(tiny_checkpoint, make_data([100, 300], [120, 200]), out, "--config", str(config))
+    run = cli_here(make_data([100, 300], [120, 200]), out, "--config", str(config))
     assert run.returncode == 0, run.stderr[-3000:]
     report = read_report(out)
     assert (report["max_seq_length"], report["source"], report["capped"], report["headroom"]) == (
@@ -83,10 +82,10 @@ def test_config_file_with_seq_group(tiny_checkpoint, make_data, tmp_path):
     assert yaml.safe_load((out / "final" / "hyperparameters.yaml").read_text())["lora_r"] == 4
 
 
-def test_sample_over_block_size_is_truncated_and_counted(tiny_checkpoint, make_data, tmp_path):
+def test_sample_over_block_size_is_truncated_and_counted(cli_here, tiny_checkpoint, make_data, tmp_path):
     """`Cannot attend to 528, block size is only 512` upstream; here the sample is cut to 512 and the run completes."""
     out = tmp_path / "out"
-    run = run_cli(tiny_checkpoint, make_data([528, 100, 200], [80, 90]), out, "--eval.initial_validation", "true")
+    run = cli_here(make_data([528, 100, 200], [80, 90]), out, "--eval.initial_validation", "true")
     assert run.returncode == 0, run.stderr[-3000:]
     report = read_report(out)
     assert (report["longest"], report["max_seq_length"], report["capped"]) == (528, 512, True)
@@ -95,9 +94,9 @@ def test_sample_over_block_size_is_truncated_and_counted(tiny_checkpoint, make_d
     assert_trained(out, 512)
 
 
-def test_override_below_longest_truncates(tiny_checkpoint, make_data, tmp_path):
+def test_override_below_longest_truncates(cli_here, tiny_checkpoint, make_data, tmp_path):
     out = tmp_path / "out"
-    run = run_cli(tiny_checkpoint, make_data([100, 300], [250, 90]), out, "--train.max_seq_length", "200")
+    run = cli_here(make_data([100, 300], [250, 90]), out, "--train.max_seq_length", "200")
     assert run.returncode == 0, run.stderr[-3000:]
     report = read_report(out)
     assert (report["max_seq_length"], report["source"], report["capped"]) == (200, "override", False)
@@ -105,9 +104,9 @@ def test_override_below_longest_truncates(tiny_checkpoint, make_data, tmp_path):
     assert_trained(out, 200)
 
 
-def test_override_above_block_size_is_capped_with_warning(tiny_checkpoint, make_data, tmp_path):
+def test_override_above_block_size_is_capped_with_warning(cli_here, tiny_checkpoint, make_data, tmp_path):
     out = tmp_path / "out"
-    run = run_cli(tiny_checkpoint, make_data([100, 300], [250, 90]), out, "--train.max_seq_length", "4096")
+    run = cli_here(make_data([100, 300], [250, 90]), out, "--train.max_seq_length", "4096")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "4096" in run.stdout and "512" in run.stdout and "warning" in run.stdout
     report = read_report(out)
@@ -115,11 +114,11 @@ def test_override_above_block_size_is_capped_with_warning(tiny_checkpoint, make_
     assert_trained(out, 512)
 
 
-def test_drop_loses_nothing(tiny_checkpoint, make_data, tmp_path):
+def test_drop_loses_nothing(cli_here, tiny_checkpoint, make_data, tmp_path):
     train, val = [100, 300, 120, 280, 90], [250, 95, 80]
     data = make_data(train, val)
     out = tmp_path / "out"
-    run = run_cli(tiny_checkpoint, data, out, "--train.max_seq_length", "200", "--seq.over_length", "drop")
+    run = cli_here(data, out, "--train.max_seq_length", "200", "--seq.over_length", "drop")
     assert run.returncode == 0, run.stderr[-3000:]
     report = read_report(out)
     assert report["splits"]["train"]["dropped"] == 2 and report["splits"]["val"]["dropped"] == 1
@@ -138,9 +137,9 @@ def test_drop_loses_nothing(tiny_checkpoint, make_data, tmp_path):
     assert_trained(out, 200)
 
 
-def test_output_works_with_litgpt_generate(tiny_checkpoint, make_data, tmp_path):
+def test_output_works_with_litgpt_generate(cli_here, tiny_checkpoint, make_data, tmp_path):
     out = tmp_path / "out"
-    assert run_cli(tiny_checkpoint, make_data([100, 120], [110, 90]), out).returncode == 0
+    assert cli_here(make_data([100, 120], [110, 90]), out).returncode == 0
     litgpt = Path(sys.executable).with_name("litgpt")
     generated = subprocess.run(
         [str(litgpt), "generate", str(out / "final"), "--prompt", "write a poem", "--max_new_tokens", "3"],

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import data_utils
 from data_utils import LengthError, decide_max_seq_length
-from litgpt_seqlen.report import build
+from litgpt_seqlen.report import build, printed
 
 lengths_lists = st.lists(st.integers(min_value=1, max_value=5000), min_size=1, max_size=40)
 splits = st.fixed_dictionaries({"train": lengths_lists, "val": lengths_lists})
@@ -159,7 +159,7 @@ def test_an_empty_split_has_stats_and_a_histogram():
         "over_limit": 0,
         "tokens_truncated": 0,
     }
-    assert "no samples" in data_utils.histogram([], 10, 20)
+    assert "no samples" in printed.histogram([], 10, 20)
 
 
 def test_write_dropped_keeps_samples_unchanged(tmp_path):
@@ -175,7 +175,7 @@ def test_write_dropped_keeps_samples_unchanged(tmp_path):
 
 
 def test_histogram_marks_the_limits():
-    text = data_utils.histogram([10, 20, 30, 120], max_seq_length=100, block_size=2048, bins=4)
+    text = printed.histogram([10, 20, 30, 120], max_seq_length=100, block_size=2048, bins=4)
     marked = [line for line in text.splitlines() if "max_seq_length 100" in line]
     assert len(marked) == 1 and "block_size 2048 is beyond" in text
 

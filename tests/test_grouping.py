@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from data_utils import grouped_batches, padding_efficiency
-from helpers import read_report, run_cli
+from helpers import read_report
 from litgpt_seqlen.data.order import ResumableBatchSampler, expected_efficiency
 
 lengths_strategy = st.lists(st.integers(1, 2000), min_size=1, max_size=300)
@@ -189,7 +189,7 @@ def csv_column(out: Path, name: str) -> list[float]:
 
 
 @pytest.mark.e2e
-def test_cli_grouped_vs_random(tiny_checkpoint, make_data, tmp_path):
+def test_cli_grouped_vs_random(cli_here, tiny_checkpoint, make_data, tmp_path):
     """Two runs on the same data, one epoch each, learning rate 0 (the weights never change): the report's padding
     figures equal what the run really fed the model, grouping pads less, and validation is identical."""
     rng = random.Random(0)
@@ -212,7 +212,7 @@ def test_cli_grouped_vs_random(tiny_checkpoint, make_data, tmp_path):
     reports, val_losses = {}, {}
     for grouped in ("false", "true"):
         out = tmp_path / f"out_{grouped}"
-        run = run_cli(tiny_checkpoint, data, out, *flags, "--seq.group_by_length", grouped, steps=steps)
+        run = cli_here(data, out, *flags, "--seq.group_by_length", grouped, steps=steps)
         assert run.returncode == 0, run.stderr[-3000:]
         report = read_report(out)
         batches, estimate = report["batches"], report["batches_estimate"]

@@ -14,7 +14,7 @@ from litgpt.data import JSON
 from litgpt.tokenizer import Tokenizer
 
 import finetune_lora
-from helpers import loaders_for, read_report, run_cli
+from helpers import loaders_for, read_report
 from litgpt_seqlen.args import SeqArgs
 from litgpt_seqlen.data import length_plan
 from litgpt_seqlen.data.packing import PADDING_SEGMENT, PackedRows
@@ -50,7 +50,7 @@ def test_token_weighting_is_forced_by_packing():
 
 
 def test_packed_train_loader_and_its_rehearsal_batch(tiny_checkpoint, make_data):
-    """Through seq_data: over-length samples dropped (a Subset), the rest packed into rows of at most max_seq_length,
+    """Through the length plan and the loaders: over-length samples dropped (a Subset), the rest packed into rows of at most max_seq_length,
     every kept sample exactly once per epoch and each one whole; validation unpacked; the rehearsal takes the fullest
     rows through the loader's own collate."""
     train = [60, 70, 65, 120, 62, 100, 200, 64, 66, 110, 61]  # 200 is over the limit: dropped
@@ -90,7 +90,7 @@ def iter_lines_val(stdout: str) -> list[str]:
 
 
 @pytest.mark.e2e
-def test_cli_packed_run_against_an_unpacked_one(tiny_checkpoint, make_data, tmp_path):
+def test_cli_packed_run_against_an_unpacked_one(cli_here, tiny_checkpoint, make_data, tmp_path):
     """A short packed run with accumulation completes; validation is unpacked, so its initial val loss is the unpacked
     run's; the report says packed, with more than one sample per row and less padding; the final LoRA weights are
     finite and trained."""
@@ -101,7 +101,7 @@ def test_cli_packed_run_against_an_unpacked_one(tiny_checkpoint, make_data, tmp_
     runs, reports = {}, {}
     for pack in ("false", "true"):
         out = tmp_path / f"out_{pack}"
-        runs[pack] = run = run_cli(tiny_checkpoint, data, out, *flags, "--seq.pack", pack, steps=3)
+        runs[pack] = run = cli_here(data, out, *flags, "--seq.pack", pack, steps=3)
         assert run.returncode == 0, run.stderr[-3000:]
         reports[pack] = read_report(out)
 

@@ -145,7 +145,7 @@ def test_loader_of_packed_rows():
 @requires_shared
 @pytest.mark.parametrize("name", ["alpaca_en_demo", "alpaca_zh_demo"])
 def test_alpaca_packs_to_at_least_98_percent(name):
-    """The issue's target on real data: Llama 2 SentencePiece, Alpaca prompt style, micro_batch_size 4 and
+    """The target on real data: Llama 2 SentencePiece, Alpaca prompt style, micro_batch_size 4 and
     max_seq_length = longest + 10%: at least 98% of the processed tokens are real (each micro-batch padded to its
     longest row)."""
     from litgpt.data import SFTDataset

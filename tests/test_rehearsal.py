@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from litgpt.args import TrainArgs
 
 import data_utils
-from helpers import cli_args, read_report, run_cli
+from helpers import cli_args, read_report, tiny_config
 from litgpt_seqlen import errors
 from litgpt_seqlen.data import length_plan
 from litgpt_seqlen.training import rehearsal
@@ -89,17 +89,11 @@ def test_rehearsal_batch_is_cut_at_max_seq_length(make_data, tiny_checkpoint):
 def tiny_run():
     """A Fabric-set-up LoRA GPT with dropout, an AdamW that has taken one step, and two hand-made batches."""
     import lightning as L
-    from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
+    from litgpt.lora import GPT, mark_only_lora_as_trainable
 
     fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
     fabric.seed_everything(3)
-    config = Config(
-        block_size=64,
-        vocab_size=50,
-        padded_vocab_size=50,
-        n_layer=1,
-        n_head=2,
-        n_embd=16,
+    config = tiny_config(
         lora_r=4,
         lora_alpha=8,
         lora_dropout=0.5,
@@ -192,14 +186,14 @@ def lora_weights(out_dir):
 
 
 @pytest.mark.e2e
-def test_final_weights_are_the_same_with_and_without_rehearsal(make_data, tiny_checkpoint, tmp_path):
+def test_final_weights_are_the_same_with_and_without_rehearsal(cli_here, make_data, tiny_checkpoint, tmp_path):
     # over_length drop makes the loaders' datasets Subsets: the rehearsal must map kept indices back
     data_dir = make_data([64, 90, 150, 70, 120, 66, 72, 80], [62, 130, 75, 68])
     flags = ("--train.max_seq_length", "128", "--seq.over_length", "drop")
     runs = {}
     for rehearse in ("true", "false"):
         out_dir = tmp_path / f"out_{rehearse}"
-        done = run_cli(tiny_checkpoint, data_dir, out_dir, *flags, "--seq.rehearse", rehearse, steps=3)
+        done = cli_here(data_dir, out_dir, *flags, "--seq.rehearse", rehearse, steps=3)
         assert done.returncode == 0, done.stderr[-3000:]
         runs[rehearse] = out_dir
 

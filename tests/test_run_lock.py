@@ -84,7 +84,7 @@ def test_lock_held_by_another_process_and_released_when_it_is_killed(tmp_path):
         [
             sys.executable,
             "-c",
-            f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import run_lock\n"
+            f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from litgpt_seqlen.run import outputs\n"
             f"with outputs.hold_out_dir(__import__('pathlib').Path({str(out)!r})):\n print('held', flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,

@@ -4,12 +4,11 @@ import shutil
 
 import numpy as np
 import pytest
-from litgpt import Config
 from litgpt.data import JSON
 from litgpt.tokenizer import Tokenizer
 from litgpt.utils import save_config
 
-from helpers import SHARED, read_report, requires_shared, run_cli
+from helpers import SHARED, read_report, requires_shared, tiny_config
 
 pytestmark = [requires_shared, pytest.mark.e2e]
 
@@ -21,7 +20,10 @@ def llama2_checkpoint(tmp_path_factory):
     for name in ("tokenizer.model", "tokenizer_config.json"):
         shutil.copy(SHARED / "tokenizers" / "llama2-sentencepiece" / name, directory)
     save_config(
-        Config(name="llama2-shaped", block_size=1024, vocab_size=32000, n_layer=1, n_head=1, n_embd=8), directory
+        tiny_config(
+            name="llama2-shaped", block_size=1024, vocab_size=32000, padded_vocab_size=32000, n_head=1, n_embd=8
+        ),
+        directory,
     )
     return directory
 
@@ -38,11 +40,11 @@ def independent_lengths(checkpoint, data_file, split_fraction):
 
 
 @pytest.mark.parametrize("data_name", ["alpaca_en_demo.json", "alpaca_zh_demo.json"])
-def test_report_matches_litgpt_sftdataset(llama2_checkpoint, tmp_path, data_name):
+def test_report_matches_litgpt_sftdataset(cli_here, llama2_checkpoint, tmp_path, data_name):
     data_file = SHARED / "data" / data_name
     out = tmp_path / "out"
     flags = ["--data.val_split_fraction", "0.1", "--train.max_seq_length", "512", "--seq.dry_run", "true"]
-    run = run_cli(llama2_checkpoint, data_file, out, *flags)
+    run = cli_here(data_file, out, *flags, checkpoint=llama2_checkpoint)
     assert run.returncode == 0, run.stderr[-3000:]
     report = read_report(out)
     expected = independent_lengths(llama2_checkpoint, data_file, 0.1)

@@ -1,4 +1,4 @@
-"""Prompt-first truncation (issue 11), checked against litgpt itself.
+"""Prompt-first truncation, checked against litgpt itself.
 
 - The scan's prompt and response lengths are those of litgpt's ``SFTDataset`` item (its prompt is what it masks);
 - a cut item holds exactly the planned pieces of the prompt and response as the tokenizer encodes them, labels masked
@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from litgpt import GPT, Config
+from litgpt import GPT
 from litgpt.data import SFTDataset
 from litgpt.data.base import get_sft_collate_fn
 from litgpt.prompts import Alpaca, Default, Llama3
@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader, Subset
 
 import assets
 import data_utils
-from helpers import SHARED, requires_shared
+from helpers import SHARED, requires_shared, tiny_config
 from litgpt_seqlen.data import scan, truncation
+from litgpt_seqlen.report import printed
 
 IGNORE = -100
 STYLES = {"alpaca": Alpaca(), "llama3": Llama3(), "default": Default()}  # default: no template at all
@@ -305,7 +306,7 @@ def test_report_figures():
         [{"max_seq_length": 50, "label": "chosen", "samples_cut_share": 0.75, "tokens_cut_share": 0.5}], parts
     )
     assert rows[0]["response_tokens_cut_share"] == pytest.approx(5 / 75)
-    table = data_utils.format_what_if(rows, block_size=2048).splitlines()
+    table = printed.format_what_if(rows, block_size=2048).splitlines()
     assert table[0].endswith("response tokens cut") and table[1].endswith("6.67%")
 
 
@@ -331,9 +332,7 @@ def test_long_instructions_give_a_finite_loss_only_when_the_prompt_is_cut(tmp_pa
     collate = get_sft_collate_fn(max_seq_length=512)
     vocab_size = len(json.loads((tmp_path / "tokenizer.json").read_text())["model"]["vocab"])
     torch.manual_seed(0)
-    model = GPT(
-        Config(block_size=512, vocab_size=vocab_size, padded_vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32)
-    )
+    model = GPT(tiny_config(block_size=512, vocab_size=vocab_size, padded_vocab_size=vocab_size, n_layer=2, n_embd=32))
     model.eval()
 
     def validation_loss(batch) -> torch.Tensor:  # as litgpt's validate computes it

@@ -1,6 +1,6 @@
-"""Truncation in the flow (issue 11): the plan, the loaders, the report, the rehearsal batch and the CLI.
+"""Truncation in the flow: the plan, the loaders, the report, the rehearsal batch and the CLI.
 
-The issue's case: validation samples with 600-word instructions and 6-word answers, block_size 512 (the tiny
+The case: validation samples with 600-word instructions and 6-word answers, block_size 512 (the tiny
 checkpoint), ``mask_prompt``. References: litgpt's own ``SFTDataset`` (with and without ``max_seq_length``) and the
 tokenizer's encoding of the answer.
 """
@@ -18,7 +18,7 @@ from litgpt.data import JSON, SFTDataset
 from litgpt.tokenizer import Tokenizer
 
 import assets
-from helpers import loaders_for, read_report, run_cli
+from helpers import loaders_for, read_report
 from litgpt_seqlen.args import SeqArgs
 from litgpt_seqlen.data import length_plan
 from litgpt_seqlen.errors import UserInputError
@@ -163,12 +163,12 @@ def test_a_split_with_no_target_left_is_an_error(tiny_checkpoint, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The issue's case through the CLI
+# Long prompts and short answers through the CLI
 # ---------------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture
-def issue_data(tmp_path):
+def long_prompt_data(tmp_path):
     """6 short train samples; 4 val samples with 600-word instructions and 6-word answers."""
     rng = random.Random(2)
     return write_data(
@@ -177,9 +177,9 @@ def issue_data(tmp_path):
 
 
 @pytest.mark.e2e
-def test_cli_long_prompts_give_a_finite_val_loss(tiny_checkpoint, issue_data, tmp_path):
+def test_cli_long_prompts_give_a_finite_val_loss(cli_here, tiny_checkpoint, long_prompt_data, tmp_path):
     out = tmp_path / "out"
-    run = run_cli(tiny_checkpoint, issue_data, out, "--data.mask_prompt", "true")
+    run = cli_here(long_prompt_data, out, "--data.mask_prompt", "true")
     assert run.returncode == 0, run.stderr[-3000:]
     final = re.search(r"Final evaluation \| val loss: (\S+) \| val ppl: (\S+)", run.stdout)
     assert final and math.isfinite(float(final.group(1))) and math.isfinite(float(final.group(2))), run.stdout[-2000:]
@@ -190,11 +190,13 @@ def test_cli_long_prompts_give_a_finite_val_loss(tiny_checkpoint, issue_data, tm
 
 
 @pytest.mark.e2e
-def test_cli_end_drops_the_samples_upstream_would_validate_to_nan(tiny_checkpoint, issue_data, tmp_path):
+def test_cli_end_drops_the_samples_upstream_would_validate_to_nan(
+    cli_here, tiny_checkpoint, long_prompt_data, tmp_path
+):
     """Upstream's cut leaves these samples no target (litgpt's loss on them is NaN: test_truncation shows it with
     SFTDataset itself); they are dropped as unsupervised, and with none left to validate on the run stops."""
     out = tmp_path / "out"
-    run = run_cli(tiny_checkpoint, issue_data, out, "--data.mask_prompt", "true", "--seq.truncate_from", "end")
+    run = cli_here(long_prompt_data, out, "--data.mask_prompt", "true", "--seq.truncate_from", "end")
     assert run.returncode == 2, run.stderr[-3000:]
     assert "error: Every remaining val sample (4: val[0] (position 0 of " in run.stderr  # named in the user's file
     assert "val[3] (position 3 of " in run.stderr and ") has no token to learn from" in run.stderr

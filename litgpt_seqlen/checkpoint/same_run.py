@@ -137,7 +137,7 @@ def plan_as_saved(fabric, plan, record: dict):
 def begin(fabric, out_dir: Path, step_dir: Path | None, plan, run: dict, saves: bool):
     """After the scan, before any weight: checks this run against the checkpoint (``step_dir``; None for a fresh
     run), takes the length decision from it, and tidies ``out_dir`` (what a killed save left; a fresh run that
-    ``saves`` (any run that trains: a signal makes it save) makes an old run's checkpoints non-resumable). ``plan`` is a ``seq_data.LengthPlan``. Returns (Resumption, plan)."""
+    ``saves`` (any run that trains: a signal makes it save) makes an old run's checkpoints non-resumable). ``plan`` is a ``LengthPlan``. Returns (Resumption, plan)."""
     data = data_fingerprint({name: plan.lengths[name] for name in ("train", "val")})
     saved = None
     if step_dir is not None:

@@ -34,7 +34,7 @@ class FlowParser(ArgumentParser):
         check_parsed(cfg)
         try:
             return super().instantiate_classes(cfg, *args, **kwargs)
-        except (ValueError, TypeError, FileNotFoundError) as problem:  # raised by a class built from user input
+        except ValueError as problem:  # jsonargparse wraps what a class built from user input raised in a ValueError
             raise UserInputError(instantiation_error_message(problem)) from None
 
 

@@ -188,7 +188,7 @@ def packed_collate(rows: Sequence[Sequence[dict]], pad_id: int = 0, ignore_index
 class PackedRows(torch.utils.data.Dataset):
     """A dataset whose items are rows: ``PackedRows(dataset)[[3, 17, 5]]`` is the list of those samples.
 
-    With a ``PackedBatchSampler`` as the loader's ``batch_sampler`` (it yields lists of rows) and ``packed_collate``
+    With a ``ResumableBatchSampler`` over ``packed_plan`` as the loader's ``batch_sampler`` (it yields lists of rows) and ``packed_collate``
     as its ``collate_fn``, a ``DataLoader`` gives packed micro-batches, also with worker processes."""
 
     def __init__(self, dataset) -> None:

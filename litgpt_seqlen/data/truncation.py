@@ -1,4 +1,4 @@
-"""Truncation that keeps what the model learns from: the response, its EOS, and a finite loss (issue 11).
+"""Truncation that keeps what the model learns from: the response, its EOS, and a finite loss.
 
 litgpt's ``SFTDataset`` encodes a sample as ``prompt ids + response ids`` (the response ends with EOS) and, with a
 ``max_seq_length``, keeps the first ``max_seq_length`` of them: a long prompt pushes the whole response out. Here the

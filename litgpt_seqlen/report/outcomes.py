@@ -107,4 +107,11 @@ def plan_warnings(plan, data, tokenizer, over_length: str) -> list[dict]:
         split: [i for i, reason in reasons.items() if reason == "unsupervised"]
         for split, reasons in plan.dropped.items()
     }
-    return outcome_warnings(plan.lengths, plan.decision, over_length, template, unsupervised, where=plan.located.where if plan.located else None)
+    return outcome_warnings(
+        plan.lengths,
+        plan.decision,
+        over_length,
+        template,
+        unsupervised,
+        where=plan.located.where if plan.located else None,
+    )

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import json
 import os
 import socket
@@ -93,6 +92,8 @@ def hold_out_dir(out_dir: Path, enabled: bool = True, warn=None) -> Iterator[Pat
 
 
 def _acquire(path: Path, warn) -> int:
+    import fcntl  # POSIX only: imported here so that the entry point still imports elsewhere (no lock there)
+
     while True:
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

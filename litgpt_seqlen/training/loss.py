@@ -68,7 +68,7 @@ def step_supervised_tokens(batches: Sequence[dict], fabric=None, ignore_index: i
 
 
 class StepLookahead:
-    """Wraps the iterator of ``fit`` (litgpt's ``CycleIterator``, or any iterator with an ``epoch``) so that the
+    """Wraps the batch iterator of ``fit`` (``order.EpochBatches``, or any iterator with an ``epoch``) so that the
     supervised tokens of each optimizer step are known before its first backward pass.
 
     At the first micro-batch of a step it draws all ``accumulation`` micro-batches of the step and counts their

@@ -54,7 +54,7 @@ def check_schedule(
     ``T_max = max_steps - warmup_steps = 0``): refused. Above, the run ends still warming up (it never reaches
     --optimizer's learning rate and never decays): litgpt runs it (its own LoRA test does, with the default 100 steps
     of warmup over 6 steps), so it stays allowed, with a warning, returned as ``outcome_warnings`` returns them.
-    0 (or None) means no warmup: see ``lr_schedule``."""
+    0 (or None) means no warmup: see ``get_lr_scheduler``."""
     how = _steps_explained(lr_max_steps, steps_per_epoch, epochs, max_steps)
     if lr_max_steps < 1:
         per_step = f" (one step takes {accumulation} micro-batches per device)" if accumulation else ""

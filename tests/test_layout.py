@@ -1,0 +1,176 @@
+"""The house: what is installed, who imports whom (imports inside functions included), and how large the rooms are."""
+
+import ast
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import assets
+from helpers import ROOT
+
+PACKAGE = "litgpt_seqlen"
+TOP_MODULES = ("finetune_lora", "data_utils")
+
+
+def project_files() -> dict[str, Path]:
+    """Every project module by dotted name: the two top-level modules and the package."""
+    found = {name: ROOT / f"{name}.py" for name in TOP_MODULES}
+    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def imports_of(path: Path, modules: set[str]) -> set[str]:
+    """The project modules ``path`` imports anywhere in it (module level or inside a function)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            while name and name not in modules:  # `from pkg import name`: the module, or the package holding it
+                name = name.rpartition(".")[0]
+            if name:
+                found.add(name)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = project_files()
+    graph = {name: imports_of(path, set(files)) - {name} for name, path in files.items()}
+    for name in graph:  # importing a.b.c runs a/__init__ and a/b/__init__ first: not an edge that matters here
+        graph[name] = {other for other in graph[name] if not name.startswith(other + ".")}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_one_through_an_import_inside_a_function(tmp_path):
+    a = tmp_path / "a.py"
+    a.write_text("import b\n")
+    b = tmp_path / "b.py"
+    b.write_text("def f():\n    from a import thing\n")
+    graph = {"a": imports_of(a, {"a", "b"}), "b": imports_of(b, {"a", "b"})}
+    assert find_cycle(graph) == ["a", "b", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle_among_the_projects_modules():
+    graph = import_graph()
+    assert len(graph) > 20 and graph["finetune_lora"]  # the walk saw the package
+    assert find_cycle(graph) is None
+
+
+def test_data_utils_is_a_leaf_of_the_standard_library():
+    tree = ast.parse((ROOT / "data_utils.py").read_text())
+    imported = {
+        (node.module if isinstance(node, ast.ImportFrom) else alias.name).partition(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
+    assert "os" not in imported and "multiprocessing" not in imported  # no environment, no process pool
+    calls = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+    assert "open" not in calls  # no file written or read
+
+
+def test_no_package_module_imports_the_entry_point():
+    graph = import_graph()
+    assert not [name for name, imported in graph.items() if name != "finetune_lora" and "finetune_lora" in imported]
+
+
+def function_sizes(path: Path) -> dict[str, int]:
+    return {
+        node.name: node.end_lineno - node.lineno + 1
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+    }
+
+
+def test_rooms_stay_small():
+    for name, path in project_files().items():
+        lines = len(path.read_text().splitlines())
+        assert lines <= (450 if name == "finetune_lora" else 400), f"{path} has {lines} lines"
+        for function, size in function_sizes(path).items():
+            limit = {"fit": 120, "main": 90}.get(function, 80) if name == "finetune_lora" else 80
+            assert size <= limit, f"{name}.{function} has {size} lines"
+
+
+@pytest.mark.e2e
+def test_the_wheel_holds_the_two_modules_the_package_and_the_console_command(tmp_path):
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/")[0] for name in names if ".dist-info/" not in name}
+    assert top == {"finetune_lora.py", "data_utils.py", PACKAGE}
+    assert not [name for name in names if "tests/" in name or "assets" in name]
+    (entry_points,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
+    assert "litgpt-seqlen = finetune_lora:cli" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+@pytest.mark.e2e
+def test_the_console_command_runs_beside_a_users_own_data_utils(tmp_path):
+    command = Path(sys.executable).parent / "litgpt-seqlen"  # installed by `make venv` (pip install -e .)
+    assert command.is_file(), "the project is not installed in this environment: run `make venv`"
+    (tmp_path / "data_utils.py").write_text("raise ImportError('the user module, not ours')\n")
+    helped = subprocess.run([str(command), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert helped.returncode == 0 and "--seq.headroom" in helped.stdout, helped.stderr[-2000:]
+    assets.build_demo(tmp_path / "demo")
+    flags = ["--data", "JSON", "--data.json_path", "demo/data", "--data.num_workers", "0", "--out_dir", "out"]
+    ran = subprocess.run(
+        [str(command), "demo/checkpoint", *flags, "--precision", "32-true", "--train.global_batch_size", "4"]
+        + ["--train.micro_batch_size", "2", "--train.max_steps", "2", "--train.lr_warmup_steps", "0"]
+        + ["--eval.max_new_tokens", "4", "--eval.max_iters", "1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert (tmp_path / "out" / "final" / "lit_model.pth").is_file()
+    assert (tmp_path / "out" / "seq_lengths.json").is_file()
