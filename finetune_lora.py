@@ -22,12 +22,11 @@ import lightning as L
 import torch
 from jsonargparse import Namespace
 from lightning.fabric.plugins import BitsandbytesPrecision
-from lightning.fabric.strategies import ModelParallelStrategy
 from lightning.fabric.utilities import ThroughputMonitor
 from litgpt import utils as litgpt_utils
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.data import Alpaca, DataModule
-from litgpt.finetune.lora import generate_example, parallelize_fn, save_lora_checkpoint, validate
+from litgpt.finetune.lora import generate_example, save_lora_checkpoint, validate
 from litgpt.finetune.lora import setup as litgpt_finetune_lora
 from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
 from litgpt.prompts import save_prompt_style
@@ -48,6 +47,7 @@ from litgpt_seqlen.model.base import find_checkpoint_dir, swap_in_stable_embeddi
 from litgpt_seqlen.model.packed_forward import check_packable
 from litgpt_seqlen.report import build as report_build
 from litgpt_seqlen.report.outcomes import plan_warnings
+from litgpt_seqlen.run import devices as devices_and_precision
 from litgpt_seqlen.run import outputs, settings
 from litgpt_seqlen.run.signals import GracefulStop, resume_command
 from litgpt_seqlen.training import rehearsal
@@ -95,21 +95,8 @@ def setup(checkpoint_dir: Path, seq: SeqArgs = SeqArgs(), resume: Resume = False
             resume=bool(resume),
         )
 
-        plugins = None
-        if quantize is not None and quantize.startswith("bnb."):  # check_settings saw a -true precision, one device
-            dtype = {"16-true": torch.float16, "bf16-true": torch.bfloat16, "32-true": torch.float32}[precision]
-            plugins = BitsandbytesPrecision(quantize[4:], dtype)
-            precision = None
-        strategy = "auto"
-        if devices * num_nodes > 1:
-            # One file per training state (not a sharded folder), so it can hold only the LoRA part of the model.
-            strategy = ModelParallelStrategy(
-                parallelize_fn=parallelize_fn,
-                data_parallel_size=devices * num_nodes,
-                tensor_parallel_size=1,
-                save_distributed_checkpoint=False,
-            )
-
+        plugins, precision = devices_and_precision.precision_plugins(quantize, precision)
+        strategy = devices_and_precision.strategy_for(devices, num_nodes)
         fabric = L.Fabric(
             devices=devices,
             num_nodes=num_nodes,
@@ -173,7 +160,7 @@ def main(
         fabric.print("dry run: nothing trained (--seq.dry_run true).")
         return
     hyperparameters.train.max_seq_length = max_seq_length  # what the model trains with, for a rerun
-    if fabric.global_rank == 0 and (earlier := outputs.earlier_run_warning(out_dir)):
+    if fabric.global_rank == 0 and resume_from is None and (earlier := outputs.earlier_run_warning(out_dir)):
         fabric.print(earlier)
 
     # 2. The loaders the plan allows; then the model, built with the decided length, its weights and its state.
@@ -217,8 +204,7 @@ def main(
     fabric.print(litgpt_utils.create_finetuning_performance_report(elapsed, counts, device_type))
     report.batches = report_build.batches_trained(counts, micro_batches, train.micro_batch_size, seq)
     report.write(fabric)
-    if eval.final_validation:
-        final_validation(fabric, model, val_loader, eval)
+    final_validation(fabric, model, val_loader, eval)
     save_final(fabric, model, out_dir / "final", checkpoint_dir, precision, save)
     fabric.print(plan.decision.summary())
 
@@ -244,6 +230,8 @@ def build_training_state(fabric, config, max_seq_length, checkpoint_dir, optimiz
 
 
 def final_validation(fabric, model, val_loader, eval: EvalArgs) -> None:
+    if not eval.final_validation:
+        return
     val_loss = validate(fabric, model, val_loader, dataclasses.replace(eval, max_iters=len(val_loader)))
     fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)})
     fabric.print(f"Final evaluation | val loss: {val_loss.item():.3f} | val ppl: {math.exp(val_loss):.3f}")
@@ -253,6 +241,7 @@ def save_final(fabric, model, final_dir: Path, checkpoint_dir: Path, precision, 
     """final/: upstream's files, then the LoRA merged into the base weights (lit_model.pth), as upstream does."""
     save(fabric, model, final_dir)
     if fabric.global_rank == 0:
+        (final_dir / "lit_model.pth").unlink(missing_ok=True)  # an earlier run's merge: merge_lora would keep it
         merge_lora(checkpoint_dir=final_dir, pretrained_checkpoint_dir=checkpoint_dir, precision=precision)
     fabric.barrier()
 

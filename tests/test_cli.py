@@ -150,3 +150,16 @@ def test_output_works_with_litgpt_generate(cli_here, tiny_checkpoint, make_data,
     assert generated.returncode == 0, generated.stderr[-3000:]
     lora = torch.load(out / "final" / "lit_model.pth.lora")["model"]
     assert lora and all("lora_" in name for name in lora)
+
+
+def test_a_rerun_into_the_same_out_dir_merges_its_own_weights(cli_here, make_data, tmp_path):
+    """final/lit_model.pth is the merge of this run's LoRA weights, not an earlier run's left in place."""
+    data, out = make_data([100, 120], [110, 90]), tmp_path / "out"
+    frozen = '{"class_path": "torch.optim.SGD", "init_args": {"lr": 0.0}}'  # LoRA B stays 0: merged = base weights
+    assert cli_here(data, out, "--optimizer", frozen, "--lora_r", "4").returncode == 0
+    first = torch.load(out / "final" / "lit_model.pth", weights_only=True)
+    assert cli_here(data, out, "--lora_r", "4").returncode == 0
+    second = torch.load(out / "final" / "lit_model.pth", weights_only=True)
+    lora = torch.load(out / "final" / "lit_model.pth.lora", weights_only=True)["model"]
+    assert any(key.endswith("lora_B") and value.abs().sum() > 0 for key, value in lora.items())
+    assert any(not torch.equal(first[key], second[key]) for key in first)

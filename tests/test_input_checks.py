@@ -194,12 +194,12 @@ def test_schedule_refuses_what_crashes_and_warns_when_the_lr_never_peaks(warmup)
     rates = litgpt_schedule(warmup, steps)
     if rates is None:
         with pytest.raises(UserInputError) as raised:
-            schedule.check_schedule(warmup, steps, steps_per_epoch=5, epochs=1)
+            schedule.check_schedule(warmup, steps, micro_batches_per_epoch=5, epochs=1)
         message = str(raised.value)
         assert f"--train.lr_warmup_steps {warmup} equals the run's 5 optimizer steps" in message
-        assert "1 epochs × 5 steps per epoch" in message
+        assert "1 epochs × 5 micro-batches per device" in message
         return
-    found = schedule.check_schedule(warmup, steps, steps_per_epoch=5, epochs=1)
+    found = schedule.check_schedule(warmup, steps, micro_batches_per_epoch=5, epochs=1)
     if max(rates) == pytest.approx(1.0):
         assert found == []
     else:
@@ -209,12 +209,12 @@ def test_schedule_refuses_what_crashes_and_warns_when_the_lr_never_peaks(warmup)
 
 def test_schedule_names_max_steps_when_it_limits():
     with pytest.raises(UserInputError, match=r"equals the run's 3 optimizer steps \(--train.max_steps 3\)"):
-        schedule.check_schedule(3, 3, steps_per_epoch=10, epochs=1, max_steps=3)
+        schedule.check_schedule(3, 3, micro_batches_per_epoch=10, epochs=1, max_steps=3)
 
 
 def test_no_optimizer_step():
     with pytest.raises(UserInputError, match="no optimizer step") as raised:
-        schedule.check_schedule(0, 0, steps_per_epoch=0, epochs=3, accumulation=8)
+        schedule.check_schedule(0, 0, micro_batches_per_epoch=0, epochs=3, accumulation=8)
     assert "--train.global_batch_size" in str(raised.value) and "8 micro-batches" in str(raised.value)
 
 
@@ -246,18 +246,28 @@ def test_warmup_schedule_is_litgpts():
 
 
 @pytest.mark.parametrize(
-    "order_flags, steps",
+    "order_flags, epochs, steps",
     [
-        ((), 2),  # 9 samples, 2 per micro-batch: 5 micro-batches, 2 per step
-        (("--seq.group_by_length", "true"), 2),
-        (("--seq.pack", "true"), 1),  # packed at 198: [180] [160] [140] [120 70] [100 80] [60 60]: 3 micro-batches
+        ((), 1, 2),  # 9 samples, 2 per micro-batch: 5 micro-batches, 2 per step
+        ((), 3, 7),  # 15 micro-batches in 3 epochs, 2 per step: steps take micro-batches from two epochs
+        (("--seq.group_by_length", "true"), 1, 2),
+        (("--seq.pack", "true"), 1, 1),  # packed at 198: [180] [160] [140] [120 70] [100 80] [60 60]: 3 micro-batches
+        (("--seq.pack", "true"), 2, 3),
     ],
 )
-def test_one_epoch_trains_the_counted_steps_and_the_warmup_check_counts_the_same(
-    cli_here, make_data, tmp_path, order_flags, steps
+def test_the_epochs_train_the_counted_steps_and_the_warmup_check_counts_the_same(
+    cli_here, make_data, tmp_path, order_flags, epochs, steps
 ):
     data = make_data([60, 80, 100, 120, 140, 160, 180, 60, 70], [60, 70])
-    epoch = ("--train.epochs", "1", "--train.global_batch_size", "4", "--train.lr_warmup_steps", "0", *order_flags)
+    epoch = (
+        "--train.epochs",
+        str(epochs),
+        "--train.global_batch_size",
+        "4",
+        "--train.lr_warmup_steps",
+        "0",
+        *order_flags,
+    )
     run = cli_here(data, tmp_path / "out", *epoch, steps=None)
     assert run.returncode == 0, run.stderr
     logged = [int(line.split(" step ")[1].split(" ")[0]) for line in run.stdout.splitlines() if " step " in line]

@@ -14,6 +14,7 @@ from litgpt_seqlen.args import SeqArgs
 from litgpt_seqlen.data import order, truncation
 from litgpt_seqlen.data.length_plan import LengthPlan
 from litgpt_seqlen.report.outcomes import warning_lines
+from litgpt_seqlen.report.picture import write_length_picture
 from litgpt_seqlen.report.printed import print_report
 from litgpt_seqlen.run import outputs
 
@@ -78,6 +79,12 @@ def publish_plan(
             fabric.print(files.note)
         report.path = files.report
         report.write(fabric)
+        picture = files.report.with_suffix(".png")  # seq_lengths.png, or seq_lengths.dry_run.png
+        hint = write_length_picture(
+            picture, plan.lengths, decision.max_seq_length, decision.block_size, content["what_if"]
+        )
+        if hint:
+            fabric.print(f"note: {hint}")
     fabric.log_dict(key_figures(content), step=0)
     return report
 

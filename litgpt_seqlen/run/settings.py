@@ -236,7 +236,7 @@ def check_run(train, eval, kept: Mapping[str, Sequence[int]], steps: Steps) -> l
     found = check_schedule(
         train.lr_warmup_steps,
         steps.total,
-        steps_per_epoch=steps.per_epoch,
+        micro_batches_per_epoch=steps.micro_batches_per_epoch,
         epochs=train.epochs,
         max_steps=train.max_steps,
         accumulation=steps.accumulation,

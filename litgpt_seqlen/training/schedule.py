@@ -27,23 +27,23 @@ def get_lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int | None,
 class Steps:
     """The run's optimizer steps, counted once from the batch order it trains with (a dry run counts the same)."""
 
-    per_epoch: int  # optimizer steps in one epoch on every rank
-    total: int  # the run's optimizer steps: the length of the learning-rate schedule
+    micro_batches_per_epoch: int  # on each rank: every order gives every rank as many
     accumulation: int  # micro-batches per optimizer step on each rank
+    total: int  # the optimizer steps the loop takes: the length of the learning-rate schedule
 
     @classmethod
     def count(cls, micro_batches_per_epoch: int, accumulation: int, epochs: int | None, max_steps: int | None):
-        """From this rank's micro-batches in one epoch (every rank has as many: each order evens them out)."""
-        per_epoch = micro_batches_per_epoch // accumulation
-        total = per_epoch * epochs if epochs else math.inf
-        return cls(per_epoch, int(min(total, max_steps or math.inf)), accumulation)
+        """The loop steps every ``accumulation`` micro-batches and runs through its epochs back to back (a step may
+        take micro-batches from two epochs), until the epochs are used up or ``max_steps`` is reached."""
+        total = micro_batches_per_epoch * epochs // accumulation if epochs else math.inf
+        return cls(micro_batches_per_epoch, accumulation, int(min(total, max_steps or math.inf)))
 
 
 def check_schedule(
     warmup_steps: int | None,
     lr_max_steps: int,
     *,
-    steps_per_epoch: int | None = None,
+    micro_batches_per_epoch: int | None = None,
     epochs: int | None = None,
     max_steps: int | None = None,
     accumulation: int | None = None,
@@ -55,7 +55,7 @@ def check_schedule(
     --optimizer's learning rate and never decays): litgpt runs it (its own LoRA test does, with the default 100 steps
     of warmup over 6 steps), so it stays allowed, with a warning, returned as ``outcome_warnings`` returns them.
     0 (or None) means no warmup: see ``get_lr_scheduler``."""
-    how = _steps_explained(lr_max_steps, steps_per_epoch, epochs, max_steps)
+    how = _steps_explained(lr_max_steps, micro_batches_per_epoch, epochs, max_steps, accumulation)
     if lr_max_steps < 1:
         per_step = f" (one step takes {accumulation} micro-batches per device)" if accumulation else ""
         raise UserInputError(
@@ -86,9 +86,12 @@ def check_schedule(
     ]
 
 
-def _steps_explained(total: int, steps_per_epoch: int | None, epochs: int | None, max_steps: int | None) -> str:
+def _steps_explained(
+    total: int, micro_batches: int | None, epochs: int | None, max_steps: int | None, accumulation
+) -> str:
     if max_steps and total == max_steps:
         return f" (--train.max_steps {max_steps})"
-    if steps_per_epoch is not None and epochs:
-        return f" ({epochs} epochs × {steps_per_epoch} steps per epoch)"
+    if micro_batches is not None and epochs:
+        per_step = f", {accumulation} per step" if accumulation else ""
+        return f" ({epochs} epochs × {micro_batches} micro-batches per device{per_step})"
     return ""
