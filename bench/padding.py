@@ -34,8 +34,9 @@ from litgpt.prompts import Alpaca
 from litgpt.tokenizer import Tokenizer
 
 import data_utils
-import packing
-from training_loss import train_loss
+from litgpt_seqlen.data import packing
+from litgpt_seqlen.data.scan import scan_parts
+from litgpt_seqlen.training.loss import train_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -45,7 +46,7 @@ SEED = 42  # litgpt's data modules' default seed
 def load(name: str, tokenizer: Tokenizer) -> tuple[SFTDataset, list[int]]:
     samples = json.loads((SHARED / "data" / f"{name}.json").read_text())
     dataset = SFTDataset(samples, tokenizer, prompt_style=Alpaca(), max_seq_length=-1)
-    return dataset, [p.length for p in data_utils.scan_parts(dataset, name)]
+    return dataset, [p.length for p in scan_parts(dataset, name)]
 
 
 def random_batches(n: int, micro_batch_size: int, epoch: int) -> list[list[int]]:

@@ -4,7 +4,7 @@
 
 For each real tokenizer in ../shared/tokenizers: samples/second of
   - litgpt:  ``get_longest_seq_length(ConcatDataset([train, val]))`` from ``litgpt.finetune.lora``
-  - project: ``data_utils.scan_parts`` over train and val (as ``seq_data.scan_split`` calls it), 1 and 2 workers
+  - project: ``scan.scan_parts`` over train and val (as ``scan.scan_split`` calls it), 1 and 2 workers
 on the very same ``SFTDataset`` objects. Runs are interleaved and the best of ``--repeats`` is kept, since other
 processes on the machine add noise. Then the scan's memory, and what keeping the scan's token ids for training would
 save and cost. Exits non-zero only when a result differs (never on a timing).
@@ -25,7 +25,7 @@ from litgpt.finetune.lora import get_longest_seq_length
 from litgpt.tokenizer import Tokenizer
 from torch.utils.data import ConcatDataset
 
-import data_utils
+from litgpt_seqlen.data.scan import scan_parts
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -48,7 +48,7 @@ def timed(function):
 
 
 def project_scan(train, val, workers: int) -> list[int]:
-    parts = data_utils.scan_parts(train, "train", workers=workers) + data_utils.scan_parts(val, "val", workers=workers)
+    parts = scan_parts(train, "train", workers=workers) + scan_parts(val, "val", workers=workers)
     return [p.length for p in parts]
 
 
