@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -342,7 +341,6 @@ def test_a_kill_at_any_file_operation_of_a_rewrite_leaves_only_whole_checkpoints
         training_state.load(fabric, chosen, loaded)
         assert loaded["step"] == step and loaded["model"].lora_A[0].item() == lora_value(chosen), calls
         if finished:
-            print("CALLS", n, calls)
             assert step == 40 and not list(out_dir.rglob(".tmp-*"))
             assert {"replace", "rmtree", "write_text", "fabric.save", "step files"} <= set(calls)
             break
@@ -434,7 +432,10 @@ def test_check_same_run_names_every_change():
         "run": {"train.micro_batch_size": 2, "seed": 1337, "seq.group_by_length": False, "lora_dropout": 0.05},
         "data": same_run.data_fingerprint({"train": [5, 6, 7], "val": [3, 4], "test": [2]}),
     }
-    same = {"run": dict(saved["run"]), "data": same_run.data_fingerprint({"train": [5, 6, 7], "val": [3, 4], "test": [2]})}
+    same = {
+        "run": dict(saved["run"]),
+        "data": same_run.data_fingerprint({"train": [5, 6, 7], "val": [3, 4], "test": [2]}),
+    }
     same_run.check_same_run(saved, same)
     current = {
         "run": {"train.micro_batch_size": 4, "seed": 1337, "seq.group_by_length": True, "lora_dropout": 0.1},
@@ -465,7 +466,9 @@ def test_run_flags_hold_every_flag_that_changes_the_weights():
     assert flags["seed"] == 7 and flags["devices"] == 1 and flags["lora_dropout"] == 0.1
     assert flags == json.loads(json.dumps(flags))  # as a header holds them
 
-    resumed = same_run.run_flags(train, SeqArgs(dry_run=True, scan_workers=3, rehearse=False), 7, 1, "AdamW", "32-true", config)
+    resumed = same_run.run_flags(
+        train, SeqArgs(dry_run=True, scan_workers=3, rehearse=False), 7, 1, "AdamW", "32-true", config
+    )
     same_run.check_same_run({"run": flags}, {"run": resumed})  # these change nothing that is trained
     changed = same_run.run_flags(train, SeqArgs(truncate_from="end"), 7, 1, "AdamW", "32-true", config)
     with pytest.raises(UserInputError, match="--seq.truncate_from was 'prompt', now 'end'"):

@@ -1,7 +1,9 @@
-"""Two CPU ranks on gloo: each scans its own share, both end with the same full list of parts, and bad input stops both.
+"""Two CPU ranks on gloo: each scans its own share, both end with the same full list of parts, bad input stops both,
+and a checkpoint holds every rank's own training state in one file and gives each rank its own back.
 
 One two-rank run (launching costs ~10 s of imports and process-group setup) scans three times: serially, with two
-scan workers per rank, and with a bad sample in rank 1's share. The tests read what each rank wrote.
+scan workers per rank, and with a bad sample in rank 1's share; then saves a checkpoint and loads it. The tests read
+what each rank wrote.
 """
 
 import json
@@ -16,9 +18,9 @@ import pytest
 from litgpt.data import SFTDataset
 from litgpt.tokenizer import Tokenizer
 
-import data_utils
-import demo_assets
-from conftest import ROOT
+import assets
+from helpers import ROOT
+from litgpt_seqlen.data import scan
 
 pytestmark = pytest.mark.e2e
 
@@ -29,12 +31,23 @@ BAD = COUNT - 2  # in rank 1's share
 SCRIPT = textwrap.dedent(
     """
     import json, os, sys
+
+    root, tokenizer_dir, data_file, out, bad = sys.argv[1:6]
+    sys.path.insert(0, root)
+    from pathlib import Path
+
     import lightning as L
-    import data_utils, seq_data
+    import torch
     from litgpt.data import SFTDataset
     from litgpt.tokenizer import Tokenizer
 
-    root, tokenizer_dir, data_file, out, bad = sys.argv[1:6]
+    from litgpt_seqlen.checkpoint import lookup
+    from litgpt_seqlen.checkpoint import state as training_state
+    from litgpt_seqlen.checkpoint.layout import LORA_FILE
+    from litgpt_seqlen.data.scan import scan_split
+    from litgpt_seqlen.errors import UserInputError
+    from litgpt_seqlen.training.rng import restore_rng
+
     fabric = L.Fabric(accelerator="cpu", devices=2, strategy="ddp")
     fabric.launch()
     rank, phase = fabric.global_rank, None
@@ -52,9 +65,46 @@ SCRIPT = textwrap.dedent(
             del samples[int(bad)]["output"]
         dataset = SFTDataset(samples, tokenizer, prompt_style="alpaca", transform=record)
         try:
-            results[phase] = {"parts": seq_data.scan_split(fabric, dataset, "train", workers)}
-        except data_utils.UserInputError as problem:
+            results[phase] = {"parts": scan_split(fabric, dataset, "train", workers)}
+        except UserInputError as problem:
             results[phase] = {"error": str(problem)}
+
+    # A checkpoint: each rank's random states, running loss and token counts differ; each must get its own back.
+    def fresh_state():
+        model = torch.nn.Module()
+        model.lora_A = torch.nn.Parameter(torch.zeros(3))
+        optimizer = torch.optim.SGD([model.lora_A], lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        return training_state.new_state(model, optimizer, scheduler, 2, fabric.device)
+
+    def write_step_files(directory):  # as save_lora_checkpoint does: rank 0 writes
+        if rank == 0:
+            torch.save({"model": {"lora_A": torch.ones(3)}}, directory / LORA_FILE)
+
+    torch.manual_seed(100 + rank)
+    state = fresh_state()
+    state.update(step=5, iteration=10, epoch=1, position=2)
+    state["running_loss"].update(torch.tensor(1.0 + rank))
+    state["running_loss"].update(torch.tensor(3.0 + rank))
+    state["token_counts"]["raw_tokens"] += 1000 + rank
+    step_dir = Path(out) / "step-000005"
+    training_state.save(fabric, step_dir, state, write_step_files, {"run": {}, "data": {}, "decision": {}})
+    straight = torch.rand(4).tolist()  # what this rank draws next (dropout's numbers)
+
+    torch.manual_seed(7)
+    resumed = fresh_state()
+    training_state.load(fabric, step_dir, resumed)
+    restore_rng(resumed["rng"])
+    results["checkpoint"] = {
+        "straight": straight,
+        "resumed": torch.rand(4).tolist(),
+        "running_loss": resumed["running_loss"].compute().item(),
+        "raw_tokens": resumed["token_counts"]["raw_tokens"].item(),
+        "progress": [resumed[key] for key in ("step", "iteration", "epoch", "position")],
+        "incomplete": lookup.incomplete_reason(step_dir),
+        "files": sorted(path.name for path in (Path(out) / "resume" / "step-000005").iterdir()),
+        "world_size": lookup.read_header(step_dir)["world_size"],
+    }
     with open(os.path.join(out, f"result-{rank}.json"), "w") as f:
         json.dump(results, f)
     """
@@ -63,7 +113,7 @@ SCRIPT = textwrap.dedent(
 
 def word_samples(count: int) -> list[dict]:
     rng = random.Random(1)
-    words = lambda k: " ".join(rng.choices(demo_assets.WORDS, k=k))  # noqa: E731
+    words = lambda k: " ".join(rng.choices(assets.WORDS, k=k))  # noqa: E731
     return [
         {"id": i, "instruction": words(rng.randint(1, 9)), "input": "", "output": words(rng.randint(0, 300))}
         for i in range(count)
@@ -103,7 +153,7 @@ def two_ranks(tmp_path_factory, tiny_checkpoint):
 @pytest.mark.parametrize("phase", ["serial", "parallel"])
 def test_each_rank_scans_its_share_and_both_get_the_whole_list(two_ranks, tiny_checkpoint, phase):
     _, results, seen = two_ranks
-    single = data_utils.scan_parts(
+    single = scan.scan_parts(
         SFTDataset(word_samples(COUNT), Tokenizer(tiny_checkpoint), prompt_style="alpaca"), "train"
     )
     single = [list(parts) for parts in single]  # as JSON holds them
@@ -122,3 +172,16 @@ def test_bad_input_on_one_rank_stops_both(two_ranks):
     _, results, _ = two_ranks
     assert f"train sample {BAD} has no field 'output'" in results[1]["bad"]["error"]
     assert f"train sample {BAD} has no field 'output'" in results[0]["bad"]["error"]  # rank 0 can say it
+
+
+def test_one_checkpoint_file_holds_every_ranks_state_and_gives_each_its_own_back(two_ranks):
+    output, results, _ = two_ranks
+    mine = [results[rank]["checkpoint"] for rank in (0, 1)]
+    for rank, result in enumerate(mine):
+        assert result["incomplete"] is None
+        assert result["files"] == ["state.json", "state.pt"] and result["world_size"] == 2
+        assert result["resumed"] == result["straight"]  # its own random states, not rank 0's
+        assert result["running_loss"] == 2.0 + rank
+        assert result["raw_tokens"] == 1000 + rank
+        assert result["progress"] == [5, 10, 1, 2]
+    assert mine[0]["straight"] != mine[1]["straight"]

@@ -1,54 +1,36 @@
-"""--resume through the command line: an interrupted run ends with exactly the LoRA weights of one never interrupted.
+"""--resume and the stop signals through the command line, where the process boundary is the behaviour: a signal
+stops a real run with a checkpoint and its exit code, the printed command resumes it in a new process and ends with
+exactly the LoRA weights of a run never interrupted, a second Ctrl-C stops at once, and bad --resume input exits 2.
 
-The reference is always an uninterrupted run with the same flags. An interruption is made honestly: either the run
-is stopped by a signal, or the checkpoints a full run wrote after step k are deleted (what a kill right after step k
-leaves) and the same command is resumed. 10 train samples, micro-batch 2, global batch 4: an epoch is 5
-micro-batches (random or grouped), so step 3 takes one micro-batch from epoch 1 and one from epoch 2.
+The resumed-run tests that need no process of their own (every batch order, auto resume past partial or damaged
+checkpoints, each way a checkpoint can belong to another run) run the same flow in process: test_resume_fit.py.
 """
 
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-import demo_assets
-import resume_state
-from conftest import ROOT, cli_args, read_report, run_cli
+import assets
+from helpers import ROOT, cli_args, run_cli
+from litgpt_seqlen.checkpoint import lookup
+from litgpt_seqlen.run.signals import GracefulStop, resume_command
 
 TRAIN_LENGTHS = [60, 95, 70, 120, 64, 88, 101, 75, 66, 110]
 VAL_LENGTHS = [62, 90]
-FLAGS = ("--train.global_batch_size", "4", "--train.save_interval", "1", "--eval.interval", "3")
-STEPS = 5
-GROUPED = {"random": (), "grouped": ("--seq.group_by_length", "true"), "packed": ("--seq.pack", "true")}
 
 
 @pytest.fixture(scope="module")
 def resume_data(tiny_checkpoint, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("resume_data")
-    demo_assets.build_data(directory, tiny_checkpoint, TRAIN_LENGTHS, VAL_LENGTHS)
+    assets.build_data(directory, tiny_checkpoint, TRAIN_LENGTHS, VAL_LENGTHS)
     return directory
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_checkpoint, resume_data, tmp_path_factory):
-    """uninterrupted(kind) -> the out_dir of a full run (checkpoints at every step), run once per kind."""
-    runs = {}
-
-    def run(kind: str) -> Path:
-        if kind not in runs:
-            out_dir = tmp_path_factory.mktemp(f"uninterrupted_{kind}") / "out"
-            result = run_cli(tiny_checkpoint, resume_data, out_dir, *FLAGS, *GROUPED[kind], steps=STEPS)
-            assert result.returncode == 0, result.stderr[-3000:]
-            runs[kind] = out_dir
-        return runs[kind]
-
-    return run
 
 
 def cli_command(checkpoint: Path, data_dir: Path, out_dir: Path, *flags: str, steps: int) -> list[str]:
@@ -69,74 +51,6 @@ def assert_identical(ours: dict, theirs: dict) -> None:
     assert ours.keys() == theirs.keys()
     different = [name for name in ours if not torch.equal(ours[name], theirs[name])]
     assert not different, different
-
-
-def lose_everything_after(out_dir: Path, step: int) -> None:
-    """What a run killed right after saving ``step`` has: nothing of the later steps, no final/."""
-    shutil.rmtree(out_dir / "final")
-    for later in range(step + 1, STEPS + 1):
-        shutil.rmtree(out_dir / f"step-{later:06d}")
-        shutil.rmtree(out_dir / "resume" / f"step-{later:06d}")
-
-
-@pytest.mark.e2e
-@pytest.mark.parametrize("kind", ["random", "grouped", "packed"])
-def test_resumed_inside_epoch_1_and_inside_epoch_2_the_run_ends_bit_identical(
-    kind, uninterrupted, tiny_checkpoint, resume_data, tmp_path
-):
-    reference = uninterrupted(kind)
-    out_dir = tmp_path / "out"
-    shutil.copytree(reference, out_dir)
-
-    lose_everything_after(out_dir, 2)
-    assert kind == "packed" or resume_state.read_header(out_dir / "step-000002")["progress"] | {
-        "elapsed_seconds": 0
-    } == {
-        "step": 2,
-        "iteration": 4,
-        "epoch": 0,  # inside epoch 1: 4 of its 5 micro-batches trained
-        "position": 4,
-        "elapsed_seconds": 0,
-    }
-    result = run_cli(tiny_checkpoint, resume_data, out_dir, *FLAGS, *GROUPED[kind], "--resume", "true", steps=STEPS)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"Resuming from {out_dir / 'step-000002'}, the newest complete checkpoint" in result.stdout
-    assert_identical(lora(out_dir / "final"), lora(reference / "final"))
-    assert read_report(out_dir)["resumed_from"] == {"step_dir": str(out_dir / "step-000002"), "step": 2}
-    logged = (out_dir / "logs" / "csv" / "version_1" / "metrics.csv").read_text().splitlines()
-    column = logged[0].split(",").index("resumed_from_step")
-    assert [row.split(",")[column] for row in logged[1:] if row.split(",")[column]] == ["2"]
-
-    lose_everything_after(out_dir, 4)
-    assert resume_state.read_header(out_dir / "step-000004")["progress"]["epoch"] == 1  # inside epoch 2 (packed too)
-    step_dir = str(out_dir / "step-000004")
-    result = run_cli(tiny_checkpoint, resume_data, out_dir, *FLAGS, *GROUPED[kind], "--resume", step_dir, steps=STEPS)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"Resuming from {step_dir} (--resume {step_dir})" in result.stdout
-    assert_identical(lora(out_dir / "final"), lora(reference / "final"))
-
-
-@pytest.mark.e2e
-def test_auto_skips_what_a_killed_save_left_and_resumes_from_the_newest_whole_checkpoint(
-    uninterrupted, tiny_checkpoint, resume_data, tmp_path
-):
-    reference = uninterrupted("random")
-    out_dir = tmp_path / "out"
-    shutil.copytree(reference, out_dir)
-    shutil.rmtree(out_dir / "final")
-    # killed while saving step 5: its step directory is in place, its training state only half written
-    shutil.rmtree(out_dir / "resume" / "step-000005")
-    (out_dir / "resume" / ".tmp-step-000005").mkdir()
-    (out_dir / "resume" / ".tmp-step-000005" / "rank-0.pt").write_bytes(b"\x80half")
-    (out_dir / ".tmp-step-000006").mkdir()
-
-    result = run_cli(tiny_checkpoint, resume_data, out_dir, *FLAGS, "--resume", "auto", steps=STEPS)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"Skipping {out_dir / 'step-000005'}: no training state" in result.stdout
-    assert f"Resuming from {out_dir / 'step-000004'}" in result.stdout
-    assert not list(out_dir.glob(".tmp-*")) and not list((out_dir / "resume").glob(".tmp-*"))
-    assert resume_state.incomplete_reason(out_dir / "step-000005") is None  # written again, whole
-    assert_identical(lora(out_dir / "final"), lora(reference / "final"))
 
 
 SIGNAL_STEPS = 30
@@ -184,7 +98,7 @@ def test_a_signal_saves_after_the_step_exits_and_the_printed_command_ends_bit_id
     step = int(stopped.split()[3].rstrip("."))
     assert 0 < step < SIGNAL_STEPS and not (out_dir / "final").exists()
     step_dir = out_dir / f"step-{step:06d}"
-    assert resume_state.incomplete_reason(step_dir) is None
+    assert lookup.incomplete_reason(step_dir) is None
 
     resume_command = shlex.split(stopped.partition("To resume: ")[2])
     assert resume_command[0] == "python" and resume_command[-2:] == ["--resume", str(step_dir)]
@@ -197,31 +111,72 @@ def test_a_signal_saves_after_the_step_exits_and_the_printed_command_ends_bit_id
 
 
 @pytest.mark.e2e
-def test_bad_resume_inputs_exit_2_with_the_reason_and_no_traceback(
-    uninterrupted, tiny_checkpoint, resume_data, tmp_path
-):
-    step_dir = str(uninterrupted("random") / "step-000002")
-    other_model = tmp_path / "other_model"
-    other_model.mkdir()
-    demo_assets.build_tokenizer(other_model)
-    demo_assets.build_checkpoint(other_model, block_size=256)
-    other_data = tmp_path / "other_data"
-    demo_assets.build_data(other_data, tiny_checkpoint, [*TRAIN_LENGTHS[:3], 61, *TRAIN_LENGTHS[4:]], VAL_LENGTHS)
+def test_a_bad_resume_exits_2_with_the_reason_and_no_traceback(tiny_checkpoint, resume_data, tmp_path):
+    result = run_cli(tiny_checkpoint, resume_data, tmp_path / "out", "--resume", "true")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "error: --resume true: there is no complete checkpoint" in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "out" / "final").exists()
 
-    cases = [
-        (tiny_checkpoint, resume_data, ("--resume", "true"), "--resume true: there is no complete checkpoint"),
-        (tiny_checkpoint, resume_data, ("--resume", str(resume_data)), "not a checkpoint to resume from"),
-        (other_model, resume_data, ("--resume", step_dir), "trained on another base model"),
-        (
-            tiny_checkpoint,
-            resume_data,
-            ("--resume", step_dir, "--train.micro_batch_size", "1"),
-            "--train.micro_batch_size was 2, now 1",
-        ),
-        (tiny_checkpoint, other_data, ("--resume", step_dir), "train sample 3 had 120 tokens, now 61"),
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stop signals, outside a run
+# ---------------------------------------------------------------------------------------------------------------
+
+LOOP = """
+import sys, time
+sys.path.insert(0, {root!r})
+from pathlib import Path
+from litgpt_seqlen.run.signals import GracefulStop
+out = Path(sys.argv[1])
+with GracefulStop() as stop:
+    for step in range(1, 10_000):
+        print("step", step, flush=True)
+        time.sleep({step_seconds})  # the optimizer step
+        if stop.requested:
+            (out / f"step-{{step:06d}}").mkdir()
+            sys.exit(stop.exit_code)
+"""
+
+
+@pytest.mark.e2e
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    script = tmp_path / "loop.py"
+    script.write_text(LOOP.format(root=str(ROOT), step_seconds=30))
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline().startswith("step 1")
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=10)
+    assert process.returncode in (-signal.SIGINT, 130)  # KeyboardInterrupt: Python ends by SIGINT
+    assert "SIGINT received: stopping after this optimizer step" in stderr and "KeyboardInterrupt" in stderr
+    assert not list(tmp_path.glob("step-*"))
+
+
+def test_the_first_signal_only_asks_and_the_handlers_are_put_back():
+    before = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    said = []
+    with GracefulStop(log=said.append) as stop:
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+        assert not stop.requested and stop.exit_code == 0
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.exit_code == 143
+    assert said == [
+        "SIGTERM received: stopping after this optimizer step, with a checkpoint. Ctrl-C again to stop at once.",
+        "SIGTERM received again: already stopping after this optimizer step.",
     ]
-    for number, (checkpoint, data, flags, reason) in enumerate(cases):
-        result = run_cli(checkpoint, data, tmp_path / f"out{number}", *FLAGS, *flags, steps=STEPS)
-        assert result.returncode == 2, (flags, result.stderr[-3000:])
-        assert "Traceback" not in result.stderr
-        assert "error: " in result.stderr and reason in result.stderr, (flags, result.stderr[-3000:])
+    assert {number: signal.getsignal(number) for number in before} == before
+
+
+def test_the_resume_command_is_the_run_with_its_resume_flag_replaced():
+    argv = ["finetune_lora.py", "ckpt dir", "--resume", "auto", "--train.max_steps", "9", "--resume=false"]
+    assert resume_command(argv, Path("out/step-000004")) == (
+        "python finetune_lora.py 'ckpt dir' --train.max_steps 9 --resume out/step-000004"
+    )
+    assert resume_command(["finetune_lora.py"], Path("o/step-000001"), python="/venv/python").startswith(
+        "/venv/python "
+    )

@@ -1,0 +1,267 @@
+"""The train data order and what a resumed run needs to go on exactly: the batch order of every kind (random, grouped by
+length, packed) as a function of (seed, epoch, rank), the resumable sampler and loader, random states, the running
+loss."""
+
+import random
+from collections import Counter
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from litgpt.data.base import get_sft_collate_fn
+from torch.utils.data import DataLoader, Dataset
+
+from litgpt_seqlen.data import order, packing
+from litgpt_seqlen.training.loss import RunningLoss
+from litgpt_seqlen.training.rng import capture_rng, preserved_rng, restore_rng
+
+ORDERS = ("random", "grouped", "packed")
+MAX_SEQ_LENGTH = 16
+
+
+def samples_of(batch) -> list[int]:
+    """The sample indices of a micro-batch, in order (a packed one is a list of rows of indices)."""
+    return [i for item in batch for i in (item if isinstance(item, list) else [item])]
+
+
+def epoch_samples(batches) -> list[int]:
+    return [i for batch in batches for i in samples_of(batch)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The order: every sample once per epoch, over the ranks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ORDERS)
+@given(
+    lengths=st.lists(st.integers(1, 2 * MAX_SEQ_LENGTH), min_size=1, max_size=40),
+    micro_batch_size=st.integers(1, 4),
+    world_size=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+    epoch=st.integers(0, 5),
+)
+def test_every_rank_gets_its_own_share_of_every_sample_and_as_many_micro_batches(
+    how, lengths, micro_batch_size, world_size, seed, epoch
+):
+    shares = [
+        order.train_batches(lengths, MAX_SEQ_LENGTH, micro_batch_size, how, seed, rank, world_size)(epoch)
+        for rank in range(world_size)
+    ]
+    assert len({len(share) for share in shares}) == 1  # the same number of steps on every rank: no rank waits forever
+    assert all(0 < len(batch) <= micro_batch_size for share in shares for batch in share)
+    seen = Counter(i for share in shares for i in epoch_samples(share))
+    assert set(seen) == set(range(len(lengths)))  # every sample, on some rank
+    if how == "random":  # DistributedSampler: the same number of samples per rank, a few repeated to even them out
+        assert len({len(epoch_samples(share)) for share in shares}) == 1
+        assert sum(seen.values()) - len(lengths) == -len(lengths) % world_size
+    else:  # whole micro-batches repeated to even out the last step (a packed row holds up to MAX_SEQ_LENGTH samples)
+        per_batch = micro_batch_size * (MAX_SEQ_LENGTH if how == "packed" else 1)
+        assert sum(seen.values()) - len(lengths) <= (world_size - 1) * per_batch
+    if world_size == 1 or (how == "random" and len(lengths) % world_size == 0):
+        assert set(seen.values()) == {1}  # exactly once: the ranks are disjoint
+    again = order.train_batches(lengths, MAX_SEQ_LENGTH, micro_batch_size, how, seed, 0, world_size)(epoch)
+    assert again == shares[0]  # a function of (seed, epoch, rank): a resumed run computes the same
+
+
+@pytest.mark.parametrize("how", ORDERS)
+def test_each_epoch_and_each_seed_has_its_own_order(how):
+    lengths = [random.Random(i).randint(1, MAX_SEQ_LENGTH) for i in range(30)]
+    epochs = [tuple(epoch_samples(order.train_batches(lengths, MAX_SEQ_LENGTH, 2, how, 1)(e))) for e in range(4)]
+    assert len(set(epochs)) == 4
+    assert all(sorted(samples) == list(range(30)) for samples in epochs)
+    other_seed = tuple(epoch_samples(order.train_batches(lengths, MAX_SEQ_LENGTH, 2, how, 2)(0)))
+    assert other_seed != epochs[0]
+
+
+def test_random_batches_are_full_but_the_last_and_the_ranks_disjoint():
+    for world_size in (1, 2, 4):
+        shares = [
+            order.random_batches(20, 3, seed=5, epoch=1, rank=r, world_size=world_size) for r in range(world_size)
+        ]
+        for share in shares:
+            assert [len(batch) for batch in share[:-1]] == [3] * (len(share) - 1)
+        everyone = [i for share in shares for i in epoch_samples(share)]
+        assert sorted(everyone) == list(range(20))
+
+
+def test_grouping_pads_less_than_random_order_and_the_figures_count_every_rank():
+    lengths = [random.Random(i).choice([3, 4, 60, 64, 120, 128]) for i in range(200)]
+    figures = order.expected_efficiency(lengths, 128, 4, seed=3, world_size=2)
+    assert list(figures) == ["random", "grouped", "packed"]
+    assert figures["random"]["efficiency"] < figures["grouped"]["efficiency"]
+    assert figures["random"]["efficiency"] < figures["packed"]["efficiency"]
+    per_rank = len(order.train_batches(lengths, 128, 4, "random", 3, 0, 2)(0))
+    assert figures["random"]["count"] == 2 * per_rank
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resuming part-way through an epoch
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class CountingDataset(Dataset):
+    """Samples of given token lengths; records every ``__getitem__``."""
+
+    def __init__(self, lengths: list[int], vocab: int = 64) -> None:
+        self.lengths, self.reads = lengths, []
+        generator = torch.Generator().manual_seed(0)
+        self.tokens = [torch.randint(1, vocab, (n,), generator=generator) for n in lengths]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, index: int) -> dict:
+        self.reads.append(index)
+        ids = self.tokens[index]
+        return {
+            "input_ids": ids,
+            "labels": ids.clone(),
+            "token_counts": {"raw": len(ids), "raw_plus_prompt_template": len(ids)},
+        }
+
+
+LENGTHS = [3, 9, 4, 7, 5, 8, 2, 6, 11, 3, 5]
+
+
+def resumable(how: str, lengths: list[int] = LENGTHS, micro_batch_size: int = 2, seed: int = 7, workers: int = 0):
+    """(dataset, sampler, loader) as the flow builds them for ``how``."""
+    dataset = CountingDataset(lengths)
+    sampler = order.ResumableBatchSampler(order.train_batches(lengths, 12, micro_batch_size, how, seed))
+    if how == "packed":
+        plain = DataLoader(packing.PackedRows(dataset), num_workers=workers, collate_fn=packing.packed_collate)
+    else:
+        plain = DataLoader(dataset, num_workers=workers, collate_fn=get_sft_collate_fn())
+    return dataset, sampler, order.resumable_loader(plain, sampler, seed)
+
+
+@pytest.mark.parametrize("how", ORDERS)
+def test_skipping_reads_only_the_remaining_batches_of_the_epoch(how):
+    dataset, sampler, loader = resumable(how, micro_batch_size=1 if how == "packed" else 2)
+    per_epoch = len(sampler)
+    assert per_epoch >= 4
+    straight = order.EpochBatches(loader, sampler)
+    uninterrupted = [next(straight)["input_ids"] for _ in range(3 * per_epoch)]  # three epochs
+    assert (straight.epoch, straight.position) == (2, per_epoch)
+
+    dataset.reads.clear()
+    resumed = order.EpochBatches(loader, sampler, epoch=1, position=3)
+    following = [next(resumed)["input_ids"] for _ in range(per_epoch - 3 + 2)]  # rest of epoch 1, 2 of epoch 2
+    assert dataset.reads == epoch_samples(sampler.batches(1)[3:] + sampler.batches(2)[:2])
+    expected = uninterrupted[per_epoch + 3 : 2 * per_epoch + 2]
+    assert all(torch.equal(a, b) for a, b in zip(following, expected, strict=True))
+    assert resumed.state() == {"epoch": 2, "position": 2}
+
+
+def test_seek_continues_where_the_state_says():
+    _, sampler, loader = resumable("random")
+    batches = order.EpochBatches(loader, sampler)
+    for _ in range(3):
+        next(batches)
+    saved = batches.state()
+    expected = [next(batches)["input_ids"] for _ in range(4)]
+    other = order.EpochBatches(loader, sampler)
+    next(other)
+    other.seek(**saved)
+    assert all(torch.equal(next(other)["input_ids"], batch) for batch in expected)
+
+
+def test_worker_processes_see_each_epoch_once_in_order():
+    """A DataLoader with workers calls the batch sampler's iter() twice per pass; epochs must still go 0, 1, 2."""
+    lengths = [5, 12, 7, 9, 3, 14, 6]
+    batches_for_epoch = order.train_batches(lengths, 16, 2, "random", 7)
+    sampler = order.ResumableBatchSampler(batches_for_epoch)
+    loader = DataLoader(list(range(len(lengths))), batch_sampler=sampler, num_workers=2, collate_fn=list)
+    passes = [list(loader) for _ in range(3)]
+    assert passes == [batches_for_epoch(epoch) for epoch in range(3)]
+    sampler.set_position(1, 2)
+    assert list(loader) == batches_for_epoch(1)[2:]
+    assert list(loader) == batches_for_epoch(2)
+
+
+@pytest.mark.parametrize("how", ["random", "packed"])
+def test_a_resumed_loader_with_workers_reads_only_the_remaining_batches(how):
+    _, sampler, straight_loader = resumable(how)
+    straight = order.EpochBatches(straight_loader, sampler)
+    uninterrupted = [next(straight)["input_ids"] for _ in range(2 * len(sampler))]
+    _, sampler, loader = resumable(how, workers=2)
+    resumed = order.EpochBatches(loader, sampler, epoch=0, position=2)
+    following = [next(resumed)["input_ids"] for _ in range(len(sampler))]
+    assert all(torch.equal(a, b) for a, b in zip(following, uninterrupted[2 : 2 + len(sampler)], strict=True))
+
+
+def test_fabric_wrapped_loader_keeps_the_order_and_the_global_rng():
+    """Set up by Fabric as the flow does (use_distributed_sampler=False), the loader hands out the sampler's batches
+    in order across epochs, and starting an epoch draws nothing from the global torch RNG (dropout's)."""
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    dataset, sampler, loader = resumable("random", lengths=[3, 9, 4, 7, 5], seed=3)
+    loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
+    assert len(loader) == 3
+    batches = order.EpochBatches(loader, sampler, epoch=1, position=1)
+    torch.manual_seed(0)
+    expected_draw = torch.rand(1)
+    torch.manual_seed(0)
+    for _ in range(4):
+        next(batches)
+    assert torch.equal(torch.rand(1), expected_draw)
+    assert dataset.reads == epoch_samples(sampler.batches(1)[1:] + sampler.batches(2)[:2])
+
+
+def test_an_epoch_ended_exactly_at_the_checkpoint_continues_with_the_next():
+    lengths = [3, 4, 5, 6]
+    dataset, sampler, loader = resumable("random", lengths=lengths, seed=1)
+    resumed = order.EpochBatches(loader, sampler, epoch=0, position=2)  # epoch 0 has 2 micro-batches: all trained
+    batch = next(resumed)
+    assert resumed.state() == {"epoch": 1, "position": 1}
+    assert dataset.reads == sampler.batches(1)[0]
+    first = sampler.batches(1)[0][0]
+    assert torch.equal(batch["input_ids"][0][: lengths[first]], dataset.tokens[first])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Random states and the running loss
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def draws() -> tuple:
+    return random.random(), float(np.random.rand()), float(np.random.randn()), torch.rand(3).tolist()
+
+
+def test_rng_states_round_trip_through_a_file(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.randn()  # leaves a cached gaussian in numpy's state
+    torch.save(capture_rng(), tmp_path / "rng.pt")
+    expected = draws()
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert draws() == expected
+
+
+def test_preserved_rng_puts_the_states_back_even_after_an_error():
+    torch.manual_seed(4), random.seed(4), np.random.seed(4)
+    expected = draws()
+    torch.manual_seed(4), random.seed(4), np.random.seed(4)
+    with preserved_rng():
+        draws()
+    with pytest.raises(RuntimeError), preserved_rng():
+        draws()
+        raise RuntimeError
+    assert draws() == expected
+
+
+def test_the_running_loss_window_round_trips():
+    losses = [torch.tensor(x) for x in (1.0, 2.0, 4.0, 8.0, 16.0)]
+    straight = RunningLoss(window=3)
+    for loss in losses[:4]:
+        straight.update(loss)
+    assert straight.compute() == torch.tensor((2.0 + 4.0 + 8.0) / 3)
+    state = straight.state_dict()
+    resumed = RunningLoss(window=3)
+    resumed.load_state_dict(state)
+    straight.update(losses[4])
+    resumed.update(losses[4])
+    assert resumed.compute() == straight.compute() == torch.tensor((4.0 + 8.0 + 16.0) / 3)
+    assert all(value.device.type == "cpu" for value in state["values"])
