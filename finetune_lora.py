@@ -288,6 +288,7 @@ def fit(
             f"Resumed at step {state['step']} (epoch {state['epoch'] + 1}, {state['position']} micro-batches in; none"
             " re-read)"
         )
+        fabric.log_dict({"resumed_from_step": state["step"]}, step=state["iteration"])
 
     accumulation = train.gradient_accumulation_iters(fabric.world_size, 1)
     batches = order.EpochBatches(train_loader, epoch=state["epoch"], position=state["position"])

@@ -149,7 +149,6 @@ def test_auto_skips_what_a_killed_save_left_and_resumes_from_the_newest_whole_ch
     assert not different(lora(out_dir / "final"), lora(reference / "final"))
 
 
-@pytest.mark.xfail(strict=True, reason="fit does not log resumed_from_step, which docs/report.md promises")
 def test_a_resumed_run_logs_the_step_it_went_on_from(uninterrupted, cli_here, data_dir, tmp_path):
     out_dir = tmp_path / "out"
     step_dir = only_checkpoint(uninterrupted("random"), 2, out_dir)
