@@ -1,5 +1,6 @@
 # `make test` and `make demo` set everything up themselves on a fresh machine.
 PYTHON ?= python3
+unexport PYTHONDONTWRITEBYTECODE  # let Python and pytest cache compiled modules between runs
 VENV := .venv
 PY := $(VENV)/bin/python
 # The CPU build installs from local disk on these machines; a GPU user sets e.g. TORCH_SPEC="torch==2.13.0 --index-url ...".
@@ -17,11 +18,11 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 venv: $(VENV)/.installed
 
-test: venv lint
-	$(PY) -m pytest -q
+test: venv lint  # everything, on two processes (pytest-xdist)
+	$(PY) -m pytest -q -n 2
 
-test-fast: venv  # pure and in-process tests only (seconds)
-	$(PY) -m pytest -q -m "not e2e"
+test-fast: venv  # the quick tests only: no command line run, no model, fewer hypothesis examples (seconds)
+	HYPOTHESIS_PROFILE=fast $(PY) -m pytest -q -m "not e2e"
 
 lint: venv
 	$(VENV)/bin/ruff check .

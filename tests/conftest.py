@@ -14,6 +14,9 @@ from helpers import cli_args
 # The same examples on every run, so CI cannot pass or fail by chance; HYPOTHESIS_PROFILE=explore draws new ones.
 settings.register_profile("ci", derandomize=True)
 settings.register_profile("explore", derandomize=False)
+settings.register_profile(
+    "fast", derandomize=True, max_examples=10
+)  # make test-fast: quick feedback; make test runs all
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
@@ -65,3 +68,10 @@ def cli_here(monkeypatch, capsys, tiny_checkpoint):
         return subprocess.CompletedProcess(argv, code, out, err)
 
     return run_here
+
+
+def pytest_collection_modifyitems(items):
+    """A test that runs the command line in process (``cli_here``) is end to end too: `make test-fast` leaves it out."""
+    for item in items:
+        if "cli_here" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)

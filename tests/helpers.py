@@ -62,7 +62,10 @@ def read_report(out_dir: Path) -> dict:
     return json.loads((out_dir / "seq_lengths.json").read_text())
 
 
-requires_shared = pytest.mark.skipif(not (SHARED / "data").is_dir(), reason="../shared is absent")
+def requires_shared(test):
+    """For a test that reads the real data and tokenizers in ../shared: skipped cleanly without them, and end to end
+    (seconds), so `make test-fast` leaves it out."""
+    return pytest.mark.e2e(pytest.mark.skipif(not (SHARED / "data").is_dir(), reason="../shared is absent")(test))
 
 
 def loaders_for(fabric, plan, micro_batch_size: int, how: str = "random", seed: int = 0):

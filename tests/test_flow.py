@@ -60,6 +60,7 @@ def test_the_command_line_is_litgpts_plus_seq():
     assert ours["--resume"] == full_resume and full_resume[0] is False and "auto" in full_resume[1]
 
 
+@pytest.mark.e2e
 def test_litgpts_own_lora_script_test(tmp_path, monkeypatch):
     """litgpt 0.5.13's tests/test_lora.py::test_lora_script, with finetune_lora in place of litgpt.finetune.lora:
     the same patched module attributes, the same calls and the same assertions on the output and the log."""
@@ -133,6 +134,7 @@ def test_a_test_split_is_scanned_and_decides(tiny_checkpoint, make_data):
     assert list(plain) == ["train", "val"]
 
 
+@pytest.mark.e2e
 def test_an_empty_test_split_is_reported_not_a_crash(tiny_checkpoint, make_data, tmp_path):
     class EmptyTest(JSON):
         def test_dataloader(self):

@@ -150,6 +150,7 @@ def lora_gradients(model: GPT) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("lm_head_chunk_size", [0, 8])
 def test_packed_equals_one_by_one(name, lm_head_chunk_size):

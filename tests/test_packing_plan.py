@@ -58,6 +58,7 @@ def test_every_sample_once_in_rows_that_fit(lengths, max_seq_length, micro_batch
     assert batches == packed_batches(lengths, max_seq_length, micro_batch_size, seed, epoch, group_size=group_size)
 
 
+@pytest.mark.e2e
 @settings(max_examples=150, deadline=None)
 @given(lengths=plans["lengths"], max_seq_length=plans["max_seq_length"])
 def test_no_two_rows_of_a_group_could_be_merged(lengths, max_seq_length):

@@ -1,28 +1,15 @@
 """The length picture: one histogram per split and a what-if panel, the decision marked; checked from the figure's
 data (axes, line positions, bar heights), never from pixels."""
 
-import importlib.util
 import random
 import struct
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import data_utils
+from litgpt_seqlen.report import picture
 
-import data_utils  # noqa: E402
-
-
-def load_picture():
-    spec = importlib.util.spec_from_file_location("length_picture", ROOT / "litgpt_seqlen" / "report" / "picture.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-picture = load_picture()
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -111,6 +98,7 @@ def png_size(data: bytes) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+@pytest.mark.e2e
 def test_write_length_picture_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     lengths = realistic_lengths()

@@ -254,35 +254,3 @@ def test_ctrl_c_with_a_forked_pool_is_one_line(tmp_path):
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does
     _, err = process.communicate(timeout=30)
     assert (process.returncode, err) == (130, "interrupted (Ctrl-C)\n")
-
-
-@pytest.mark.e2e
-def test_two_ranks_an_error_met_on_rank_1_is_printed_once(tmp_path):
-    """Two CPU ranks on gloo: rank 1 alone meets bad input; both stop with exit 2 and its message shows once."""
-    script = tmp_path / "two_ranks.py"
-    script.write_text(
-        textwrap.dedent(
-            f"""
-        import sys
-        sys.path.insert(0, {str(ROOT)!r})
-        import lightning as L
-        from litgpt_seqlen import ranks
-        from litgpt_seqlen.cli import exits
-        from litgpt_seqlen.errors import UserInputError
-
-        with exits.user_facing_exits():
-            fabric = L.Fabric(accelerator="cpu", devices=2, strategy="ddp")
-            fabric.launch()
-            problem = UserInputError("train sample 7 is bad (met on rank 1)") if fabric.global_rank == 1 else None
-            ranks.agree_on_error(fabric, problem)
-            print("not reached", flush=True)
-        """
-        )
-    )
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    run = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
-    )
-    assert run.returncode == 2 and "not reached" not in run.stdout
-    assert run.stderr.count("error: train sample 7 is bad (met on rank 1)") == 1, run.stderr[-2000:]
-    assert "Traceback" not in run.stderr

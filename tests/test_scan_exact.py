@@ -121,6 +121,7 @@ TEXT = st.lists(
 SAMPLE = st.fixed_dictionaries({"instruction": TEXT, "input": st.one_of(st.just(""), TEXT), "output": TEXT})
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "name", [f"{n}-bos-{b}" for n in ("hf-bpe", "hf-word", "sentencepiece") for b in (True, False)]
 )
@@ -166,6 +167,7 @@ def _word_samples(count: int, seed: int = 0) -> list[dict]:
     ]
 
 
+@pytest.mark.e2e
 def test_parallel_scan_equals_serial_scan(local_tokenizers):
     dataset = SFTDataset(_word_samples(1_301), local_tokenizers["hf-word-bos-True"], prompt_style="alpaca")
     serial = scan.scan_parts(dataset, "train", workers=1)

@@ -76,6 +76,7 @@ def assert_same(gradients, reference):
         torch.testing.assert_close(gradients[key], reference[key], atol=1e-5, rtol=0, msg=key)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("how", ["random", "grouped", "packed"])
 def test_step_gradient_is_the_mean_over_all_its_tokens(how):
     model = tiny_lora_gpt("llama")

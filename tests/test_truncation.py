@@ -98,6 +98,7 @@ SAMPLE = st.fixed_dictionaries({"instruction": TEXT, "input": st.one_of(st.just(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", TOKENIZERS)
 @settings(max_examples=20, deadline=None)
 @given(samples=st.lists(SAMPLE, min_size=1, max_size=4))
@@ -171,6 +172,7 @@ PARTS = st.integers(0, 300).flatmap(
 )
 
 
+@pytest.mark.e2e
 @settings(max_examples=500, deadline=None)
 @given(parts=PARTS, limit=st.integers(1, 700), policy=st.sampled_from(truncation.TRUNCATE_FROM))
 def test_plan_invariants(parts, limit, policy):
@@ -196,6 +198,7 @@ def test_plan_invariants(parts, limit, policy):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", TOKENIZERS)
 @settings(max_examples=15, deadline=None)
 @given(

@@ -77,6 +77,7 @@ def upstream(samples, tiny_checkpoint, mask_prompt: bool, max_seq_length: int = 
     )
 
 
+@pytest.mark.e2e
 def test_prompt_first_keeps_every_answer_whole(tiny_checkpoint, mixed_data, tmp_path):
     data_dir, samples = mixed_data
     fabric, plan, seq = planned(tiny_checkpoint, data_dir, mask_prompt=True, truncate_from="prompt")
@@ -116,6 +117,7 @@ def test_prompt_first_keeps_every_answer_whole(tiny_checkpoint, mixed_data, tmp_
     assert ((batches["val"]["labels"][:, 1:] != IGNORE).sum(dim=1) == 7).all()  # 6 words + EOS
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("mask_prompt", [True, False])
 def test_end_is_upstreams_cut_and_drops_what_has_no_target(tiny_checkpoint, mixed_data, tmp_path, mask_prompt):
     data_dir, samples = mixed_data
