@@ -202,3 +202,27 @@ def test_every_real_sample_with_both_real_tokenizers(tokenizer_name, data_file):
     assert lengths_of(parts) == expected
     assert [p.prompt for p in parts] == masked_prompt_lengths(dataset)
     assert scan.scan_parts(dataset, "train", workers=2) == parts
+
+
+def test_a_signal_while_the_scan_pool_starts_is_raised_not_lost():
+    """A Ctrl-C that lands inside the fork (in an at-fork handler, where Python prints the exception as ignored) still
+    stops the scan: it waits until the pool stands, then raises."""
+    import os
+    import signal
+
+    import torch
+
+    dataset = [{"input_ids": torch.ones(3, dtype=torch.long)} for _ in range(600)]  # 600 samples: two workers
+    armed = [True]
+
+    def interrupt_inside_the_fork():
+        if armed[0]:
+            armed[0] = False
+            os.kill(os.getpid(), signal.SIGINT)
+
+    os.register_at_fork(after_in_parent=interrupt_inside_the_fork)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            scan.scan_parts(dataset, "train", workers=2)
+    finally:
+        armed[0] = False

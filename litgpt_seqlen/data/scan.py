@@ -128,7 +128,7 @@ def scan_parts(
         if workers == 1:
             parts = _collect(map(_scan_range, bounds), bar)
         else:
-            with multiprocessing.get_context("fork").Pool(workers, initializer=start_worker) as pool:
+            with start_pool(workers) as pool:
                 parts = _collect(pool.imap(_scan_range, bounds), bar)
     finally:
         _scan_target = ()
@@ -167,9 +167,24 @@ def scan_split(fabric: L.Fabric, dataset, split: str, workers: int) -> list[Samp
     return [SampleParts(*row) for row in gathered.reshape(-1, width).tolist() if row[0] >= 0]
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def start_pool(workers: int):
+    """A pool of forked scan workers. Ctrl-C or SIGTERM arriving while it starts waits until the pool stands: met
+    inside a fork (in another library's at-fork handler) its exception would be printed as ignored and lost, and the
+    run would go on."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return multiprocessing.get_context("fork").Pool(workers, initializer=start_worker)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal that came meanwhile is raised here
+
+
 def start_worker() -> None:
     """The initializer of a forked scan worker. It ignores Ctrl-C (which the terminal sends to the whole process
     group): the main process gets KeyboardInterrupt, reports it in one line, and the pool's exit ends the workers.
     HF tokenizers refuse their thread pool after a fork; a worker encodes one text at a time, so it needs none."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # forked while start_pool held it back
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
