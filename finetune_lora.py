@@ -146,7 +146,7 @@ def main(
     tokenizer = Tokenizer(checkpoint_dir)
     plan = plan_lengths(fabric, data, tokenizer, train, seq, config.block_size, located)
     run = same_run.run_flags(train, seq, seed, fabric.world_size, optimizer, precision, config)
-    resumption, plan = same_run.begin(fabric, out_dir, resume_from, plan, run, saves=not seq.dry_run)
+    resumption, plan = same_run.begin(fabric, out_dir, resume_from, plan, run, not seq.dry_run, checkpoint_dir)
     max_seq_length, placement = plan.decision.max_seq_length, (fabric.global_rank, fabric.world_size)
     lengths, micro_batch_size = plan.kept_lengths("train"), train.micro_batch_size
     batches_for_epoch = order.train_batches(lengths, max_seq_length, micro_batch_size, seq.order, seed, *placement)

@@ -6,6 +6,7 @@ a file comes from.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -23,7 +24,17 @@ from helpers import ROOT
 from litgpt_seqlen.args import SeqArgs, parse_resume
 from litgpt_seqlen.checkpoint import atomic, lookup, same_run
 from litgpt_seqlen.checkpoint import state as training_state
-from litgpt_seqlen.checkpoint.layout import HEADER, LORA_FILE, STATE_DIR, STATE_FILE, file_sha256
+from litgpt_seqlen.checkpoint.layout import (
+    FORMAT,
+    HEADER,
+    LORA_FILE,
+    STATE_DIR,
+    STATE_FILE,
+    file_sha256,
+    sampled_difference,
+    sampled_fingerprint,
+    sampled_offsets,
+)
 from litgpt_seqlen.errors import UserInputError
 from litgpt_seqlen.training.rng import restore_rng
 
@@ -192,7 +203,17 @@ def test_a_damaged_or_foreign_header_is_incomplete(fabric, tmp_path):
     header.write_text(header.read_text()[:20])
     assert lookup.incomplete_reason(step_dir).startswith(f"its training state {header} is unreadable")
     header.write_text((tmp_path / STATE_DIR / "step-000002" / HEADER).read_text())  # another step's
-    assert lookup.incomplete_reason(step_dir) == f"{header} belongs to 'step-000002', format 2"
+    assert lookup.incomplete_reason(step_dir) == f"{header} belongs to 'step-000002'"
+
+
+def test_a_header_of_another_format_is_incomplete_and_says_so(fabric, tmp_path):
+    step_dir = save_checkpoint(fabric, tmp_path, 2)
+    header = tmp_path / STATE_DIR / "step-000002" / HEADER
+    header.write_text(json.dumps({**json.loads(header.read_text()), "format": FORMAT - 1}))
+    assert lookup.incomplete_reason(step_dir) == (
+        f"its training state {header} is of format {FORMAT - 1}, this version reads format {FORMAT} (saved by another"
+        " version of this code, which can resume it)"
+    )
 
 
 def test_a_step_dir_written_over_after_its_state_is_not_complete(fabric, tmp_path):
@@ -455,6 +476,60 @@ def test_check_same_run_names_every_change():
     assert message.endswith("or start a new run with --resume false (or another --out_dir).")
 
 
+class Examples(torch.utils.data.Dataset):
+    """As litgpt's SFTDataset holds its samples: the raw examples in ``.data``."""
+
+    def __init__(self, data: list) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def samples_as_bytes(texts: list[str]):
+    return [json.dumps({"instruction": text, "output": "x"}).encode() for text in texts]
+
+
+def test_a_sample_edited_at_the_same_length_is_named_by_split_index_and_place():
+    lengths = {"train": [5, 6, 7], "val": [3, 4]}
+    texts = {"train": ["one", "two", "three"], "val": ["four", "five"]}
+    contents = {name: samples_as_bytes(values) for name, values in texts.items()}
+    saved = json.loads(json.dumps({"data": same_run.data_fingerprint(lengths, contents)}))  # as state.json holds it
+    same_run.check_same_run(saved, {"data": same_run.data_fingerprint(lengths, contents)})
+
+    edited = {**contents, "train": samples_as_bytes(["one", "two", "tree"])}
+    current = {"data": same_run.data_fingerprint(lengths, edited)}
+    with pytest.raises(UserInputError) as error:
+        same_run.check_same_run(saved, current, "out/step-000004", where=lambda split, i: f"position {i} of t.json")
+    message = str(error.value)
+    assert "the train split has the same token lengths but other content: train sample 2 differs" in message
+    assert "train sample 2 differs (position 2 of t.json)" in message
+    assert "val split" not in message
+    # a change of key order is no change of content; a changed value in any field is
+    assert same_run.content_fingerprint([json.dumps({"b": 1, "a": 2}, sort_keys=True).encode()]) == (
+        same_run.content_fingerprint([json.dumps({"a": 2, "b": 1}, sort_keys=True).encode()])
+    )
+
+
+def test_sample_contents_reads_raw_examples_and_falls_back_to_items():
+    examples = [{"output": "b", "instruction": "a"}, {"instruction": "c", "output": "d"}]
+    assert list(same_run.sample_contents(Examples(examples))) == [
+        json.dumps(example, sort_keys=True).encode() for example in examples
+    ]
+
+    class Items(torch.utils.data.Dataset):  # no list of examples: each item (its token ids) is the content
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, index: int) -> dict:
+            return {"input_ids": torch.tensor([index, 7]), "labels": torch.tensor([-100, 7])}
+
+    assert list(same_run.sample_contents(Items())) == [
+        b'{"input_ids": [0, 7], "labels": [-100, 7]}',
+        b'{"input_ids": [1, 7], "labels": [-100, 7]}',
+    ]
+
+
 def test_run_flags_hold_every_flag_that_changes_the_weights():
     train = TrainArgs(micro_batch_size=2, global_batch_size=4, epochs=1, max_steps=5, lr_warmup_steps=1)
     lora = dict(lora_r=4, lora_alpha=8, lora_dropout=0.1, lora_query=True, lora_key=False, lora_value=True)
@@ -485,6 +560,8 @@ def test_the_length_decision_round_trips():
 def test_a_checkpoint_of_another_base_model_is_refused(tmp_path):
     (tmp_path / "base").mkdir()
     (tmp_path / "step-000002").mkdir()
+    (tmp_path / STATE_DIR / "step-000002").mkdir(parents=True)
+    (tmp_path / STATE_DIR / "step-000002" / HEADER).write_text("{}")  # no base weights recorded
     (tmp_path / "base" / "model_config.yaml").write_text("n_layer: 2\nn_embd: 32\n")
     (tmp_path / "step-000002" / "model_config.yaml").write_text("n_layer: 4\nn_embd: 32\n")
     with pytest.raises(UserInputError, match=r"another base model .*\(n_layer: 4 there, 2 here\)"):
@@ -508,10 +585,15 @@ class OneRank:
 
 def length_plan(kept_train: list[int], max_seq_length: int = 8):
     lengths = {"train": [5, 9, 7, 4], "val": [3, 6]}
+    examples = {
+        name: [{"instruction": f"{name} {i}", "output": "x"} for i in range(len(v))] for name, v in lengths.items()
+    }
     return SimpleNamespace(
         lengths=lengths,
         kept={"train": kept_train, "val": [0, 1]},
         decision=SimpleNamespace(max_seq_length=max_seq_length),
+        loaders={name: SimpleNamespace(dataset=Examples(samples)) for name, samples in examples.items()},
+        where=lambda split, index: None,
     )
 
 
@@ -535,7 +617,9 @@ def test_begin_a_fresh_run_tidies_the_out_dir_and_a_resumed_one_checks_the_check
     assert lookup.find_checkpoint(tmp_path, "auto", log=quiet) is None
     parts = resumption.header_parts
     assert parts["run"] == run and parts["decision"]["dropped"] == {"train": [1], "val": []}
-    assert parts["data"] == same_run.data_fingerprint({"train": [5, 9, 7, 4], "val": [3, 6]})
+    contents = {name: same_run.sample_contents(loader.dataset) for name, loader in plan.loaders.items()}
+    assert parts["data"] == same_run.data_fingerprint({"train": [5, 9, 7, 4], "val": [3, 6]}, contents)
+    assert parts["base"] is None  # no checkpoint_dir given: nothing recorded
 
     # its own checkpoint resumes; a changed flag, or another decision from the same data, stops before any weight
     step_dir = save_checkpoint(fabric, tmp_path, 4, header_parts=parts)
@@ -546,3 +630,99 @@ def test_begin_a_fresh_run_tidies_the_out_dir_and_a_resumed_one_checks_the_check
         same_run.begin(one_rank, tmp_path, step_dir, length_plan([0, 2, 3]), {**run, "seed": 2}, saves=True)
     with pytest.raises(UserInputError, match=r"max_seq_length 8, this run decides 9 .*split train: 3 samples kept"):
         same_run.begin(one_rank, tmp_path, step_dir, length_plan([0, 1, 2, 3], 9), run, saves=True)
+
+
+def test_begin_records_the_base_weights_of_a_run_that_saves_and_not_of_a_dry_run(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "lit_model.pth").write_bytes(b"weights")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    run = {"seed": 1}
+    resumption, _ = same_run.begin(OneRank(), out_dir, None, length_plan([0]), run, saves=True, base=tmp_path / "base")
+    assert resumption.header_parts["base"] == {
+        **sampled_fingerprint(tmp_path / "base" / "lit_model.pth"),
+        "path": str(tmp_path / "base" / "lit_model.pth"),
+    }
+    (tmp_path / "base" / "lit_model.pth").unlink()  # a dry run needs no weights
+    resumption, _ = same_run.begin(OneRank(), out_dir, None, length_plan([0]), run, saves=False, base=tmp_path / "base")
+    assert resumption.header_parts["base"] is None
+
+
+def test_other_base_weights_of_the_same_config_are_refused_naming_checkpoint_dir(fabric, tmp_path):
+    base, other = tmp_path / "base", tmp_path / "other"
+    for directory, weights in ((base, b"A" * 5000), (other, b"A" * 4999 + b"B")):
+        directory.mkdir()
+        (directory / "model_config.yaml").write_text("n_layer: 2\n")
+        (directory / "lit_model.pth").write_bytes(weights)
+    parts = {**HEADER_PARTS, "base": same_run.base_fingerprint(base)}
+    step_dir = save_checkpoint(fabric, tmp_path / "out", 2, header_parts=parts)
+    (step_dir / "model_config.yaml").write_text("n_layer: 2\n")
+    same_run.check_same_model(step_dir, base)
+    with pytest.raises(UserInputError) as error:
+        same_run.check_same_model(step_dir, other)
+    assert str(error.value) == (
+        f"--resume {step_dir}: that checkpoint was trained on other base weights than checkpoint_dir {other}"
+        f" ({other / 'lit_model.pth'}: same size (5000 bytes), other bytes in the sampled block at offset 0; it was"
+        f" trained from {base / 'lit_model.pth'}). Pass the checkpoint_dir it was trained from, or start a new run"
+        " with --resume false (or another --out_dir)."
+    )
+    (other / "lit_model.pth").write_bytes(b"A" * 5001)
+    with pytest.raises(UserInputError, match=r"lit_model.pth: size 5000 bytes then, 5001 now; it was trained from"):
+        same_run.check_same_model(step_dir, other)
+    (other / "lit_model.pth").unlink()  # a dry run needs no weights: nothing to compare
+    same_run.check_same_model(step_dir, other)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The base weights' sampled fingerprint
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_sampled_offsets_cover_a_small_file_whole_and_a_large_one_first_last_and_evenly_between():
+    assert sampled_offsets(0, block=4, count=3) == []
+    assert sampled_offsets(5, block=4, count=3) == [0, 4]
+    assert sampled_offsets(12, block=4, count=3) == [0, 4, 8]  # exactly count blocks: whole
+    assert sampled_offsets(13, block=4, count=3) == [0, 4, 9]  # the last block ends at the file's end
+    offsets = sampled_offsets(140 * 10**9)
+    assert len(offsets) == 32 and offsets[0] == 0 and offsets[-1] == 140 * 10**9 - (1 << 20)
+    gaps = {b - a for a, b in zip(offsets, offsets[1:])}
+    assert max(gaps) - min(gaps) <= 1
+
+
+def test_sampled_fingerprint_sees_a_change_in_any_sampled_block_and_any_size_change(tmp_path):
+    path = tmp_path / "lit_model.pth"
+    content = bytes(range(256)) * 40  # 10240 bytes: 4 sampled blocks of 64 bytes, not the whole file
+    path.write_bytes(content)
+    saved = json.loads(json.dumps(sampled_fingerprint(path, block=64, count=4)))
+    offsets = [offset for offset, _ in saved["blocks"]]
+    assert saved["size"] == 10240 and offsets == sampled_offsets(10240, 64, 4) and len(offsets) == 4
+    assert sampled_difference(saved, sampled_fingerprint(path, block=64, count=4)) is None
+    for offset in offsets:
+        for where in (offset, offset + 63):  # a block's first byte and its last
+            changed = bytearray(content)
+            changed[where] ^= 0xFF
+            path.write_bytes(changed)
+            difference = sampled_difference(saved, sampled_fingerprint(path, block=64, count=4))
+            assert difference == f"same size (10240 bytes), other bytes in the sampled block at offset {offset}"
+    for size in (10239, 10241):
+        path.write_bytes(content[:size] if size < len(content) else content + b"x")
+        difference = sampled_difference(saved, sampled_fingerprint(path, block=64, count=4))
+        assert difference == f"size 10240 bytes then, {size} now"
+
+
+def test_sampled_fingerprint_of_an_empty_and_a_small_file(tmp_path):
+    empty, small = tmp_path / "empty", tmp_path / "small"
+    empty.write_bytes(b"")
+    small.write_bytes(b"abc")
+    assert sampled_fingerprint(empty) == {"size": 0, "block_size": 1 << 20, "blocks": []}
+    assert sampled_fingerprint(small) == {
+        "size": 3,
+        "block_size": 1 << 20,
+        "blocks": [[0, hashlib.sha256(b"abc").hexdigest()]],
+    }
+    assert sampled_difference(sampled_fingerprint(empty), sampled_fingerprint(small)) == "size 0 bytes then, 3 now"
+    small.write_bytes(b"abd")
+    assert (
+        sampled_difference(sampled_fingerprint(tmp_path / "small"), json.loads(json.dumps(sampled_fingerprint(small))))
+        is None
+    )

@@ -8,6 +8,7 @@ it with the same flags. LoRA dropout is on, so B ends equal only if it draws the
 inside epoch 1 and step 3 takes one micro-batch from epoch 1 and one from epoch 2.
 """
 
+import json
 import shutil
 from pathlib import Path
 
@@ -194,3 +195,61 @@ def test_a_checkpoint_of_another_run_stops_with_exit_2_naming_what_differs(
         assert "error: " in result.stderr and reason in result.stderr, (flags, result.stderr[-3000:])
         assert not (tmp_path / f"out{number}" / "final").exists()
     assert sorted(str(path.relative_to(reference)) for path in reference.rglob("*")) == before
+
+
+def test_a_sample_edited_at_the_same_token_length_stops_with_exit_2_naming_split_and_sample(
+    uninterrupted, cli_here, tiny_checkpoint, data_dir, tmp_path
+):
+    """One word of train sample 3 swapped for another: the same token lengths, other text to train on."""
+    from litgpt.tokenizer import Tokenizer
+
+    step_dir = uninterrupted("random") / "step-000002"
+    edited = tmp_path / "edited_data"
+    shutil.copytree(data_dir, edited)
+    samples = json.loads((edited / "train.json").read_text())
+    words = samples[3]["output"].split(" ")
+    words[-1] = "the" if words[-1] != "the" else "a"
+    before = assets.sample_tokens(samples[3], Tokenizer(tiny_checkpoint))
+    samples[3]["output"] = " ".join(words)
+    assert assets.sample_tokens(samples[3], Tokenizer(tiny_checkpoint)) == before
+    (edited / "train.json").write_text(json.dumps(samples, indent=1))
+
+    out_dir = tmp_path / "out"
+    result = cli_here(edited, out_dir, *FLAGS, "--resume", str(step_dir), steps=STEPS)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (
+        f"error: cannot resume from {step_dir}: this run differs from the one that saved it: the train split has the"
+        f" same token lengths but other content: train sample 3 differs (position 3 of {edited / 'train.json'})."
+    ) in result.stderr
+    assert not (out_dir / "seq_lengths.json").exists() and not (out_dir / "final").exists()
+
+
+def test_other_base_weights_of_the_same_config_stop_with_exit_2_naming_checkpoint_dir(
+    uninterrupted, cli_here, tiny_checkpoint, data_dir, tmp_path
+):
+    """Other random weights, same model_config.yaml and the same file size: refused before the scan; a dry run, which
+    needs no weights, still resumes."""
+    step_dir = uninterrupted("random") / "step-000002"
+    other = tmp_path / "other_weights"
+    assets.build_tokenizer(other)
+    assets.build_checkpoint(other, block_size=512, seed=1)
+    assert (other / "model_config.yaml").read_text() == (tiny_checkpoint / "model_config.yaml").read_text()
+    size = (other / "lit_model.pth").stat().st_size
+    assert size == (tiny_checkpoint / "lit_model.pth").stat().st_size
+
+    out_dir = tmp_path / "out"
+    result = cli_here(data_dir, out_dir, *FLAGS, "--resume", str(step_dir), steps=STEPS, checkpoint=other)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (
+        f"error: --resume {step_dir}: that checkpoint was trained on other base weights than checkpoint_dir {other}"
+        f" ({other / 'lit_model.pth'}: same size ({size} bytes), other bytes in the sampled block at offset 0; it was"
+        f" trained from {tiny_checkpoint / 'lit_model.pth'}). Pass the checkpoint_dir it was trained from"
+    ) in result.stderr
+    assert not (out_dir / "seq_lengths.json").exists() and not (out_dir / "final").exists()
+
+    (other / "lit_model.pth").unlink()
+    result = cli_here(
+        data_dir, out_dir, *FLAGS, "--resume", str(step_dir), "--seq.dry_run", "true", steps=STEPS, checkpoint=other
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_report(out_dir)["resumed_from"] == {"step_dir": str(step_dir), "step": 2}

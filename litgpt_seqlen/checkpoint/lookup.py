@@ -68,8 +68,13 @@ def incomplete_reason(step_dir: Path) -> str | None:
         return f"no training state at {state_dir / HEADER} (not saved by a resumable run, or it stopped while saving)"
     except (OSError, ValueError) as error:
         return f"its training state {state_dir / HEADER} is unreadable ({error})"
-    if header.get("format") != FORMAT or header.get("step_dir") != step_dir.name:
-        return f"{state_dir / HEADER} belongs to {header.get('step_dir')!r}, format {header.get('format')!r}"
+    if header.get("format") != FORMAT:
+        return (
+            f"its training state {state_dir / HEADER} is of format {header.get('format')!r}, this version reads"
+            f" format {FORMAT} (saved by another version of this code, which can resume it)"
+        )
+    if header.get("step_dir") != step_dir.name:
+        return f"{state_dir / HEADER} belongs to {header.get('step_dir')!r}"
     for name, digest in header["files"].items():
         if not (state_dir / name).is_file():
             return f"{state_dir} lacks {name}"

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 from litgpt_seqlen.checkpoint.atomic import forget_training_states, remove_stale_temporaries
+from litgpt_seqlen.checkpoint.layout import BASE_WEIGHTS, sampled_difference, sampled_fingerprint
 from litgpt_seqlen.checkpoint.lookup import read_header
 from litgpt_seqlen.checkpoint.state import Resumption
 from litgpt_seqlen.errors import UserInputError
 
 # --seq.* flags that do not change what is trained (every other, present or future, must match to resume)
 SEQ_FLAGS_NOT_RUN_CHANGING = ("dry_run", "scan_workers", "rehearse")
+SAMPLE_DIGEST = 4  # bytes of each sample's sha256 kept in state.json, to name the first changed sample
 
 
 def run_flags(train, seq, seed: int, world_size: int, optimizer, precision, config) -> dict:
@@ -39,16 +42,58 @@ def run_flags(train, seq, seed: int, world_size: int, optimizer, precision, conf
     return normalized(flags)
 
 
-def data_fingerprint(lengths: Mapping[str, Sequence[int]]) -> dict:
-    """Per split: the sample count, a sha256 of the token lengths, and the lengths (to say where they differ)."""
-    return {
-        name: {
+def data_fingerprint(
+    lengths: Mapping[str, Sequence[int]], contents: Mapping[str, Iterable[bytes]] | None = None
+) -> dict:
+    """Per split: the sample count, a sha256 of the token lengths and the lengths (to say where they differ); with
+    ``contents`` (per split, each sample's bytes in dataset order, ``sample_contents``) also ``content_fingerprint``."""
+    fingerprint = {}
+    for name, values in lengths.items():
+        fingerprint[name] = {
             "count": len(values),
             "sha256": hashlib.sha256(json.dumps(list(values)).encode()).hexdigest(),
             "lengths": list(values),
         }
-        for name, values in lengths.items()
-    }
+        if contents is not None:
+            fingerprint[name].update(content_fingerprint(contents[name]))
+    return fingerprint
+
+
+def content_fingerprint(samples: Iterable[bytes]) -> dict:
+    """``content_sha256``: a sha256 over every sample's sha256, in order (any change to any sample changes it);
+    ``sample_digests``: the first ``SAMPLE_DIGEST`` bytes of each sample's sha256, base64 (to say which one changed)."""
+    whole, short = hashlib.sha256(), bytearray()
+    for sample in samples:
+        digest = hashlib.sha256(sample).digest()
+        whole.update(digest)
+        short += digest[:SAMPLE_DIGEST]
+    return {"content_sha256": whole.hexdigest(), "sample_digests": base64.b64encode(bytes(short)).decode()}
+
+
+def sample_contents(dataset) -> Iterator[bytes]:
+    """Each sample of ``dataset`` as bytes, in dataset order, without tokenizing: the raw example of litgpt's
+    ``SFTDataset`` (its ``.data``, as JSON with sorted keys), which with the flags and the tokenizer makes the item;
+    for a dataset without such a list, its items (token ids and labels) as JSON."""
+    samples = getattr(dataset, "data", None)
+    if not (hasattr(samples, "__getitem__") and hasattr(samples, "__len__") and len(samples) == len(dataset)):
+        samples = dataset
+    for index in range(len(samples)):
+        yield json.dumps(samples[index], sort_keys=True, default=as_json).encode()
+
+
+def as_json(value: object) -> object:
+    tolist = getattr(value, "tolist", None)  # a tensor or an array: its numbers
+    return tolist() if callable(tolist) else repr(value)
+
+
+def first_changed_sample(saved: str, now: str) -> int | None:
+    """The index of the first sample whose digest differs (``content_fingerprint``'s ``sample_digests``)."""
+    saved_bytes, now_bytes = base64.b64decode(saved), base64.b64decode(now)
+    for index in range(min(len(saved_bytes), len(now_bytes)) // SAMPLE_DIGEST):
+        window = slice(index * SAMPLE_DIGEST, (index + 1) * SAMPLE_DIGEST)
+        if saved_bytes[window] != now_bytes[window]:
+            return index
+    return None
 
 
 def decision_record(max_seq_length: int, kept: Mapping[str, Sequence[int]], counts: Mapping[str, int]) -> dict:
@@ -66,28 +111,19 @@ def kept_from_record(record: dict) -> dict[str, list[int]]:
     return kept
 
 
-def check_same_run(saved: dict, current: dict, checkpoint: str = "the checkpoint") -> None:
+def check_same_run(saved: dict, current: dict, checkpoint: str = "the checkpoint", where=None) -> None:
     """Raises UserInputError naming every setting (``run``) and every split (``data``) that differs between the
     checkpoint's header and this run. Both are dicts with ``run`` (flag name -> value) and ``data``
-    (``data_fingerprint``). A key only one side has is not compared."""
+    (``data_fingerprint``). A key only one side has is not compared. ``where(split, index)`` names a sample's place
+    in the user's file (or None)."""
     problems = []
     for name, was in saved.get("run", {}).items():
         if name in current.get("run", {}) and normalized(current["run"][name]) != normalized(was):
             problems.append(f"--{name} was {was!r}, now {current['run'][name]!r}")
     for split, was in saved.get("data", {}).items():
-        now = current.get("data", {}).get(split)
-        if now is None:
-            problems.append(f"the {split} split is missing now ({was['count']} samples then)")
-        elif now["count"] != was["count"]:
-            problems.append(f"the {split} split had {was['count']} samples, now {now['count']}")
-        elif now["sha256"] != was["sha256"]:
-            index = next((i for i, (a, b) in enumerate(zip(was["lengths"], now["lengths"])) if a != b), None)
-            where = (
-                f": {split} sample {index} had {was['lengths'][index]} tokens, now {now['lengths'][index]}"
-                if index is not None
-                else ""
-            )
-            problems.append(f"the {split} split has the same count but other token lengths{where}")
+        problem = split_problem(split, was, current.get("data", {}).get(split), where or (lambda split, index: None))
+        if problem:
+            problems.append(problem)
     if problems:
         raise UserInputError(
             f"cannot resume from {checkpoint}: this run differs from the one that saved it: "
@@ -96,12 +132,40 @@ def check_same_run(saved: dict, current: dict, checkpoint: str = "the checkpoint
         )
 
 
+def split_problem(split: str, was: dict, now: dict | None, where) -> str | None:
+    """What differs between a split's saved and current ``data_fingerprint``, in words; None when nothing does."""
+
+    def place(index: int) -> str:
+        found = where(split, index)
+        return f" ({found})" if found else ""
+
+    if now is None:
+        return f"the {split} split is missing now ({was['count']} samples then)"
+    if now["count"] != was["count"]:
+        return f"the {split} split had {was['count']} samples, now {now['count']}"
+    if now["sha256"] != was["sha256"]:
+        index = next((i for i, (a, b) in enumerate(zip(was["lengths"], now["lengths"])) if a != b), None)
+        at = (
+            f": {split} sample {index} had {was['lengths'][index]} tokens, now {now['lengths'][index]}{place(index)}"
+            if index is not None
+            else ""
+        )
+        return f"the {split} split has the same count but other token lengths{at}"
+    if "content_sha256" in was and "content_sha256" in now and was["content_sha256"] != now["content_sha256"]:
+        index = first_changed_sample(was["sample_digests"], now["sample_digests"])
+        at = f": {split} sample {index} differs{place(index)}" if index is not None else ""
+        return f"the {split} split has the same token lengths but other content{at}"
+    return None
+
+
 def normalized(value: object) -> object:
     return json.loads(json.dumps(value, default=str))
 
 
 def check_same_model(step_dir: Path, checkpoint_dir: Path) -> None:
-    """The step directory's model_config.yaml must be the base checkpoint's (a LoRA state fits only its base model)."""
+    """The base model must be the checkpoint's (a LoRA state fits only its base model): the step directory's
+    model_config.yaml the same as checkpoint_dir's, and checkpoint_dir's lit_model.pth the one recorded in the
+    checkpoint's state.json (``base_fingerprint``; not compared where there is none: a dry run needs no weights)."""
     import yaml
 
     saved = yaml.safe_load((Path(step_dir) / "model_config.yaml").read_text())
@@ -113,6 +177,22 @@ def check_same_model(step_dir: Path, checkpoint_dir: Path) -> None:
             f"--resume {step_dir}: that checkpoint was trained on another base model than checkpoint_dir"
             f" {checkpoint_dir} ({shown}). Pass the checkpoint_dir it was trained from."
         )
+    weights = read_header(step_dir).get("base")
+    now = base_fingerprint(checkpoint_dir) if weights else None
+    difference = sampled_difference(weights, now) if now else None
+    if difference:
+        raise UserInputError(
+            f"--resume {step_dir}: that checkpoint was trained on other base weights than checkpoint_dir"
+            f" {checkpoint_dir} ({Path(checkpoint_dir) / BASE_WEIGHTS}: {difference}; it was trained from"
+            f" {weights['path']}). Pass the checkpoint_dir it was trained from, or start a new run with --resume false"
+            " (or another --out_dir)."
+        )
+
+
+def base_fingerprint(checkpoint_dir: Path) -> dict | None:
+    """The sampled fingerprint of checkpoint_dir's lit_model.pth, with its path; None when there is none."""
+    path = Path(checkpoint_dir) / BASE_WEIGHTS
+    return {**sampled_fingerprint(path), "path": str(path)} if path.is_file() else None
 
 
 def plan_as_saved(fabric, plan, record: dict):
@@ -134,15 +214,19 @@ def plan_as_saved(fabric, plan, record: dict):
     )
 
 
-def begin(fabric, out_dir: Path, step_dir: Path | None, plan, run: dict, saves: bool):
+def begin(fabric, out_dir: Path, step_dir: Path | None, plan, run: dict, saves: bool, base: Path | None = None):
     """After the scan, before any weight: checks this run against the checkpoint (``step_dir``; None for a fresh
     run), takes the length decision from it, and tidies ``out_dir`` (what a killed save left; a fresh run that
-    ``saves`` (any run that trains: a signal makes it save) makes an old run's checkpoints non-resumable). ``plan`` is a ``LengthPlan``. Returns (Resumption, plan)."""
-    data = data_fingerprint({name: plan.lengths[name] for name in ("train", "val")})
+    ``saves`` (any run that trains: a signal makes it save) makes an old run's checkpoints non-resumable). ``plan`` is
+    a ``LengthPlan``; ``base`` the checkpoint_dir, whose lit_model.pth a run that saves records. Returns (Resumption,
+    plan)."""
+    splits = ("train", "val")
+    contents = {name: sample_contents(plan.loaders[name].dataset) for name in splits}
+    data = data_fingerprint({name: plan.lengths[name] for name in splits}, contents)
     saved = None
     if step_dir is not None:
         saved = read_header(step_dir)
-        check_same_run(saved, {"run": run, "data": data}, str(step_dir))
+        check_same_run(saved, {"run": run, "data": data}, str(step_dir), where=plan.where)
         plan = plan_as_saved(fabric, plan, saved["decision"])
     if fabric.global_rank == 0:
         for path in remove_stale_temporaries(out_dir):
@@ -156,4 +240,5 @@ def begin(fabric, out_dir: Path, step_dir: Path | None, plan, run: dict, saves: 
     fabric.barrier()
     counts = {name: len(plan.lengths[name]) for name in plan.kept}
     decision = decision_record(plan.decision.max_seq_length, plan.kept, counts)
-    return Resumption(step_dir, saved, {"run": run, "data": data, "decision": decision}), plan
+    weights = base_fingerprint(base) if saves and base is not None else None
+    return Resumption(step_dir, saved, {"run": run, "data": data, "decision": decision, "base": weights}), plan
