@@ -43,7 +43,7 @@ from litgpt_seqlen.cli.parser import build_parser
 from litgpt_seqlen.data import files, loaders, order
 from litgpt_seqlen.data.length_plan import plan_lengths
 from litgpt_seqlen.errors import UserInputError
-from litgpt_seqlen.model.base import find_checkpoint_dir, swap_in_stable_embedding
+from litgpt_seqlen.model.base import check_tokenizer, find_checkpoint_dir, load_config, swap_in_stable_embedding
 from litgpt_seqlen.model.packed_forward import check_packable
 from litgpt_seqlen.report import build as report_build
 from litgpt_seqlen.report.outcomes import plan_warnings
@@ -77,13 +77,16 @@ def setup(checkpoint_dir: Path, seq: SeqArgs = SeqArgs(), resume: Resume = False
     quantize = flags["quantize"]
     out_dir = litgpt_utils.init_out_dir(Path(flags["out_dir"]))
     # Every setting, upstream's included, before anything is read or built; out_dir is created and tried for writing.
-    settings.check_settings(train, eval, seq, devices, num_nodes, quantize, precision, out_dir)
+    settings.check_settings(
+        train, eval, seq, devices, num_nodes, quantize, precision, out_dir, flags["data"], flags["logger_name"]
+    )
     with outputs.hold_out_dir(out_dir, enabled=ranks.launched_as_rank_zero()):  # one run per out_dir, for its life
         data = flags["data"] or Alpaca()
         located = files.check_data_files(data)  # every sample of the user's files, before a token is made
         checkpoint_dir = find_checkpoint_dir(Path(checkpoint_dir), flags["access_token"], need_weights=not seq.dry_run)
         lora_settings = {name: value for name, value in flags.items() if name.startswith("lora_")}  # Config's names
-        config = Config.from_file(checkpoint_dir / "model_config.yaml", **lora_settings)
+        config = load_config(checkpoint_dir, **lora_settings)
+        check_tokenizer(checkpoint_dir, config, Tokenizer)  # it loads, and its ids fit the model's vocabulary
         if seq.pack:
             check_packable(config)  # from the config alone: before any weight is read, in a dry run too
         logger = litgpt_utils.choose_logger(

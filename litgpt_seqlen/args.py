@@ -34,11 +34,12 @@ class SeqArgs:
     """Pack whole train samples into rows of at most max_seq_length tokens (best fit within shuffled groups; rows in
     shuffled order, deterministic under --seed), each micro-batch being micro_batch_size rows. Positions restart and
     attention stays within each sample, so a step trains as on the samples one by one. Validation is unpacked.
-    Implies --seq.loss_weighting token; excludes --seq.group_by_length."""
-    loss_weighting: Literal["token", "batch"] = "batch"
+    Trains with --seq.loss_weighting token; excludes --seq.group_by_length."""
+    loss_weighting: Literal["token", "batch"] | None = None
     """How a step's loss weighs its tokens: "batch" (upstream) averages over each micro-batch, then over the
     micro-batches; "token" divides the sum of the token losses of the whole step (all micro-batches, all ranks) by its
-    number of supervised tokens, so every token weighs the same. Forced to "token" by --seq.pack true."""
+    number of supervised tokens, so every token weighs the same. Unset (default): "token" under --seq.pack true (the
+    only weighting packing allows), "batch" otherwise."""
     rehearse: bool = True
     """Before the first step, run the longest train micro-batch (forward + backward; under --seq.pack the fullest
     rows) and the longest val micro-batch (forward), then undo everything (gradients, RNG), so a length or memory failure shows in the first minute."""
@@ -50,8 +51,9 @@ class SeqArgs:
 
     @property
     def token_weighting(self) -> bool:
-        """Whether a step's loss weighs every supervised token the same (--seq.loss_weighting token, or packing)."""
-        return self.pack or self.loss_weighting == "token"
+        """Whether a step's loss weighs every supervised token the same: --seq.loss_weighting token, or packing with
+        --seq.loss_weighting unset (packing with "batch" is refused by the settings check)."""
+        return self.loss_weighting == "token" or (self.loss_weighting is None and self.pack)
 
 
 Resume = bool | Literal["auto"] | Path

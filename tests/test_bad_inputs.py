@@ -408,6 +408,92 @@ def test_bad_input_is_a_clear_error(cli_here, tiny_checkpoint, make_data, tmp_pa
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The checkpoint's files, the data module, the logger: refused before the model is built (the weights are unreadable,
+# so reading them would fail differently)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def checkpoint(tiny_checkpoint, tmp_path) -> Path:
+    """A copy of the tiny checkpoint whose lit_model.pth cannot be loaded."""
+    copy = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, copy)
+    (copy / "lit_model.pth").write_bytes(b"not a checkpoint")
+    return copy
+
+
+def test_negative_num_workers(run, data_dir, tmp_path, checkpoint):
+    result = run(data_dir, tmp_path / "out", "--data.num_workers", "-1", checkpoint=checkpoint)
+    assert_clear_error(result, "--data.num_workers must be a whole number >= 0", "got -1")
+
+
+def test_tokenizer_json_that_is_not_json(run, data_dir, tmp_path, checkpoint):
+    (checkpoint / "tokenizer.json").write_text('{"model": {"vocab": ')
+    result = run(data_dir, tmp_path / "out", checkpoint=checkpoint)
+    assert_clear_error(result, f"{checkpoint / 'tokenizer.json'} is not valid JSON", "line 1, column 21")
+
+
+def test_unknown_key_in_model_config(run, data_dir, tmp_path, checkpoint):
+    with (checkpoint / "model_config.yaml").open("a") as config:
+        config.write("attention_flavour: sparse\n")
+    result = run(data_dir, tmp_path / "out", checkpoint=checkpoint)
+    assert_clear_error(result, str(checkpoint / "model_config.yaml"), "does not know: attention_flavour")
+
+
+@pytest.mark.parametrize(("logger", "package"), [("tensorboard", "tensorboard"), ("wandb", "wandb")])
+def test_logger_without_its_package(run, data_dir, tmp_path, checkpoint, logger, package):
+    import importlib.util
+
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed")
+    result = run(data_dir, tmp_path / "out", "--logger_name", logger, checkpoint=checkpoint)
+    assert_clear_error(result, f"--logger_name {logger} needs the {package}", f"pip install {package}")
+
+
+def test_tokenizer_ids_beyond_the_models_vocabulary(run, data_dir, tmp_path, checkpoint):
+    """A tokenizer with more words than the model's embedding has rows: the samples' words would get ids past it."""
+    import assets
+
+    assets.build_tokenizer(checkpoint, extra_words=[f"zz{i:02d}" for i in range(40)])
+    result = run(data_dir, tmp_path / "out", checkpoint=checkpoint)
+    assert_clear_error(result, "has token ids up to 116", "for ids below 77 only (padded_vocab_size")
+
+
+def test_alpaca_without_network_names_the_url_and_local_files(run, data_dir, tmp_path, checkpoint, monkeypatch):
+    import requests
+    from litgpt.data.alpaca import _URL
+
+    def no_network(*args, **kwargs):
+        raise requests.exceptions.ConnectionError("Failed to resolve 'raw.githubusercontent.com'")
+
+    monkeypatch.setattr(requests, "get", no_network)
+    download_dir = tmp_path / "alpaca"
+    result = run(data_dir, tmp_path / "out", "--data", "Alpaca", "--data.download_dir", str(download_dir),
+                 checkpoint=checkpoint)  # fmt: skip
+    err = assert_clear_error(result, f"could not download its data from {_URL}", "ConnectionError", "--data JSON")
+    assert str(download_dir / "alpaca_data_cleaned_archive.json") in err
+
+
+def test_unknown_prompt_style_names_the_flag_and_the_styles(run, data_dir, tmp_path, checkpoint):
+    result = run(data_dir, tmp_path / "out", "--data.prompt_style", "chatml", checkpoint=checkpoint)
+    assert_clear_error(result, "--data.prompt_style 'chatml' is not a prompt style", "alpaca, codellama", "llama3")
+
+
+def test_packing_with_batch_weighting_is_refused(run, data_dir, tmp_path, checkpoint):
+    result = run(
+        data_dir, tmp_path / "out", "--seq.pack", "true", "--seq.loss_weighting", "batch", checkpoint=checkpoint
+    )
+    assert_clear_error(result, "--seq.pack true and --seq.loss_weighting batch exclude each other")
+
+
+def test_a_split_in_two_formats_is_refused(run, data_dir, tmp_path, checkpoint):
+    samples = json.loads((data_dir / "val.json").read_text())
+    (data_dir / "val.jsonl").write_text("".join(json.dumps(sample) + "\n" for sample in samples))
+    result = run(data_dir, tmp_path / "out", checkpoint=checkpoint)
+    assert_clear_error(result, f"{str(data_dir)!r} holds both val.json and val.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Across processes
 # ---------------------------------------------------------------------------------------------------------------
 

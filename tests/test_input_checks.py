@@ -18,8 +18,9 @@ from litgpt.tokenizer import Tokenizer
 import data_utils
 from litgpt_seqlen.args import SeqArgs
 from litgpt_seqlen.cli import parser as cli_parser
-from litgpt_seqlen.data import files
+from litgpt_seqlen.data import files, length_plan
 from litgpt_seqlen.errors import UserInputError
+from litgpt_seqlen.model import base
 from litgpt_seqlen.report import outcomes
 from litgpt_seqlen.run import settings
 from litgpt_seqlen.training import schedule
@@ -294,6 +295,36 @@ def test_evaluate_example_index_as_litgpt_reads_it(index):
         settings.check_evaluate_example(index, 3, 5)
 
 
+def test_loss_weighting_unset_follows_packing_and_batch_with_packing_is_refused(tmp_path):
+    assert SeqArgs(pack=True).token_weighting and not SeqArgs().token_weighting
+    assert SeqArgs(loss_weighting="token").token_weighting and not SeqArgs(loss_weighting="batch").token_weighting
+    message = settings_error(seq=SeqArgs(pack=True, loss_weighting="batch"))
+    assert "--seq.pack true and --seq.loss_weighting batch exclude each other" in message
+    settings.check_settings(TRAIN, EVAL, SeqArgs(pack=True, loss_weighting="token"), 1, 1, None, "32-true")
+
+
+def test_data_module_num_workers_below_zero():
+    with pytest.raises(ValueError, match="num_workers"):  # where torch refuses it: when the loader is made
+        torch.utils.data.DataLoader([], num_workers=-1)
+    with pytest.raises(UserInputError, match=r"--data.num_workers must be a whole number >= 0.*got -1"):
+        settings.check_settings(TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", data=SimpleNamespace(num_workers=-1))
+    settings.check_settings(TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", data=SimpleNamespace(num_workers=0))
+
+
+def test_logger_needs_one_of_its_packages(monkeypatch):
+    import importlib.util
+
+    installed = {"tensorboardX"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: object() if name in installed else None)
+    settings.check_settings(TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", logger_name="tensorboard")  # either one
+    settings.check_settings(TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", logger_name="csv")
+    with pytest.raises(UserInputError, match="--logger_name wandb needs the wandb package.*pip install wandb"):
+        settings.check_settings(TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", logger_name="wandb")
+    installed.clear()
+    with pytest.raises(UserInputError, match="needs the tensorboard or tensorboardX package"):
+        settings.check_settings(TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", logger_name="tensorboard")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The parsed command line: before jsonargparse builds the data module
 # ---------------------------------------------------------------------------------------------------------------
@@ -335,6 +366,30 @@ def test_directory_without_val_file(parser, tmp_path):
     write(tmp_path / "d" / "valid.json", [sample(1)])
     message = parse_error(parser, "--data", "JSON", "--data.json_path", str(tmp_path / "d"))
     assert "without val.json (or val.jsonl)" in message and "valid.json" in message
+
+
+def test_unknown_prompt_style_lists_litgpts(parser, tmp_path):
+    from litgpt.prompts import PromptStyle, prompt_styles
+
+    with pytest.raises(KeyError):  # where litgpt raises it: while the CLI builds the data module
+        PromptStyle.from_name("chatml")
+    write(tmp_path / "d" / "train.json", [sample(0)])
+    write(tmp_path / "d" / "val.json", [sample(1)])
+    message = parse_error(
+        parser, "--data", "JSON", "--data.json_path", str(tmp_path / "d"), "--data.prompt_style", "chatml"
+    )
+    assert message.startswith("--data.prompt_style 'chatml' is not a prompt style litgpt knows")
+    assert all(name in message for name in prompt_styles)
+    cli_parser.check_prompt_style("llama3")
+
+
+def test_directory_with_a_split_in_two_formats(parser, tmp_path):
+    write(tmp_path / "d" / "train.json", [sample(0)])
+    write(tmp_path / "d" / "train.jsonl", json.dumps(sample(2)) + "\n")
+    write(tmp_path / "d" / "val.json", [sample(1)])
+    message = parse_error(parser, "--data", "JSON", "--data.json_path", str(tmp_path / "d"))
+    assert "holds both train.json and train.jsonl: litgpt would read train.json and ignore train.jsonl" in message
+    assert JSON(json_path=tmp_path / "d").find_split("train").name == "train.json"  # what litgpt reads
 
 
 def test_unsupported_suffix(parser, tmp_path):
@@ -609,3 +664,77 @@ def test_over_length_fix_names_only_flags_that_help():
     assert "block_size 512" in capped and "--train.max_seq_length" not in capped and "--seq.headroom" not in capped
     override = data_utils.over_length_fix(decision(lengths, override=300))
     assert "--train.max_seq_length" in override and "--seq.headroom" not in override
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The checkpoint's config and tokenizer, and a data module's download
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def checkpoint_copy(tiny_checkpoint, tmp_path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(tiny_checkpoint, tmp_path / "checkpoint"))
+
+
+def test_config_is_litgpts_own_and_an_unknown_key_is_named(checkpoint_copy):
+    from litgpt.lora import Config
+
+    config = base.load_config(checkpoint_copy, lora_r=4)
+    assert config == Config.from_file(checkpoint_copy / "model_config.yaml", lora_r=4)
+    with (checkpoint_copy / "model_config.yaml").open("a") as file:
+        file.write("attention_flavour: sparse\n")
+    with pytest.raises(TypeError, match="attention_flavour"):  # what litgpt raises for it
+        Config.from_file(checkpoint_copy / "model_config.yaml")
+    with pytest.raises(UserInputError, match=r"model_config.yaml has key\(s\) .* does not know: attention_flavour"):
+        base.load_config(checkpoint_copy)
+
+
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [("n_layer: [2\n", "is not valid YAML"), ("", "holds no model settings"), ("- 1\n", "holds no")],
+)
+def test_config_that_is_not_a_mapping_of_settings(checkpoint_copy, content, named):
+    (checkpoint_copy / "model_config.yaml").write_text(content)
+    with pytest.raises(UserInputError, match=named):
+        base.load_config(checkpoint_copy)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_tokenizer_files_that_are_not_json(checkpoint_copy, name):
+    config = base.load_config(checkpoint_copy)
+    base.check_tokenizer(checkpoint_copy, config)
+    (checkpoint_copy / name).write_text('{"a": ')
+    with pytest.raises(Exception):  # litgpt's Tokenizer fails on it, with an exception of no user's kind
+        Tokenizer(checkpoint_copy)
+    with pytest.raises(UserInputError, match=rf"{name} is not valid JSON: .* line 1, column 7"):
+        base.check_tokenizer(checkpoint_copy, config)
+
+
+def test_tokenizer_ids_must_fit_the_embedding(checkpoint_copy):
+    """The largest id litgpt's tokenizer gives a text is below padded_vocab_size exactly when the check passes."""
+    import assets
+
+    config = base.load_config(checkpoint_copy)
+    words = " ".join(assets.WORDS)
+    assert max(Tokenizer(checkpoint_copy).encode(words).tolist()) < config.padded_vocab_size
+    base.check_tokenizer(checkpoint_copy, config)
+    extra = [f"zz{i:02d}" for i in range(40)]
+    assets.build_tokenizer(checkpoint_copy, extra_words=extra)
+    assert max(Tokenizer(checkpoint_copy).encode(" ".join(extra)).tolist()) == 116
+    with pytest.raises(UserInputError, match=r"token ids up to 116, but .* below 77 only \(padded_vocab_size"):
+        base.check_tokenizer(checkpoint_copy, config)
+
+
+def test_a_failed_download_names_the_url_and_a_failed_write_the_directory(tmp_path):
+    import requests
+    from litgpt.data import Alpaca
+
+    data = Alpaca(download_dir=tmp_path / "alpaca")
+    offline = str(length_plan.preparation_error(data, requests.exceptions.ConnectionError("no route to host")))
+    assert f"could not download its data from {data.file_url} (ConnectionError: no route to host)" in offline
+    assert str(tmp_path / "alpaca" / data.file_name) in offline and "--data JSON --data.json_path" in offline
+    unwritable = PermissionError(13, "Permission denied", str(tmp_path / "alpaca"))
+    message = str(length_plan.preparation_error(data, unwritable))
+    assert "Permission denied" in message and "--data.download_dir" in message and "download its" not in message

@@ -44,9 +44,11 @@ def test_pack_and_group_by_length_exclude_each_other(tiny_checkpoint, tmp_path):
         finetune_lora.setup(tiny_checkpoint, seq=SeqArgs(pack=True, group_by_length=True), out_dir=tmp_path / "out")
 
 
-def test_token_weighting_is_forced_by_packing():
-    assert SeqArgs(pack=True, loss_weighting="batch").token_weighting
+def test_token_weighting_is_packings_default_and_batch_is_refused(tiny_checkpoint, tmp_path):
+    assert SeqArgs(pack=True).token_weighting
     assert SeqArgs(loss_weighting="token").token_weighting and not SeqArgs().token_weighting
+    with pytest.raises(UserInputError, match="--seq.pack true and --seq.loss_weighting batch exclude each other"):
+        finetune_lora.setup(tiny_checkpoint, seq=SeqArgs(pack=True, loss_weighting="batch"), out_dir=tmp_path / "out")
 
 
 def test_packed_train_loader_and_its_rehearsal_batch(tiny_checkpoint, make_data):

@@ -49,14 +49,26 @@ def check_parsed(cfg) -> None:
     """Checks that would otherwise surface as exceptions inside jsonargparse's ``instantiate_classes``: the JSON data
     module's paths (``JSON.__post_init__``) and ``--train.lr_warmup_fraction`` (``TrainArgs.__post_init__``)."""
     data = cfg.get("data")
-    if data is not None and _is_json_module(data.get("class_path")):
+    if data is not None:
         init = data.get("init_args") or {}
-        check_json_paths(Path(init.get("json_path")), init.get("val_split_fraction"))
+        check_prompt_style(init.get("prompt_style"))
+        if _is_json_module(data.get("class_path")):
+            check_json_paths(Path(init.get("json_path")), init.get("val_split_fraction"))
     train = cfg.get("train")
     if train is not None and train.get("lr_warmup_fraction") is not None:
         raise UserInputError(
             f"--train.lr_warmup_fraction {train.get('lr_warmup_fraction')} is not supported by finetune_lora (nor by"
             " litgpt's): give the warmup in optimizer steps with --train.lr_warmup_steps N (0 for no warmup)."
+        )
+
+
+def check_prompt_style(style) -> None:
+    """A ``--data.prompt_style`` given by name must be one of litgpt's (its data modules look it up when built)."""
+    from litgpt.prompts import prompt_styles
+
+    if isinstance(style, str) and style not in prompt_styles:
+        raise UserInputError(
+            f"--data.prompt_style {style!r} is not a prompt style litgpt knows. Use one of: {', '.join(sorted(prompt_styles))}."
         )
 
 

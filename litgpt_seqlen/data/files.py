@@ -29,6 +29,12 @@ def check_json_paths(json_path: Path, val_split_fraction: float | None) -> None:
                 f"--data.val_split_fraction {val_split_fraction} applies to a single file only; --data.json_path"
                 f" {str(json_path)!r} is a directory, whose train and val files are the splits. Drop --data.val_split_fraction."
             )
+        for name in ("train", "val"):
+            if all((json_path / f"{name}{suffix}").is_file() for suffix in (".json", ".jsonl")):
+                raise UserInputError(
+                    f"--data.json_path {str(json_path)!r} holds both {name}.json and {name}.jsonl: litgpt would read"
+                    f" {name}.json and ignore {name}.jsonl. Keep one of them (remove or rename the other)."
+                )
         missing = [name for name in ("train", "val") if _find_split(json_path, name) is None]
         if missing:
             present = sorted(p.name for p in json_path.iterdir())[:10]

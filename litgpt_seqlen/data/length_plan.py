@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.core.hooks import DataHooks
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader
 
 import data_utils
 from data_utils import Decision, SampleParts
+from litgpt_seqlen import ranks
 from litgpt_seqlen.args import SeqArgs
 from litgpt_seqlen.data import files, truncation
 from litgpt_seqlen.data.scan import scan_split
@@ -115,8 +117,13 @@ def load_splits(
 ) -> dict[str, DataLoader]:
     """The data module's loaders for train, val and (when it has one) test, with samples cut at ``max_seq_length``."""
     data.connect(tokenizer=tokenizer, batch_size=batch_size, max_seq_length=max_seq_length)
+    problem = None
     with fabric.rank_zero_first():
-        data.prepare_data()
+        try:
+            data.prepare_data()
+        except OSError as error:  # no network (requests' errors are OSErrors), or download_dir cannot be written
+            problem = preparation_error(data, error)
+    ranks.agree_on_error(fabric, problem)  # rank 0 prints it, every rank stops
     data.setup()
 
     def empty(name: str) -> UserInputError:
@@ -138,6 +145,29 @@ def load_splits(
         if len(splits[name].dataset) == 0:
             raise empty(name)
     return splits
+
+
+def preparation_error(data: DataModule, error: OSError) -> UserInputError:
+    """What ``prepare_data`` could not do: write its download directory (an error naming a file), or download."""
+    reason = " ".join(str(error).split())[:300] or type(error).__name__
+    if getattr(error, "filename", None) is not None:
+        return UserInputError(
+            f"{describe(data)} could not prepare its data: {reason}. Choose a writable --data.download_dir, or use"
+            " --data JSON --data.json_path with local files."
+        )
+    url = getattr(data, "file_url", None) or getattr(data, "repo_id", None)
+    source = f" from {url}" if url else ""
+    file_name, download_dir = getattr(data, "file_name", None), getattr(data, "download_dir", None)
+    place = (
+        f" or put the file at {Path(download_dir) / file_name} (read from there without a download),"
+        if file_name
+        else ""
+    )
+    return UserInputError(
+        f"{describe(data)} could not download its data{source} ({type(error).__name__}: {reason})."
+        f" Check the network connection,{place} or train on local files with --data JSON --data.json_path FILE"
+        " (.json or .jsonl; no network needed)."
+    )
 
 
 def describe(data: DataModule) -> str:

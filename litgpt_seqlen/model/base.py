@@ -3,10 +3,15 @@ files this run reads, and what bitsandbytes' optimizers need of it."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import torch
+import yaml
 from litgpt import utils as litgpt_utils
+from litgpt.lora import Config
+from litgpt.tokenizer import Tokenizer
 
 from litgpt_seqlen.errors import UserInputError
 
@@ -36,6 +41,79 @@ def find_checkpoint_dir(checkpoint_dir: Path, access_token: str | None, need_wei
         dry_run_hint = " (--seq.dry_run true needs no lit_model.pth)" if missing == ["lit_model.pth"] else ""
         raise UserInputError(f"checkpoint_dir {str(checkpoint_dir)!r} is missing {', '.join(missing)}{dry_run_hint}.")
     return checkpoint_dir
+
+
+def load_config(checkpoint_dir: Path, **lora_settings) -> Config:
+    """litgpt's ``Config.from_file`` of ``model_config.yaml`` with the LoRA flags, or a ``UserInputError`` naming the
+    file and what is wrong with it (not YAML, not a mapping, keys the installed litgpt does not know)."""
+    path = checkpoint_dir / "model_config.yaml"
+    try:
+        settings = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as problem:
+        reason = " ".join(str(problem).split())
+        raise UserInputError(f"{path} is not valid YAML ({reason}). Restore it from the model's checkpoint.") from None
+    if not isinstance(settings, dict) or not settings:
+        raise UserInputError(f"{path} holds no model settings (a mapping of Config fields). Restore it.")
+    known = {field.name for field in dataclasses.fields(Config)}
+    unknown = sorted(str(key) for key in settings if key not in known)
+    if unknown:
+        from importlib.metadata import version
+
+        raise UserInputError(
+            f"{path} has key(s) the installed litgpt {version('litgpt')} does not know: {', '.join(unknown)}. Remove"
+            " them, or install the litgpt version that wrote the checkpoint (or convert it again with this one)."
+        )
+    try:
+        return Config(**{**settings, **lora_settings})
+    except (TypeError, ValueError) as problem:  # a value of the wrong kind, met in Config.__post_init__
+        raise UserInputError(f"{path} holds a setting litgpt cannot use: {problem}. Fix or restore it.") from None
+
+
+def check_tokenizer(checkpoint_dir: Path, config: Config, make_tokenizer=Tokenizer) -> None:
+    """The tokenizer loads (``make_tokenizer``: the class the run builds it with), and every id it can give has a row
+    in the model's embedding (``padded_vocab_size``): from the tokenizer and the config alone, before any weight."""
+    try:
+        tokenizer = make_tokenizer(checkpoint_dir)
+    except Exception:  # the tokenizers binding raises a plain Exception: a file that is not JSON is named here
+        _check_tokenizer_json(checkpoint_dir)
+        raise
+    if not isinstance(tokenizer, Tokenizer):  # another tokenizer class: its ids are its own business
+        return
+    largest = _largest_token_id(tokenizer)
+    if largest >= config.padded_vocab_size:
+        file = "tokenizer.json" if tokenizer.backend == "huggingface" else "tokenizer.model"
+        raise UserInputError(
+            f"the tokenizer in {checkpoint_dir} ({file}) has token ids up to {largest}, but the model has embeddings"
+            f" for ids below {config.padded_vocab_size} only (padded_vocab_size in model_config.yaml). Use the"
+            " tokenizer that came with these weights."
+        )
+
+
+def _check_tokenizer_json(checkpoint_dir: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # read as JSON by litgpt's Tokenizer
+        path = checkpoint_dir / name
+        if not path.is_file():  # no tokenizer.json: a SentencePiece tokenizer.model
+            continue
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as problem:
+            raise UserInputError(
+                f"{path} is not valid JSON: {problem.msg} at line {problem.lineno}, column {problem.colno}."
+                " Restore the tokenizer files from the model's checkpoint (they come with its weights)."
+            ) from None
+        except UnicodeDecodeError:
+            raise UserInputError(
+                f"{path} is not UTF-8 text. Restore the tokenizer files from the model's checkpoint."
+            ) from None
+
+
+def _largest_token_id(tokenizer: Tokenizer) -> int:
+    if tokenizer.backend == "huggingface":
+        ids = list(tokenizer.processor.get_vocab(with_added_tokens=True).values())
+    else:
+        ids = [tokenizer.processor.vocab_size() - 1]
+    ids += [i for i in (tokenizer.bos_id, tokenizer.eos_id) if isinstance(i, int)]
+    return max(ids, default=-1)
 
 
 def swap_in_stable_embedding(model) -> None:

@@ -29,10 +29,14 @@ def check_settings(
     quantize: str | None,
     precision: str | None,
     out_dir: Path | None = None,
+    data=None,
+    logger_name: str | None = None,
 ) -> None:
     """All settings that can never work, upstream's included, in one ``UserInputError`` (one line per problem, each
-    naming the flag and the fix). ``out_dir`` (when given) is created, as the run would create it, and tested for writing."""
+    naming the flag and the fix). ``out_dir`` (when given) is created, as the run would create it, and tested for
+    writing; ``data`` (the data module, when given) and ``logger_name`` are checked too."""
     problems = [*_train_problems(train, devices, num_nodes), *_eval_problems(eval), *_seq_problems(seq, train)]
+    problems += _data_module_problems(data) + _logger_problems(logger_name)
     problems += _hardware_problems(devices, num_nodes, quantize, precision)
     problems += _upstream_problems(train, eval)
     _problems_to_error(problems)
@@ -125,7 +129,41 @@ def _seq_problems(seq, train) -> list[str]:
             "--seq.pack true and --seq.group_by_length true exclude each other (packing already fills the rows);"
             " set one of them to false."
         )
+    if seq.pack and seq.loss_weighting == "batch":
+        problems.append(
+            "--seq.pack true and --seq.loss_weighting batch exclude each other: packed rows train with token weighting"
+            " (every supervised token of a step weighs the same). Drop --seq.loss_weighting (or set it to token), or"
+            " set --seq.pack false."
+        )
     return problems
+
+
+def _data_module_problems(data) -> list[str]:
+    """What the data module's loaders would refuse only after the data is read (litgpt's modules all have these)."""
+    workers = getattr(data, "num_workers", None)
+    if workers is None:
+        return []
+    return _at_least("--data.num_workers", workers, 0, "DataLoader worker processes, 0 to load in the main process")
+
+
+# The packages Lightning's logger for each --logger_name needs (any one of them), as litgpt's choose_logger builds it.
+LOGGER_PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "wandb": ("wandb",),
+    "mlflow": ("mlflow",),
+    "litlogger": ("litlogger",),
+}
+
+
+def _logger_problems(logger_name: str | None) -> list[str]:
+    packages = LOGGER_PACKAGES.get(logger_name, ())
+    if not packages or any(importlib.util.find_spec(package) is not None for package in packages):
+        return []
+    needs = " or ".join(packages)
+    return [
+        f"--logger_name {logger_name} needs the {needs} package, which is not installed: pip install {packages[0]},"
+        " or use --logger_name csv."
+    ]
 
 
 def _hardware_problems(devices: int, num_nodes: int, quantize: str | None, precision: str | None) -> list[str]:
