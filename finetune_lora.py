@@ -26,7 +26,7 @@ from lightning.fabric.utilities import ThroughputMonitor
 from litgpt import utils as litgpt_utils
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.data import Alpaca, DataModule
-from litgpt.finetune.lora import generate_example, save_lora_checkpoint, validate
+from litgpt.finetune.lora import save_lora_checkpoint
 from litgpt.finetune.lora import setup as litgpt_finetune_lora
 from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
 from litgpt.prompts import save_prompt_style
@@ -39,6 +39,7 @@ from litgpt_seqlen.args import Resume, SeqArgs, parse_resume
 from litgpt_seqlen.checkpoint import lookup, same_run
 from litgpt_seqlen.checkpoint import state as training_state
 from litgpt_seqlen.cli import exits
+from litgpt_seqlen.cli.hyperparameters import SEQ_CONFIG, upstream_part, write_seq_config
 from litgpt_seqlen.cli.parser import build_parser
 from litgpt_seqlen.data import files, loaders, order
 from litgpt_seqlen.data.length_plan import plan_lengths
@@ -50,9 +51,9 @@ from litgpt_seqlen.report.outcomes import plan_warnings
 from litgpt_seqlen.run import devices as devices_and_precision
 from litgpt_seqlen.run import outputs, settings
 from litgpt_seqlen.run.signals import GracefulStop, resume_command
-from litgpt_seqlen.training import rehearsal
-from litgpt_seqlen.training.loss import StepLookahead, train_loss
-from litgpt_seqlen.training.rng import preserved_rng, restore_rng
+from litgpt_seqlen.training import evaluation, rehearsal
+from litgpt_seqlen.training.loss import FiniteLossWatch, StepLookahead, train_loss
+from litgpt_seqlen.training.rng import restore_rng
 from litgpt_seqlen.training.schedule import Steps, get_lr_scheduler
 
 
@@ -163,6 +164,8 @@ def main(
         fabric.print("dry run: nothing trained (--seq.dry_run true).")
         return
     hyperparameters.train.max_seq_length = max_seq_length  # what the model trains with, for a rerun
+    if fabric.global_rank == 0:
+        write_seq_config(out_dir / SEQ_CONFIG, hyperparameters)  # beside upstream's hyperparameters.yaml
     if fabric.global_rank == 0 and resume_from is None and (earlier := outputs.earlier_run_warning(out_dir)):
         fabric.print(earlier)
 
@@ -207,7 +210,7 @@ def main(
     fabric.print(litgpt_utils.create_finetuning_performance_report(elapsed, counts, device_type))
     report.batches = report_build.batches_trained(counts, micro_batches, train.micro_batch_size, seq)
     report.write(fabric)
-    final_validation(fabric, model, val_loader, eval)
+    evaluation.final_validation(fabric, model, val_loader, eval)
     save_final(fabric, model, out_dir / "final", checkpoint_dir, precision, save)
     fabric.print(plan.decision.summary())
 
@@ -221,6 +224,8 @@ def build_training_state(fabric, config, max_seq_length, checkpoint_dir, optimiz
     fabric.print(f"Number of trainable parameters: {litgpt_utils.num_parameters(model, requires_grad=True):,}")
     fabric.print(f"Number of non-trainable parameters: {litgpt_utils.num_parameters(model, requires_grad=False):,}")
     model = fabric.setup_module(model)
+    # The weights before the optimizer: loading a sharded model may put new parameter objects in place.
+    load_checkpoint(fabric, model, checkpoint_dir / "lit_model.pth", strict=False)
     if isinstance(fabric.strategy.precision, BitsandbytesPrecision):
         optimizer = litgpt_utils.instantiate_bnb_optimizer(optimizer, model.parameters())
         swap_in_stable_embedding(model)
@@ -228,16 +233,7 @@ def build_training_state(fabric, config, max_seq_length, checkpoint_dir, optimiz
         optimizer = litgpt_utils.instantiate_torch_optimizer(optimizer, model.parameters())
     optimizer = fabric.setup_optimizers(optimizer)
     scheduler = get_lr_scheduler(optimizer, warmup_steps=train.lr_warmup_steps, max_steps=steps.total)
-    load_checkpoint(fabric, model, checkpoint_dir / "lit_model.pth", strict=False)
     return training_state.new_state(model, optimizer, scheduler, steps.accumulation, fabric.device)
-
-
-def final_validation(fabric, model, val_loader, eval: EvalArgs) -> None:
-    if not eval.final_validation:
-        return
-    val_loss = validate(fabric, model, val_loader, dataclasses.replace(eval, max_iters=len(val_loader)))
-    fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)})
-    fabric.print(f"Final evaluation | val loss: {val_loss.item():.3f} | val ppl: {math.exp(val_loss):.3f}")
 
 
 def save_final(fabric, model, final_dir: Path, checkpoint_dir: Path, precision, save) -> None:
@@ -276,17 +272,11 @@ def fit(
     in, with a checkpoint (``signals.checkpoint``). Returns the micro-batches trained, over all ranks.
     """
     model, optimizer, scheduler = state["model"], state["optimizer"], state["scheduler"]
-    with preserved_rng():  # evaluation draws nothing that training would draw
-        if eval.initial_validation:
-            val_loss = validate(fabric, model, val_loader, dataclasses.replace(eval, max_iters=len(val_loader)))
-            val_loss = f"{val_loss:.3f}"
-        else:
-            if verify:
-                fabric.print("Verifying settings ...")
-                validate(fabric, model, val_loader, dataclasses.replace(eval, max_iters=2), verbose=False)
-            val_loss = "n/a"
+    val_loss = evaluation.initial_validation(fabric, model, val_loader, eval, verify)
+    saved_step = None
     if state["rng"] is not None:  # a resumed run draws what the saved run would have drawn next
         restore_rng(state["rng"])
+        saved_step = state["step"]
         fabric.print(
             f"Resumed at step {state['step']} (epoch {state['epoch'] + 1}, {state['position']} micro-batches in; none"
             " re-read)"
@@ -298,10 +288,11 @@ def fit(
     if token_weighting:
         batches = StepLookahead(batches, accumulation, fabric)
     throughput = ThroughputMonitor(fabric, window_size=50)
-    running_loss, counts = state["running_loss"], state["token_counts"]
+    running_loss, counts, finite = state["running_loss"], state["token_counts"], FiniteLossWatch(fabric.device)
     max_steps, max_time = train.max_steps or float("inf"), train.max_time or float("inf")
     poll_every = 1 if fabric.world_size == 1 else max(1, math.ceil(train.log_interval / accumulation))
     started = time.perf_counter() - state["elapsed_seconds"]  # --train.max_time counts the whole run
+    checkpoint = partial(save_step, fabric, state, batches, out_dir, partial(save, fabric, model), header_parts)
 
     while state["step"] < max_steps:
         state["iteration"] += 1
@@ -313,9 +304,7 @@ def fit(
         elif iteration_started - started > max_time:
             stop = f"Max time ({max_time / 60.0:.2f}m) reached, stopping training..."
         if stop:
-            if fabric.global_rank == 0:
-                with preserved_rng():
-                    generate_example(fabric, model, tokenizer, eval, data)
+            evaluation.generate_everywhere(fabric, model, tokenizer, eval, data)
             fabric.print(stop)
             state["iteration"] -= 1  # that batch was not trained on
             break
@@ -325,6 +314,7 @@ def fit(
             loss = train_loss(model, batch, batches.tokens_per_micro_batch if token_weighting else None)
             fabric.backward(loss / accumulation)
         running_loss.update(loss)
+        finite.update(loss, state["step"] + 1)
         if not accumulating:
             optimizer.step()
             optimizer.zero_grad()
@@ -333,23 +323,33 @@ def fit(
         count_tokens(counts, batch)
 
         if iteration % train.log_interval == 0:
+            finite.check(fabric)  # the progress line waits for the device anyway
             log_progress(fabric, state, batches.epoch, iteration_started, started, throughput, val_loss, accumulating)
         if accumulating:
             continue
         step = state["step"]
         if step % eval.interval == 0:
-            val_loss = periodic_validation(fabric, model, val_loader, eval, tokenizer, data, iteration)
+            val_loss = evaluation.periodic_validation(fabric, model, val_loader, eval, tokenizer, data, iteration)
         stopping = signals is not None and step % poll_every == 0 and signals.requested_on_any_rank(fabric)
         if stopping or (train.save_interval is not None and step % train.save_interval == 0):
-            state["epoch"], state["position"] = batches.epoch, batches.position
-            state["elapsed_seconds"] = time.perf_counter() - started
-            step_dir = out_dir / f"step-{step:06d}"
-            training_state.save(fabric, step_dir, state, partial(save, fabric, model), header_parts)
+            finite.check(fabric, model, step)
+            saved_step = checkpoint(started)
         if stopping:
-            signals.checkpoint = step_dir
-            fabric.print(f"Stopped at step {step}. To resume: {resume_command(sys.argv, step_dir)}")
+            signals.checkpoint = out_dir / f"step-{step:06d}"
+            fabric.print(f"Stopped at step {step}. To resume: {resume_command(sys.argv, signals.checkpoint)}")
             break
+    finite.check(fabric, model, state["step"])
+    if saved_step != state["step"]:  # the trained weights, resumable, before anything that can fail or be interrupted
+        checkpoint(started)
     return state["iteration"] * fabric.world_size
+
+
+def save_step(fabric, state: dict, batches, out_dir: Path, write_step_files, header_parts: dict, started: float) -> int:
+    """A resumable checkpoint of the optimizer step just taken, in OUT_DIR/step-NNNNNN. Returns the step."""
+    state["epoch"], state["position"] = batches.epoch, batches.position
+    state["elapsed_seconds"] = time.perf_counter() - started
+    training_state.save(fabric, out_dir / f"step-{state['step']:06d}", state, write_step_files, header_parts)
+    return state["step"]
 
 
 def count_tokens(counts: dict, batch: dict) -> None:
@@ -388,23 +388,6 @@ def log_progress(fabric, state, epoch, iteration_started, started, throughput, v
     fabric.log_dict(metrics, step=iteration)
 
 
-def periodic_validation(fabric, model, val_loader, eval: EvalArgs, tokenizer, data, iteration: int) -> str:
-    """Validation during training: the val loss averaged over the ranks, printed and logged, and (on rank 0) an
-    example generated from the model, with the random states set aside. Returns the loss as the progress lines show
-    it."""
-    started = time.perf_counter()
-    with preserved_rng():
-        rank_loss = validate(fabric, model, val_loader, eval)
-        if fabric.global_rank == 0:
-            generate_example(fabric, model, tokenizer, eval, data)
-    loss = fabric.all_reduce(rank_loss.to(fabric.device), reduce_op="mean")  # a collective: every rank waits here
-    fabric.print(
-        f"iter {iteration}: val loss {loss.item():.4f}, val time: {(time.perf_counter() - started) * 1000:.2f} ms"
-    )
-    fabric.log_dict({"val_loss": loss, "val_ppl": math.exp(loss)}, step=iteration)
-    return f"{loss.item():.3f}"
-
-
 def save_checkpoint(
     fabric: L.Fabric, model, directory: Path, *, checkpoint_dir: Path, data: DataModule, hyperparameters: Namespace
 ) -> None:
@@ -413,7 +396,9 @@ def save_checkpoint(
     save_lora_checkpoint(fabric, model, directory / "lit_model.pth.lora")
     if fabric.global_rank == 0:
         litgpt_utils.copy_config_files(checkpoint_dir, directory)
-        parser().save(hyperparameters, directory / "hyperparameters.yaml", overwrite=True)
+        parser().save(
+            upstream_part(hyperparameters), directory / "hyperparameters.yaml", overwrite=True, skip_validation=True
+        )
         save_prompt_style(data.prompt_style, directory)
     fabric.barrier()
 

@@ -152,7 +152,7 @@ def test_warmup_zero_means_no_warmup_and_a_dry_run_then_leaves_the_trained_repor
     assert "seq_lengths.dry_run.json" in stdout
     code, stdout, err = run(data_dir, out)  # a rerun: says what it replaces, removes the dry-run report
     assert code == 0, err[-3000:]
-    assert f"warning: out_dir {str(out)!r} holds final from an earlier run" in stdout
+    assert f"warning: out_dir {str(out)!r} holds final, step-000002 from an earlier run" in stdout  # its last step too
     assert not (out / "seq_lengths.dry_run.json").exists()
 
 

@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser
+from litgpt.finetune.lora import setup as litgpt_finetune_lora
 
+import finetune_lora
 from helpers import read_report
 
 pytestmark = pytest.mark.e2e
@@ -79,7 +82,17 @@ def test_config_file_with_seq_group(cli_here, tiny_checkpoint, make_data, tmp_pa
         0.25,
     )
     assert_trained(out, 375)
-    assert yaml.safe_load((out / "final" / "hyperparameters.yaml").read_text())["lora_r"] == 4
+    written = out / "final" / "hyperparameters.yaml"
+    assert yaml.safe_load(written.read_text())["lora_r"] == 4
+
+    # litgpt's own finetune_lora reads what this run wrote (its parser, built as litgpt's CLI builds it) ...
+    upstream = ArgumentParser()
+    upstream.add_argument("--config", action=ActionConfigFile)
+    upstream.add_function_arguments(litgpt_finetune_lora, as_positional=True)
+    assert upstream.parse_args(["--config", str(written)]).train.max_seq_length == 375
+    # ... and this tool reruns it from that file and OUT_DIR/seq.yaml
+    ours = finetune_lora.parser().parse_args(["--config", str(written), "--config", str(out / "seq.yaml")])
+    assert (ours.seq.headroom, ours.train.max_seq_length, ours.lora_r) == (0.25, 375, 4)
 
 
 def test_sample_over_block_size_is_truncated_and_counted(cli_here, tiny_checkpoint, make_data, tmp_path):

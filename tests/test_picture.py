@@ -125,3 +125,42 @@ def test_without_matplotlib_nothing_is_written_and_the_hint_says_how(tmp_path, m
     assert hint == "pip install 'litgpt-seqlen[plot]' (matplotlib) to get seq_lengths.png"
     assert "\n" not in hint
     assert not any(tmp_path.iterdir())
+
+
+def test_the_lengths_go_to_a_logger_that_draws_histograms(tiny_checkpoint, make_data, tmp_path):
+    """A logger with TensorBoard's ``add_histogram`` gets one histogram per split, of exactly the scanned lengths."""
+    import lightning as L
+    from lightning.fabric.loggers import Logger
+    from litgpt.args import TrainArgs
+    from litgpt.data import JSON
+    from litgpt.tokenizer import Tokenizer
+
+    from litgpt_seqlen.args import SeqArgs
+    from litgpt_seqlen.data.length_plan import plan_lengths
+    from litgpt_seqlen.report.build import publish_plan
+
+    class Drawn:
+        def __init__(self):
+            self.histograms = {}
+
+        def add_histogram(self, tag, values, step):
+            self.histograms[tag] = (sorted(values.tolist()), step)
+
+    class Histograms(Logger):
+        name, version, experiment = "h", 0, Drawn()
+
+        def log_metrics(self, metrics, step=None):
+            pass
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+    logger = Histograms()
+    fabric = L.Fabric(accelerator="cpu", devices=1, loggers=logger)
+    data = JSON(json_path=make_data([100, 120, 90], [110, 95]), num_workers=0)
+    plan = plan_lengths(fabric, data, Tokenizer(tiny_checkpoint), TrainArgs(), SeqArgs(), 512)
+    publish_plan(fabric, tmp_path / "out", plan, SeqArgs(), micro_batch_size=1, seed=0)
+    assert logger.experiment.histograms == {
+        "seq/train_lengths": ([90, 100, 120], 0),
+        "seq/val_lengths": ([95, 110], 0),
+    }

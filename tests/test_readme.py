@@ -1,7 +1,8 @@
-"""The README's quickstart, run as written against the demo assets: a stale README fails the build."""
+"""The README's quickstart and the docs' commands on the demo assets, run as written: stale docs fail the build."""
 
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -35,18 +36,14 @@ def commands(block: str) -> tuple[dict[str, str], list[list[str]]]:
     return variables, found
 
 
-def test_the_quickstart_runs_as_written_on_the_demo_assets(tmp_path, monkeypatch, capsys):
+def run_in_process(steps: list[list[str]], monkeypatch, capsys) -> list[str]:
+    """Each command's stdout; the console command and ``python finetune_lora.py`` both run ``finetune_lora.cli``."""
     import finetune_lora
 
-    variables, steps = commands(quickstart_block())
-    assert variables == {"CKPT": "demo_run/checkpoint", "DATA": "demo_run/data"}
-    assert [command[0] for command in steps] == ["litgpt-seqlen"] * 3
-    assets.build_demo(tmp_path / "demo_run")
-    monkeypatch.chdir(tmp_path)
     for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
         monkeypatch.delenv(name, raising=False)
     outputs = []
-    for command in steps:  # the console command is finetune_lora:cli, run here in process
+    for command in steps:
         monkeypatch.setattr(sys, "argv", command)
         try:
             finetune_lora.cli()
@@ -56,10 +53,46 @@ def test_the_quickstart_runs_as_written_on_the_demo_assets(tmp_path, monkeypatch
         out, err = capsys.readouterr()
         assert code == 0, (command, err[-3000:])
         outputs.append(out)
-    dry, trained, resumed = outputs
+    return outputs
+
+
+def test_the_quickstart_runs_as_written_on_the_demo_assets(tmp_path, monkeypatch, capsys):
+    variables, steps = commands(quickstart_block())
+    assert variables == {"CKPT": "demo_run/checkpoint", "DATA": "demo_run/data"}
+    assert [command[0] for command in steps] == ["litgpt-seqlen"] * 3
+    assets.build_demo(tmp_path / "demo_run")
+    monkeypatch.chdir(tmp_path)
+    dry, trained, resumed = run_in_process(steps, monkeypatch, capsys)
     assert "dry run: nothing trained" in dry and "max_seq_length = " in dry
     assert "Final evaluation" in trained and (tmp_path / "out/my_run/final/lit_model.pth").is_file()
     assert "Resuming from out/my_run/step-" in resumed
+
+
+def docs_commands() -> list[list[str]]:
+    """Every ``finetune_lora.py`` command on the demo assets in docs/, in page order, its interpreter dropped."""
+    found = []
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(line.split("#", 1)[0])
+                if "finetune_lora.py" in words and "demo_run/checkpoint" in words:
+                    found.append(words[words.index("finetune_lora.py") :])
+                elif words[:2] == ["rm", "-r"] and found:  # between two commands, as the page does it
+                    found.append(words)
+    return found
+
+
+def test_the_docs_commands_run_as_written_on_the_demo_assets(tmp_path, monkeypatch, capsys):
+    steps = docs_commands()
+    assert len(steps) >= 5 and sum("--resume" in command for command in steps) >= 1
+    assets.build_demo(tmp_path / "demo_run")
+    monkeypatch.chdir(tmp_path)
+    for command in steps:
+        if command[0] == "rm":
+            for path in command[2:]:
+                shutil.rmtree(path)
+        else:
+            run_in_process([command], monkeypatch, capsys)
 
 
 def test_the_console_command_in_the_quickstart_is_the_installed_one():

@@ -67,8 +67,9 @@ def uninterrupted_long(tiny_checkpoint, resume_data, tmp_path_factory) -> Path:
 @pytest.mark.e2e
 @pytest.mark.parametrize(
     "signal_number, exit_code, workers, to_group",
-    # Ctrl-C in a terminal signals the whole group, workers too; the reference run has no workers (same weights)
-    [(signal.SIGTERM, 143, "0", False), (signal.SIGINT, 130, "2", True)],
+    # Ctrl-C in a terminal signals the whole group, workers too; the reference run has no workers (same weights).
+    # SIGTERM is the two-rank test's (tests/test_two_ranks.py).
+    [(signal.SIGINT, 130, "2", True)],
 )
 def test_a_signal_saves_after_the_step_exits_and_the_printed_command_ends_bit_identical(
     signal_number, exit_code, workers, to_group, uninterrupted_long, tiny_checkpoint, resume_data, tmp_path
@@ -180,3 +181,25 @@ def test_the_resume_command_is_the_run_with_its_resume_flag_replaced():
     assert resume_command(["finetune_lora.py"], Path("o/step-000001"), python="/venv/python").startswith(
         "/venv/python "
     )
+
+
+@pytest.mark.e2e
+def test_a_second_signal_ends_a_run_stuck_where_python_cannot_act(tmp_path):
+    """A rank stuck in a collective never returns to Python: the second SIGTERM still ends the process, with 143."""
+    script = tmp_path / "stuck.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from litgpt_seqlen.run.signals import GracefulStop\n"
+        "read, _ = os.pipe()\n"
+        "with GracefulStop():\n"
+        "    print('stuck', flush=True)\n"
+        "    os.read(read, 1)  # never returns: the graceful stop's flag is never looked at\n"
+    )
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "stuck"
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 143 and "terminated (SIGTERM): the run did not stop by itself" in err

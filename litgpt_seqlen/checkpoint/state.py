@@ -93,15 +93,24 @@ def load(fabric, step_dir: Path, state: dict) -> None:
     restore last, when nothing else draws before the loop)."""
     loaded = {key: state[key] for key in ("model", "optimizer", "scheduler", *PROGRESS)}
     loaded["ranks"] = None
-    fabric.load(
-        state_dir_for(step_dir) / STATE_FILE, loaded, strict=False
-    )  # strict=False: the base weights are not in it
+    path = state_dir_for(step_dir) / STATE_FILE
+    fabric.load(path, loaded, strict=False)  # strict=False: the base weights are not in it
+    if fabric.world_size > 1:  # Lightning puts a sharded model's LoRA back one parameter at a time, not exactly
+        load_sharded_lora(state["model"], torch.load(path, map_location="cpu", weights_only=True, mmap=True)["model"])
     mine = loaded["ranks"][fabric.global_rank]
     state.update({key: loaded[key] for key in PROGRESS})
     for key, value in mine["token_counts"].items():
         state["token_counts"][key].fill_(value)
     state["running_loss"].load_state_dict(mine["running_loss"])
     state["rng"] = mine["rng"]
+
+
+def load_sharded_lora(model, lora: dict) -> None:
+    """The saved LoRA tensors (full, unsharded) into a model sharded over the ranks, each rank taking its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    module = getattr(model, "module", model)  # Fabric's wrapper holds the sharded module
+    set_model_state_dict(module, lora, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def gather_from_ranks(fabric, mine: dict) -> list[dict]:

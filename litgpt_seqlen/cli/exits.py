@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 
@@ -35,6 +36,9 @@ def user_facing_exits():
     except KeyboardInterrupt:
         _say("interrupted (Ctrl-C)")
         sys.exit(130)
+    except BrokenPipeError:  # the reader of stdout went away (`... | head`): end quietly, as a command does on SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush into the closed pipe
+        sys.exit(141)
     except _Terminated:
         _say("terminated (SIGTERM)")
         raise

@@ -171,14 +171,21 @@ STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def start_pool(workers: int):
-    """A pool of forked scan workers. Ctrl-C or SIGTERM arriving while it starts waits until the pool stands: met
-    inside a fork (in another library's at-fork handler) its exception would be printed as ignored and lost, and the
-    run would go on."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    """A pool of forked scan workers. Ctrl-C or SIGTERM arriving while it starts is noted and raised once the pool
+    stands: raised inside a fork (in another library's at-fork handler) its exception would be printed as ignored and
+    lost, and the run would go on."""
+    caught: list[int] = []
+    previous = {number: signal.signal(number, lambda number, frame: caught.append(number)) for number in STOP_SIGNALS}
     try:
-        return multiprocessing.get_context("fork").Pool(workers, initializer=start_worker)
+        pool = multiprocessing.get_context("fork").Pool(workers, initializer=start_worker)
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal that came meanwhile is raised here
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if caught:
+        pool.close()  # not terminate(): a worker not yet past its initializer would only note a SIGTERM
+        pool.join()
+        signal.raise_signal(caught[0])  # now the run's own handler acts on it
+    return pool
 
 
 def start_worker() -> None:
@@ -186,5 +193,5 @@ def start_worker() -> None:
     group): the main process gets KeyboardInterrupt, reports it in one line, and the pool's exit ends the workers.
     HF tokenizers refuse their thread pool after a fork; a worker encodes one text at a time, so it needs none."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # forked while start_pool held it back
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # forked while start_pool noted signals: the pool ends it with one
     os.environ["TOKENIZERS_PARALLELISM"] = "false"

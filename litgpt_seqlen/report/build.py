@@ -14,7 +14,7 @@ from litgpt_seqlen.args import SeqArgs
 from litgpt_seqlen.data import order, truncation
 from litgpt_seqlen.data.length_plan import LengthPlan
 from litgpt_seqlen.report.outcomes import warning_lines
-from litgpt_seqlen.report.picture import write_length_picture
+from litgpt_seqlen.report.picture import log_length_histograms, write_length_picture
 from litgpt_seqlen.report.printed import print_report
 from litgpt_seqlen.run import outputs
 
@@ -72,20 +72,20 @@ def publish_plan(
         files = outputs.report_files(out_dir, dry_run=seq.dry_run, drop=seq.over_length == "drop" or bool(dropped))
         if files.dropped is not None:
             write_dropped(files.dropped, dropped, source=plan.located.source if plan.located else None)
-        print_report(fabric, content, plan)
-        for line in warning_lines(warnings):
-            fabric.print(line)
-        if files.note:
-            fabric.print(files.note)
-        report.path = files.report
+        report.path = files.report  # the files first: a reader that goes away mid-print leaves them whole
         report.write(fabric)
         picture = files.report.with_suffix(".png")  # seq_lengths.png, or seq_lengths.dry_run.png
         hint = write_length_picture(
             picture, plan.lengths, decision.max_seq_length, decision.block_size, content["what_if"]
         )
-        if hint:
-            fabric.print(f"note: {hint}")
+        print_report(fabric, content, plan)
+        for line in warning_lines(warnings):
+            fabric.print(line)
+        for line in (files.note, hint and f"note: {hint}"):
+            if line:
+                fabric.print(line)
     fabric.log_dict(key_figures(content), step=0)
+    log_length_histograms(fabric, plan.lengths)
     return report
 
 

@@ -13,6 +13,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
 PLOT_HINT = "pip install 'litgpt-seqlen[plot]' (matplotlib) to get seq_lengths.png"
 BINS = 40  # histogram bins over 0 .. max(longest sample, max_seq_length)
 DECISION_COLOR = "tab:red"
@@ -112,3 +114,19 @@ def write_length_picture(
     figure.savefig(temporary, format="png", dpi=100)
     os.replace(temporary, path)
     return None
+
+
+def log_length_histograms(fabric, lengths_by_split: Mapping[str, Sequence[int]]) -> None:
+    """The lengths of each split as a histogram in every logger that draws one: TensorBoard (``add_histogram``) and
+    Weights & Biases (``wandb.Histogram``); the CSV logger has none and is skipped."""
+    for logger in fabric.loggers:
+        experiment = getattr(logger, "experiment", None)
+        for split, lengths in lengths_by_split.items():
+            if not lengths:
+                continue
+            if hasattr(experiment, "add_histogram"):
+                experiment.add_histogram(f"seq/{split}_lengths", np.asarray(lengths), 0)
+            elif type(logger).__name__ == "WandbLogger":
+                import wandb
+
+                experiment.log({f"seq/{split}_lengths": wandb.Histogram(list(lengths))})

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from lightning.fabric.plugins import BitsandbytesPrecision
 from lightning.fabric.strategies import ModelParallelStrategy
 from litgpt.finetune.lora import parallelize_fn
 
+from litgpt_seqlen.ranks import launched_as_rank_zero
+
 
 def precision_plugins(quantize: str | None, precision: str) -> tuple[list | None, str | None]:
     """(plugins, precision) for ``L.Fabric``: bitsandbytes quantization takes the precision into its plugin (the
-    settings check saw a -true precision and one device)."""
+    settings check saw a -true precision and one device). float16 on CPU is warned about."""
+    if precision == "16-true" and not torch.cuda.is_available() and launched_as_rank_zero():
+        print(
+            "warning: --precision 16-true on CPU: float16 overflows within a few steps there (the run then stops at"
+            " the first non-finite loss). bf16-true or 32-true train on CPU.",
+            file=sys.stderr,
+        )
     if quantize is None or not quantize.startswith("bnb."):
         return None, precision
     dtype = {"16-true": torch.float16, "bf16-true": torch.bfloat16, "32-true": torch.float32}[precision]

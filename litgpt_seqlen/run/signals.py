@@ -1,10 +1,13 @@
-"""SIG"""
+"""SIGTERM and Ctrl-C during training: finish the optimizer step, save a checkpoint, leave with 143 or 130 and the
+command that resumes; a second signal stops at once, even when the run is stuck where Python cannot act on it."""
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -14,7 +17,8 @@ import torch
 class GracefulStop:
     """Within ``with GracefulStop() as stop:`` the first SIGTERM or SIGINT only sets ``stop.requested`` (the loop
     finishes its optimizer step, saves and leaves with ``stop.exit_code``: 143 or 130); a second SIGINT raises
-    KeyboardInterrupt at once. The previous handlers come back on exit. Main thread only (Python's rule for signals)."""
+    KeyboardInterrupt at once, and any second signal ends a process still running seconds later
+    (``SecondSignalWatchdog``). The previous handlers come back on exit. Main thread only (Python's rule for signals)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -37,9 +41,11 @@ class GracefulStop:
     def __enter__(self) -> GracefulStop:
         for number in self.SIGNALS:
             self._previous[number] = signal.signal(number, self._handle)
+        self._watchdog = SecondSignalWatchdog()
         return self
 
     def __exit__(self, *exc_info) -> None:
+        self._watchdog.close()
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous.clear()
@@ -83,3 +89,49 @@ def resume_command(argv: Sequence[str], step_dir: Path, python: str = "python") 
         elif not argument.startswith("--resume="):
             kept.append(argument)
     return shlex.join([python, *kept, "--resume", str(step_dir)])
+
+
+class SecondSignalWatchdog:
+    """Ends the process when a second SIGTERM or SIGINT finds it still running a few seconds later: a run stuck in a
+    collective (a rank waiting for another) never returns to Python, where the signal handlers run.
+
+    The C-level handler writes every signal to a pipe (``signal.set_wakeup_fd``) even while the main thread is stuck;
+    a thread reads it. The first signal is the graceful stop's; after a second one the process has ``GRACE_SECONDS``
+    to leave by itself, then it exits with 128 + the signal's number."""
+
+    GRACE_SECONDS = 3.0
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        self._timer: threading.Timer | None = None
+        self._thread = threading.Thread(target=self._watch, name="second-signal-watchdog", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        seen = 0
+        while chunk := os.read(self._read, 16):
+            for number in chunk:
+                if number not in (signal.SIGTERM, signal.SIGINT):
+                    continue
+                seen += 1
+                if seen == 2:
+                    self._timer = threading.Timer(self.GRACE_SECONDS, self._exit_now, args=(number,))
+                    self._timer.daemon = True  # a process that leaves by itself does not wait for it
+                    self._timer.start()
+
+    @staticmethod
+    def _exit_now(number: int) -> None:
+        line = "interrupted (Ctrl-C)" if number == signal.SIGINT else "terminated (SIGTERM)"
+        print(f"{line}: the run did not stop by itself", file=sys.stderr, flush=True)
+        os._exit(128 + number)
+
+    def close(self) -> None:
+        """The run left the guarded part by itself: no exit is pending any more."""
+        signal.set_wakeup_fd(self._previous_fd)
+        os.close(self._write)  # the reading thread sees the end of the pipe and returns
+        self._thread.join(timeout=1)
+        os.close(self._read)
+        if self._timer is not None:
+            self._timer.cancel()

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from litgpt.utils import chunked_cross_entropy
 
+from litgpt_seqlen.errors import UserInputError
 from litgpt_seqlen.model.packed_forward import batch_logits
 
 IGNORE_INDEX = -100
@@ -141,3 +142,39 @@ class RunningLoss:
 
     def load_state_dict(self, state: dict) -> None:
         self.values = [value.to(self.device) for value in state["values"]]
+
+
+class NonFiniteLoss(UserInputError):
+    """The loss became nan or inf: the run stops there, and no weights after the last good checkpoint are written."""
+
+
+class FiniteLossWatch:
+    """Notes on the device the first optimizer step whose loss is not finite (no wait for the device per step);
+    ``check`` looks at it where the run waits for the device anyway (progress lines, checkpoints, the end), and before
+    a checkpoint also at the trained weights (an overflowing step can break them while its loss is still finite)."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.step = torch.tensor(-1, device=device)
+        self.loss = torch.tensor(0.0, device=device)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        first = (self.step < 0) & ~torch.isfinite(loss.detach())
+        self.step = torch.where(first, step, self.step)
+        self.loss = torch.where(first, loss.detach().float(), self.loss)
+
+    def check(self, fabric, model=None, step: int = 0) -> None:
+        """Raises ``NonFiniteLoss`` when a loss so far was not finite, or (given ``model``, after optimizer step
+        ``step``) a trainable weight is not."""
+        broken = self.step
+        if model is not None:
+            weights_ok = all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
+            broken = torch.where((broken < 0) & ~torch.tensor(bool(weights_ok), device=broken.device), step, broken)
+        first = fabric.all_reduce(broken, reduce_op="max") if fabric.world_size > 1 else broken
+        if int(first) < 0:
+            return
+        what = f"the loss is {self.loss.item()}" if int(self.step) >= 0 else "the trained weights are not finite"
+        raise NonFiniteLoss(
+            f"{what} at optimizer step {int(first)}: training stops here, and nothing after the last checkpoint is"
+            " saved (final/ is not written). Likely causes: --precision 16-true (float16 overflows; use bf16-true or"
+            " 32-true), or a learning rate too high for this model (--optimizer)."
+        )
