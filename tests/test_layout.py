@@ -1,6 +1,7 @@
 """The house: what is installed, who imports whom (imports inside functions included), and how large the rooms are."""
 
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -126,6 +127,11 @@ def test_rooms_stay_small():
 
 @pytest.mark.e2e
 def test_the_wheel_holds_the_two_modules_the_package_and_the_console_command(tmp_path):
+    source = tmp_path / "source"  # a copy of what the project ships: the build leaves nothing in the work tree
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "finetune_lora.py", "data_utils.py"):
+        shutil.copy(ROOT / name, source)
+    shutil.copytree(ROOT / PACKAGE, source / PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
     built = subprocess.run(
         [
             sys.executable,
@@ -137,7 +143,7 @@ def test_the_wheel_holds_the_two_modules_the_package_and_the_console_command(tmp
             "-q",
             "-w",
             str(tmp_path),
-            str(ROOT),
+            str(source),
         ],
         capture_output=True,
         text=True,
