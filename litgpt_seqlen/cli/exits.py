@@ -24,6 +24,15 @@ def _terminate(signum, frame) -> None:
     raise _Terminated(143)
 
 
+def _leave_process_group() -> None:
+    """Several ranks that stop together close their process group first: left to the interpreter's exit, its
+    threads can end the process with an abort (exit 134) instead of the code meant."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 @contextlib.contextmanager
 def user_facing_exits():
     """Wrap the body of ``cli()`` (parse, instantiate, setup) with this."""
@@ -32,9 +41,11 @@ def user_facing_exits():
         yield
     except UserInputError as problem:
         _say(f"error: {problem}")
+        _leave_process_group()
         sys.exit(2)
     except KeyboardInterrupt:
         _say("interrupted (Ctrl-C)")
+        _leave_process_group()
         sys.exit(130)
     except BrokenPipeError:  # the reader of stdout went away (`... | head`): end quietly, as a command does on SIGPIPE
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush into the closed pipe
