@@ -1,15 +1,18 @@
 """The README's quickstart and the docs' commands on the demo assets, run as written: stale docs fail the build."""
 
+import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import assets
-from helpers import ROOT
+from helpers import ROOT, requires_shared
 
 pytestmark = pytest.mark.e2e
 
@@ -77,8 +80,8 @@ def docs_commands() -> list[list[str]]:
                 words = shlex.split(line.split("#", 1)[0])
                 if "finetune_lora.py" in words and "demo_run/checkpoint" in words:
                     found.append(words[words.index("finetune_lora.py") :])
-                elif words[:2] == ["rm", "-r"] and found:  # between two commands, as the page does it
-                    found.append(words)
+                elif (words[:2] == ["rm", "-r"] or words[:3] == ["python", "-m", "json.tool"]) and found:
+                    found.append(words)  # between or after the commands, as the page does it
     return found
 
 
@@ -91,6 +94,8 @@ def test_the_docs_commands_run_as_written_on_the_demo_assets(tmp_path, monkeypat
         if command[0] == "rm":
             for path in command[2:]:
                 shutil.rmtree(path)
+        elif command[:3] == ["python", "-m", "json.tool"]:
+            json.loads(Path(command[3]).read_text())
         else:
             run_in_process([command], monkeypatch, capsys)
 
@@ -102,3 +107,18 @@ def test_the_console_command_in_the_quickstart_is_the_installed_one():
         text=True,
     )
     assert "name='litgpt-seqlen', value='finetune_lora:cli'" in command.stdout
+
+
+@requires_shared
+def test_the_benchmarks_recipe_on_the_real_data_runs_as_written(tmp_path):
+    """docs/benchmarks.md's truncation recipe (real tokenizer, real data in ../shared), its /tmp paths moved aside."""
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    (block,) = [block for block in re.findall(r"```bash\n(.*?)```", page, flags=re.S) if "../shared" in block]
+    script = block.replace("/tmp/", f"{tmp_path}/")
+    environment = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONWARNINGS="ignore")
+    ran = subprocess.run(
+        ["bash", "-e", "-c", script], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    report = json.loads((tmp_path / "trunc_end_128" / "seq_lengths.json").read_text())
+    assert report["max_seq_length"] == 128 and report["truncate_from"] == "end" and report["dry_run"] is True
