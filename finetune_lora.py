@@ -152,8 +152,10 @@ def main(
     run = same_run.run_flags(train, seq, seed, fabric.world_size, optimizer, precision, config)
     resumption, plan = same_run.begin(fabric, out_dir, resume_from, plan, run, not seq.dry_run, checkpoint_dir)
     max_seq_length, placement = plan.decision.max_seq_length, (fabric.global_rank, fabric.world_size)
-    lengths, micro_batch_size = plan.kept_lengths("train"), train.micro_batch_size
-    batches_for_epoch = order.train_batches(lengths, max_seq_length, micro_batch_size, seq.order, seed, *placement)
+    train_lengths, micro_batch_size = plan.kept_lengths("train"), train.micro_batch_size
+    batches_for_epoch = order.train_batches(
+        train_lengths, max_seq_length, micro_batch_size, seq.order, seed, *placement
+    )
     accumulation = train.gradient_accumulation_iters(fabric.world_size, 1)
     steps = Steps.count(len(batches_for_epoch(0)), accumulation, train.epochs, train.max_steps)  # the one count
     found = plan_warnings(plan, data, tokenizer, seq.over_length) + settings.check_run(train, eval, plan.kept, steps)
@@ -166,8 +168,8 @@ def main(
     hyperparameters.train.max_seq_length = max_seq_length  # what the model trains with, for a rerun
     if fabric.global_rank == 0:
         write_seq_config(out_dir / SEQ_CONFIG, hyperparameters)  # beside upstream's hyperparameters.yaml
-    if fabric.global_rank == 0 and resume_from is None and (earlier := outputs.earlier_run_warning(out_dir)):
-        fabric.print(earlier)
+        if resume_from is None and (earlier := outputs.earlier_run_warning(out_dir)):
+            fabric.print(earlier)
 
     # 2. The loaders the plan allows; then the model, built with the decided length, its weights and its state.
     train_loader, val_loader = loaders.make_loaders(fabric, plan, batches_for_epoch, seed, pack=seq.pack)
