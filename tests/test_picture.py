@@ -164,3 +164,24 @@ def test_the_lengths_go_to_a_logger_that_draws_histograms(tiny_checkpoint, make_
         "seq/train_lengths": ([90, 100, 120], 0),
         "seq/val_lengths": ([95, 110], 0),
     }
+
+
+def test_a_run_draws_its_own_report(cli_here, make_data, tmp_path):
+    """A dry run writes seq_lengths.png beside seq_lengths.json; the figure built from that report's decision and
+    what-if rows has one panel per split, the decision marked where the report says."""
+    import json
+
+    out = tmp_path / "out"
+    train, val = [100, 120, 90, 300], [110, 95]
+    run = cli_here(make_data(train, val), out, "--seq.dry_run", "true")
+    assert run.returncode == 0, run.stderr
+    assert (out / "seq_lengths.png").read_bytes()[:8] == PNG_SIGNATURE
+    report = json.loads((out / "seq_lengths.json").read_text())
+    figure = picture.length_figure(
+        {"train": train, "val": val}, report["max_seq_length"], report["block_size"], report["what_if"]
+    )
+    histograms = figure.axes[:2]
+    assert len(figure.axes) == 3
+    for axes, lengths in zip(histograms, (train, val)):
+        assert sum(patch.get_height() for patch in axes.patches) == len(lengths)
+        assert report["max_seq_length"] in [line.get_xdata()[0] for line in axes.get_lines()]
