@@ -42,21 +42,16 @@ def make_data(tmp_path, tiny_checkpoint):
 
 
 @pytest.fixture
-def cli_here(monkeypatch, capsys, tiny_checkpoint):
-    """cli_here(data_dir, out_dir, *flags, steps=2, checkpoint=tiny_checkpoint): what run_cli runs, but in this process
-    (``finetune_lora.cli()`` with ``sys.argv`` patched), returned as a CompletedProcess: the exit code from its
-    SystemExit, stdout and stderr from capsys. Any exception other than SystemExit fails the test (no traceback)."""
+def cli_argv(monkeypatch, capsys):
+    """cli_argv(argv): ``finetune_lora.cli()`` run in this process with ``sys.argv`` set to ``argv``, returned as a
+    CompletedProcess: the exit code from its SystemExit, stdout and stderr from capsys. Any exception other than
+    SystemExit fails the test (no traceback)."""
     import finetune_lora
 
     for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
         monkeypatch.delenv(name, raising=False)
 
-    def run_here(data_dir: Path, out_dir: Path, *flags: str, steps: int = 2, checkpoint: Path | None = None):
-        argv = [
-            "finetune_lora.py",
-            str(checkpoint or tiny_checkpoint),
-            *cli_args(data_dir, out_dir, *flags, steps=steps),
-        ]
+    def run_here(argv: list[str]) -> subprocess.CompletedProcess:
         capsys.readouterr()
         monkeypatch.setattr(sys, "argv", argv)
         try:
@@ -70,8 +65,22 @@ def cli_here(monkeypatch, capsys, tiny_checkpoint):
     return run_here
 
 
+@pytest.fixture
+def cli_here(cli_argv, tiny_checkpoint):
+    """cli_here(data_dir, out_dir, *flags, steps=2, checkpoint=tiny_checkpoint): what run_cli runs, but in this process
+    (``cli_argv``)."""
+
+    def run_here(data_dir: Path, out_dir: Path, *flags: str, steps: int = 2, checkpoint: Path | None = None):
+        return cli_argv(
+            ["finetune_lora.py", str(checkpoint or tiny_checkpoint), *cli_args(data_dir, out_dir, *flags, steps=steps)]
+        )
+
+    return run_here
+
+
 def pytest_collection_modifyitems(items):
-    """A test that runs the command line in process (``cli_here``) is end to end too: `make test-fast` leaves it out."""
+    """A test that runs the command line in process (``cli_here``, ``cli_argv``) is end to end too: `make test-fast`
+    leaves it out."""
     for item in items:
-        if "cli_here" in getattr(item, "fixturenames", ()):
+        if {"cli_here", "cli_argv"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)

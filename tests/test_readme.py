@@ -39,33 +39,23 @@ def commands(block: str) -> tuple[dict[str, str], list[list[str]]]:
     return variables, found
 
 
-def run_in_process(steps: list[list[str]], monkeypatch, capsys) -> list[str]:
+def run_in_process(steps: list[list[str]], cli_argv) -> list[str]:
     """Each command's stdout; the console command and ``python finetune_lora.py`` both run ``finetune_lora.cli``."""
-    import finetune_lora
-
-    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
-        monkeypatch.delenv(name, raising=False)
     outputs = []
     for command in steps:
-        monkeypatch.setattr(sys, "argv", command)
-        try:
-            finetune_lora.cli()
-            code = 0
-        except SystemExit as leaving:
-            code = leaving.code
-        out, err = capsys.readouterr()
-        assert code == 0, (command, err[-3000:])
-        outputs.append(out)
+        ran = cli_argv(command)
+        assert ran.returncode == 0, (command, ran.stderr[-3000:])
+        outputs.append(ran.stdout)
     return outputs
 
 
-def test_the_quickstart_runs_as_written_on_the_demo_assets(tmp_path, monkeypatch, capsys):
+def test_the_quickstart_runs_as_written_on_the_demo_assets(tmp_path, monkeypatch, cli_argv):
     variables, steps = commands(quickstart_block())
     assert variables == {"CKPT": "demo_run/checkpoint", "DATA": "demo_run/data"}
     assert [command[0] for command in steps] == ["litgpt-seqlen"] * 3
     assets.build_demo(tmp_path / "demo_run")
     monkeypatch.chdir(tmp_path)
-    dry, trained, resumed = run_in_process(steps, monkeypatch, capsys)
+    dry, trained, resumed = run_in_process(steps, cli_argv)
     assert "dry run: nothing trained" in dry and "max_seq_length = " in dry
     assert "Final evaluation" in trained and (tmp_path / "out/my_run/final/lit_model.pth").is_file()
     assert "Resuming from out/my_run/step-" in resumed
@@ -85,7 +75,7 @@ def docs_commands() -> list[list[str]]:
     return found
 
 
-def test_the_docs_commands_run_as_written_on_the_demo_assets(tmp_path, monkeypatch, capsys):
+def test_the_docs_commands_run_as_written_on_the_demo_assets(tmp_path, monkeypatch, cli_argv):
     steps = docs_commands()
     assert len(steps) >= 5 and sum("--resume" in command for command in steps) >= 1
     assets.build_demo(tmp_path / "demo_run")
@@ -97,7 +87,7 @@ def test_the_docs_commands_run_as_written_on_the_demo_assets(tmp_path, monkeypat
         elif command[:3] == ["python", "-m", "json.tool"]:
             json.loads(Path(command[3]).read_text())
         else:
-            run_in_process([command], monkeypatch, capsys)
+            run_in_process([command], cli_argv)
 
 
 def test_the_console_command_in_the_quickstart_is_the_installed_one():
