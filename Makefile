@@ -19,7 +19,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 venv: $(VENV)/.installed
 
 test: venv lint  # everything, in two processes of one thread each (pytest-xdist): the two cores, not oversubscribed
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal
 
 test-fast: venv  # the quick tests only: no command line run, no model, fewer hypothesis examples (seconds)
 	HYPOTHESIS_PROFILE=fast $(PY) -m pytest -q -m "not e2e"
