@@ -212,7 +212,7 @@ def sample_problem(sample) -> str | None:
         if sample.get(field) is not None and not isinstance(sample[field], str):
             return f"has {field!r} = {_describe(sample[field])}, not a string or null."
     if "prompt" in sample:
-        return "has a field 'prompt', which clashes with the prompt litgpt builds from 'instruction'. Rename it."
+        return "has a field 'prompt', which clashes with the prompt litgpt builds from 'instruction': rename it."
     return None
 
 

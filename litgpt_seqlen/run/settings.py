@@ -199,7 +199,7 @@ def _known_precisions() -> tuple[str, ...]:
     flat: list = []
     for part in typing.get_args(_PRECISION_INPUT):
         flat.extend(typing.get_args(part) or [part])
-    return tuple(str(value) for value in flat)
+    return tuple(dict.fromkeys(str(value) for value in flat))  # the same value can come from two literals
 
 
 def _upstream_problems(train, eval) -> list[str]:
