@@ -61,6 +61,7 @@ SCRIPT = textwrap.dedent(
     tokenizer = Tokenizer(tokenizer_dir)
     results = {}
     for phase, workers in (("serial", 1), ("parallel", 2), ("bad", 1)):
+        print(f"rank {rank}: scan {phase}", flush=True)  # where a hang is, if one ever is
         if phase == "bad":
             del samples[int(bad)]["output"]
         dataset = SFTDataset(samples, tokenizer, prompt_style="alpaca", transform=record)
@@ -81,6 +82,7 @@ SCRIPT = textwrap.dedent(
         if rank == 0:
             torch.save({"model": {"lora_A": torch.ones(3)}}, directory / LORA_FILE)
 
+    print(f"rank {rank}: checkpoint", flush=True)
     torch.manual_seed(100 + rank)
     state = fresh_state()
     state.update(step=5, iteration=10, epoch=1, position=2)
