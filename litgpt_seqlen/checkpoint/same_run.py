@@ -221,8 +221,10 @@ def begin(fabric, out_dir: Path, step_dir: Path | None, plan, run: dict, saves: 
     a ``LengthPlan``; ``base`` the checkpoint_dir, whose lit_model.pth a run that saves records. Returns (Resumption,
     plan)."""
     splits = ("train", "val")
-    contents = {name: sample_contents(plan.loaders[name].dataset) for name in splits}
-    data = data_fingerprint({name: plan.lengths[name] for name in splits}, contents)
+    data = None  # a dry run that resumes nothing compares and records nothing: no pass over the samples
+    if saves or step_dir is not None:
+        contents = {name: sample_contents(plan.loaders[name].dataset) for name in splits}
+        data = data_fingerprint({name: plan.lengths[name] for name in splits}, contents)
     saved = None
     if step_dir is not None:
         saved = read_header(step_dir)
