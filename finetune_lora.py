@@ -28,7 +28,7 @@ from litgpt.args import EvalArgs, TrainArgs
 from litgpt.data import Alpaca, DataModule
 from litgpt.finetune.lora import save_lora_checkpoint
 from litgpt.finetune.lora import setup as litgpt_finetune_lora
-from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
+from litgpt.lora import Config, mark_only_lora_as_trainable
 from litgpt.prompts import save_prompt_style
 from litgpt.scripts.merge_lora import merge_lora
 from litgpt.tokenizer import Tokenizer
@@ -44,8 +44,9 @@ from litgpt_seqlen.cli.parser import build_parser
 from litgpt_seqlen.data import files, loaders, order
 from litgpt_seqlen.data.length_plan import plan_lengths
 from litgpt_seqlen.errors import UserInputError
+from litgpt_seqlen.model import packed_attention
 from litgpt_seqlen.model.base import check_tokenizer, find_checkpoint_dir, load_config, swap_in_stable_embedding
-from litgpt_seqlen.model.packed_forward import check_packable
+from litgpt_seqlen.model.packed_forward import GPT, check_packable
 from litgpt_seqlen.report import build as report_build
 from litgpt_seqlen.report.outcomes import plan_warnings
 from litgpt_seqlen.run import devices as devices_and_precision
@@ -174,7 +175,10 @@ def main(
     # 2. The loaders the plan allows; then the model, built with the decided length, its weights and its state.
     train_loader, val_loader = loaders.make_loaders(fabric, plan, batches_for_epoch, seed, pack=seq.pack)
     fabric.seed_everything(seed)  # the same on every rank, for model init
-    state = build_training_state(fabric, config, max_seq_length, checkpoint_dir, optimizer, train, steps)
+    attention = packed_attention.choose_attention(config, fabric.device, precision) if seq.pack else None
+    if attention:
+        fabric.print(f"Packed attention: {packed_attention.describe(attention, config)}")
+    state = build_training_state(fabric, config, max_seq_length, checkpoint_dir, optimizer, train, steps, attention)
     model, optimizer = state["model"], state["optimizer"]
     if resume_from is not None:
         training_state.load(fabric, resume_from, state)
@@ -210,17 +214,19 @@ def main(
     counts = {key: fabric.all_reduce(value, reduce_op="sum").item() for key, value in state["token_counts"].items()}
     elapsed, device_type = time.perf_counter() - started, fabric.device.type
     fabric.print(litgpt_utils.create_finetuning_performance_report(elapsed, counts, device_type))
-    report.batches = report_build.batches_trained(counts, micro_batches, train.micro_batch_size, seq)
+    report.batches = report_build.batches_trained(counts, micro_batches, train.micro_batch_size, seq, attention)
     report.write(fabric)
     evaluation.final_validation(fabric, model, val_loader, eval)
     save_final(fabric, model, out_dir / "final", checkpoint_dir, precision, save)
     fabric.print(plan.decision.summary())
 
 
-def build_training_state(fabric, config, max_seq_length, checkpoint_dir, optimizer, train, steps: Steps) -> dict:
+def build_training_state(
+    fabric, config, max_seq_length, checkpoint_dir, optimizer, train, steps: Steps, packed_attention: str | None
+) -> dict:
     """The model, built with the decided length and its base weights, its optimizer and schedule: fit's state."""
     with fabric.init_module(empty_init=(fabric.world_size > 1)):
-        model = GPT(config)
+        model = GPT(config, packed_attention)
     model.max_seq_length = max_seq_length
     mark_only_lora_as_trainable(model)
     fabric.print(f"Number of trainable parameters: {litgpt_utils.num_parameters(model, requires_grad=True):,}")

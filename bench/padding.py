@@ -1,6 +1,6 @@
 """Padding with random, length-grouped (--seq.group_by_length) and packed (--seq.pack) micro-batches, on real data.
 
-    python bench/padding.py [--time-samples 64] [--epochs 5] [--time alpaca_en_demo] [--time-sizes 4]
+    python bench/padding.py [--time-samples 64] [--epochs 5] [--time alpaca_en_demo] [--time-sizes 4] [--long-factor 20]
 
 For ../shared/data/alpaca_{en,zh}_demo.json, tokenized with the Llama 2 SentencePiece model and the Alpaca prompt
 style, at micro_batch_size 4, 8 and 16 and max_seq_length as the flow decides it (longest + 10%):
@@ -9,19 +9,25 @@ style, at micro_batch_size 4, 8 and 16 and max_seq_length as the flow decides it
   them: a seeded RandomSampler), of grouped ones (``data_utils.grouped_batches``) and of packed ones
   (``packing.packed_batches``: micro_batch_size rows of whole samples, each micro-batch padded to its longest row),
   averaged over a few epochs;
-* the wall time of one epoch of the same samples, trained all three ways in this run by a tiny LoRA GPT (vocab
-  32000) on CPU: a random subset of ``--time-samples`` samples, cut into random micro-batches, into grouped ones and
-  into packed ones (over the subset), one micro-batch of each way in turn. A small subset groups and packs less
-  tightly than the whole data set, so the table also gives the processed tokens of exactly the batches timed.
+* the wall time of one epoch of the same samples, trained all ways in this run by a tiny LoRA GPT (vocab 32000) on
+  CPU: a random subset of ``--time-samples`` samples, cut into random micro-batches, into grouped ones and into packed
+  ones (over the subset), the packed ones twice, once per attention path (``dense``: the block-causal mask over each
+  whole row; ``segments``: attention within each sample), one micro-batch of each way in turn. A small subset groups
+  and packs less tightly than the whole data set, so the table also gives the processed tokens of the batches timed;
+* a long-tailed case: the same subset plus one sample ``--long-factor`` times the subset's median length (Alpaca
+  samples joined into one), each way trained in a process of its own, with its wall time and its peak memory (the
+  process's peak resident set above what it held before the first step).
 
-Prints a markdown table. Timings vary with the machine; nothing here fails on one.
+Prints markdown tables. Timings vary with the machine; nothing here fails on one.
 """
 
 import argparse
 import json
 import math
 import random
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,13 +35,14 @@ from pathlib import Path
 import torch
 from litgpt.data import SFTDataset
 from litgpt.data.base import get_sft_collate_fn
-from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
+from litgpt.lora import Config, mark_only_lora_as_trainable
 from litgpt.prompts import Alpaca
 from litgpt.tokenizer import Tokenizer
 
 import data_utils
 from litgpt_seqlen.data import packing
 from litgpt_seqlen.data.scan import scan_parts
+from litgpt_seqlen.model.packed_forward import GPT
 from litgpt_seqlen.training.loss import train_loss
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,31 +76,37 @@ def efficiency(lengths: list[int], micro_batch_size: int, epochs: int, max_seq_l
     return {how: statistics.mean(values) for how, values in measured.items()}
 
 
-def timed_batches(
-    dataset: SFTDataset, lengths: list[int], chosen: list[int], micro_batch_size: int, max_seq_length: int
-) -> tuple[dict[str, list[dict]], dict[str, int]]:
-    """One epoch of the ``chosen`` samples cut three ways, collated as the loaders collate them; and the tokens the
-    model processes for each way."""
+def cut_three_ways(lengths: list[int], chosen: list[int], micro_batch_size: int, max_seq_length: int) -> dict:
+    """One epoch of the ``chosen`` samples as micro-batches of sample indices (packed: of rows of them)."""
     subset = [lengths[i] for i in chosen]
-    shuffled = [chosen[i : i + micro_batch_size] for i in range(0, len(chosen), micro_batch_size)]
-    grouped = [[chosen[j] for j in b] for b in data_utils.grouped_batches(subset, micro_batch_size, SEED, 0)]
     packed = packing.packed_batches(subset, max_seq_length, micro_batch_size, SEED, 0)
-    packed = [[[chosen[j] for j in row] for row in rows] for rows in packed]
-    collate = get_sft_collate_fn(max_seq_length=-1)
-    batches = {
-        "random": [collate([dataset[i] for i in b]) for b in shuffled],
-        "grouped": [collate([dataset[i] for i in b]) for b in grouped],
-        "packed": [packing.packed_collate([[dataset[i] for i in row] for row in rows]) for rows in packed],
+    return {
+        "random": [chosen[i : i + micro_batch_size] for i in range(0, len(chosen), micro_batch_size)],
+        "grouped": [[chosen[j] for j in b] for b in data_utils.grouped_batches(subset, micro_batch_size, SEED, 0)],
+        "packed": [[[chosen[j] for j in row] for row in rows] for rows in packed],
     }
-    processed = {how: sum(b["input_ids"].numel() for b in micro_batches) for how, micro_batches in batches.items()}
-    return batches, processed
 
 
-def tiny_model() -> GPT:
+def collated(dataset, cut: dict) -> dict[str, list[dict]]:
+    """The micro-batches of ``cut_three_ways`` collated as the loaders collate them."""
+    collate = get_sft_collate_fn(max_seq_length=-1)
+    return {
+        "random": [collate([dataset[i] for i in b]) for b in cut["random"]],
+        "grouped": [collate([dataset[i] for i in b]) for b in cut["grouped"]],
+        "packed": [packing.packed_collate([[dataset[i] for i in row] for row in rows]) for rows in cut["packed"]],
+    }
+
+
+# The ways timed: how the samples are cut, and the attention path of packed rows.
+WAYS = {"random": ("random", None), "grouped": ("grouped", None)}
+WAYS.update({f"packed {path}": ("packed", path) for path in ("dense", "segments")})
+
+
+def tiny_model(block_size: int = 1024) -> GPT:
     torch.manual_seed(0)
     config = Config(
         name="bench-tiny",
-        block_size=1024,
+        block_size=block_size,
         vocab_size=32000,
         padded_vocab_size=32000,
         n_layer=2,
@@ -117,8 +130,10 @@ def tiny_model() -> GPT:
     return model
 
 
-def train_step(model: GPT, optimizer: torch.optim.Optimizer, batch: dict) -> float:
+def train_step(model: GPT, optimizer: torch.optim.Optimizer, batch: dict, path: str | None) -> float:
     """Forward, backward and an optimizer step on one micro-batch, as fit runs them; returns the seconds taken."""
+    if path is not None:
+        model.packed_attention = path
     started = time.perf_counter()
     train_loss(model, batch).backward()
     optimizer.step()
@@ -126,16 +141,95 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, batch: dict) -> flo
     return time.perf_counter() - started
 
 
-def timed_runs(model: GPT, runs: dict[str, list[dict]]) -> dict[str, float]:
-    """Total training seconds of each run's micro-batches; the runs' steps are interleaved (one step of each in
-    turn), so a busy moment on the machine falls on all of them alike."""
+def timed_runs(model: GPT, runs: dict[str, tuple[list[dict], str | None]]) -> dict[str, float]:
+    """Total training seconds of each run's micro-batches (``runs``: label -> (micro-batches, packed attention
+    path)); the runs' steps are interleaved (one step of each in turn), so a busy moment on the machine falls on all
+    of them alike."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     seconds = dict.fromkeys(runs, 0.0)
-    for step in range(max(len(batches) for batches in runs.values())):
-        for label, batches in runs.items():
+    for step in range(max(len(batches) for batches, _ in runs.values())):
+        for label, (batches, path) in runs.items():
             if step < len(batches):
-                seconds[label] += train_step(model, optimizer, batches[step])
+                seconds[label] += train_step(model, optimizer, batches[step], path)
     return seconds
+
+
+def warm_up(model: GPT) -> None:
+    item = {
+        "input_ids": torch.ones(64, dtype=torch.long),
+        "labels": torch.ones(64, dtype=torch.long),
+        "token_counts": {"raw": 64, "raw_plus_prompt_template": 64},
+    }
+    batches = [get_sft_collate_fn()([item] * 2), packing.packed_collate([[item, item]] * 2)]
+    timed_runs(
+        model,
+        {
+            "plain": (batches[:1] * 2, None),
+            "dense": (batches[1:] * 2, "dense"),
+            "segments": (batches[1:] * 2, "segments"),
+        },
+    )
+
+
+def long_tail_data(tokenizer: Tokenizer, time_samples: int, factor: int) -> tuple[SFTDataset, list[int], list[int]]:
+    """alpaca_en_demo's timed subset plus one sample (the last) at least ``factor`` times the subset's median length:
+    the outputs of samples outside the subset joined into one answer. Returns the dataset, its lengths and the
+    subset (the long sample included)."""
+    samples = json.loads((SHARED / "data" / "alpaca_en_demo.json").read_text())
+    dataset, lengths = load("alpaca_en_demo", tokenizer)
+    chosen = random.Random(SEED).sample(range(len(lengths)), min(time_samples, len(lengths)))
+    target = factor * statistics.median(lengths[i] for i in chosen)
+    long_sample = {"instruction": "Answer each of these in turn.", "input": "", "output": ""}
+    for i in sorted(set(range(len(samples))) - set(chosen)):
+        long_sample["output"] += samples[i]["output"] + "\n\n"
+        if len(tokenizer.encode(long_sample["output"])) > target:
+            break
+    samples = [samples[i] for i in chosen] + [long_sample]
+    dataset = SFTDataset(samples, tokenizer, prompt_style=Alpaca(), max_seq_length=-1)
+    lengths = [p.length for p in scan_parts(dataset, "long-tail")]
+    order = list(range(len(samples)))
+    random.Random(SEED).shuffle(order)  # random micro-batches: the long sample among others, as a loader would draw
+    return dataset, lengths, order
+
+
+def one_way_in_this_process(way: str, time_samples: int, factor: int) -> None:
+    """Trains one epoch of the long-tailed data one way; prints its seconds and peak memory as JSON."""
+    tokenizer = Tokenizer(SHARED / "tokenizers" / "llama2-sentencepiece")
+    dataset, lengths, chosen = long_tail_data(tokenizer, time_samples, factor)
+    max_seq_length = math.ceil(max(lengths) * 1.1)
+    model = tiny_model(block_size=max_seq_length)
+    warm_up(model)
+    cut, path = WAYS[way]
+    batches = collated(dataset, cut_three_ways(lengths, chosen, 4, max_seq_length))[cut]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    seconds = timed_runs(model, {way: (batches, path)})[way]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    processed = sum(b["input_ids"].numel() for b in batches)
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "peak_mib": (peak - before) / 1024,
+                "steps": len(batches),
+                "processed": processed,
+                "longest": max(lengths),
+                "median": statistics.median(lengths),
+                "max_seq_length": max_seq_length,
+            }
+        )
+    )
+
+
+def long_tail(time_samples: int, factor: int) -> dict[str, dict]:
+    results = {}
+    for way in WAYS:
+        command = [sys.executable, __file__, "--one-way", way, "--time-samples", str(time_samples)]
+        done = subprocess.run(command + ["--long-factor", str(factor)], capture_output=True, text=True, check=True)
+        results[way] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(
+            f"  long tail, {way}: {results[way]['seconds']:.1f} s, {results[way]['peak_mib']:.0f} MiB", file=sys.stderr
+        )
+    return results
 
 
 def main() -> None:
@@ -146,20 +240,19 @@ def main() -> None:
     parser.add_argument("--data", nargs="+", default=["alpaca_en_demo", "alpaca_zh_demo"])
     parser.add_argument("--time", nargs="*", default=["alpaca_en_demo"], help="data sets to time training on")
     parser.add_argument("--time-sizes", type=int, nargs="*", default=[4], help="micro_batch_sizes to time training at")
+    parser.add_argument("--long-factor", type=int, default=20, help="the long sample's length over the median; 0: skip")
+    parser.add_argument("--one-way", choices=list(WAYS), help=argparse.SUPPRESS)  # one long-tail run, in a child
     args = parser.parse_args()
     if not (SHARED / "data").is_dir():
         print(f"skipped: {SHARED} is absent")
         return
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.one_way:
+        one_way_in_this_process(args.one_way, args.time_samples, args.long_factor)
+        return
     tokenizer = Tokenizer(SHARED / "tokenizers" / "llama2-sentencepiece")
     model = tiny_model()
-    item = {
-        "input_ids": torch.ones(64, dtype=torch.long),
-        "labels": torch.ones(64, dtype=torch.long),
-        "token_counts": {"raw": 64, "raw_plus_prompt_template": 64},
-    }
-    warm_up = [get_sft_collate_fn()([item] * 2), packing.packed_collate([[item, item]] * 2)]
-    timed_runs(model, {"warm-up": warm_up * 2})
+    warm_up(model)
     rows = []
     for name in args.data:
         dataset, lengths = load(name, tokenizer)
@@ -169,40 +262,61 @@ def main() -> None:
             measured = efficiency(lengths, micro_batch_size, args.epochs, max_seq_length)
             timed = None
             if name in args.time and micro_batch_size in args.time_sizes:
-                batches, processed = timed_batches(dataset, lengths, chosen, micro_batch_size, max_seq_length)
-                seconds = timed_runs(model, batches)
-                steps = {how: len(micro_batches) for how, micro_batches in batches.items()}
+                batches = collated(dataset, cut_three_ways(lengths, chosen, micro_batch_size, max_seq_length))
+                seconds = timed_runs(model, {way: (batches[cut], path) for way, (cut, path) in WAYS.items()})
+                steps = {way: len(batches[cut]) for way, (cut, _) in WAYS.items()}
+                processed = {way: sum(b["input_ids"].numel() for b in batches[cut]) for way, (cut, _) in WAYS.items()}
                 timed = (steps, processed, seconds)
                 print(
-                    f"  {name} mbs {micro_batch_size}: " + ", ".join(f"{seconds[how]:.1f} s {how}" for how in seconds),
+                    f"  {name} mbs {micro_batch_size}: " + ", ".join(f"{seconds[w]:.1f} s {w}" for w in WAYS),
                     file=sys.stderr,
                 )
             rows.append((name, micro_batch_size, max_seq_length, measured, timed))
+    print_efficiency(rows, args)
+    if args.long_factor:
+        print_long_tail(long_tail(args.time_samples, args.long_factor), args)
 
+
+def print_efficiency(rows, args) -> None:
     print(
         f"\nPadding efficiency (real / processed tokens), Llama 2 SentencePiece tokenizer, Alpaca prompt style,"
         f" max_seq_length = longest + 10%; averaged over {args.epochs} epochs. Wall time: one epoch of the same"
         f" {args.time_samples} samples each way, tiny LoRA GPT (2 layers, n_embd 64, vocab 32000), CPU,"
-        f" {torch.get_num_threads()} threads.\n"
+        f" {torch.get_num_threads()} threads; packed twice, with the dense and the segments attention.\n"
     )
     print(
         "| data | micro_batch_size | random | grouped | packed | samples per row | micro-batches r / g / p"
-        " | processed tokens r / g / p | wall time r / g / p (s) | random ÷ grouped | random ÷ packed |"
+        " | processed tokens r / g / p | wall time r / g / p dense / p segments (s) | random ÷ grouped"
+        " | random ÷ packed dense | random ÷ packed segments |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, micro_batch_size, max_seq_length, measured, timed in rows:
         shares = f"{measured['random']:.1%} | {measured['grouped']:.1%} | {measured['packed']:.1%}"
         line = f"| {name} | {micro_batch_size} | {shares} | {measured['samples_per_row']:.2f} |"
         if timed is None:
-            print(line + " – | – | – | – | – |")
+            print(line + " – | – | – | – | – | – |")
             continue
         steps, processed, seconds = timed
-        ways = ("random", "grouped", "packed")
+        ways = ("random", "grouped", "packed segments")
         print(
             line + f" {' / '.join(str(steps[w]) for w in ways)} | {' / '.join(str(processed[w]) for w in ways)} |"
-            f" {' / '.join(f'{seconds[w]:.1f}' for w in ways)} | {seconds['random'] / seconds['grouped']:.2f}x |"
-            f" {seconds['random'] / seconds['packed']:.2f}x |"
+            f" {' / '.join(f'{seconds[w]:.1f}' for w in WAYS)} | {seconds['random'] / seconds['grouped']:.2f}x |"
+            f" {seconds['random'] / seconds['packed dense']:.2f}x | {seconds['random'] / seconds['packed segments']:.2f}x |"
         )
+
+
+def print_long_tail(results: dict[str, dict], args) -> None:
+    first = next(iter(results.values()))
+    print(
+        f"\nLong tail: the {args.time_samples} samples plus one of {first['longest']} tokens ({args.long_factor}x"
+        f" the median of {first['median']:g}), max_seq_length {first['max_seq_length']}, micro_batch_size 4; each way"
+        " in a process of its own. Peak memory: the process's peak resident set above what it held before the first"
+        " step.\n"
+    )
+    print("| way | micro-batches | processed tokens | wall time (s) | peak memory (MiB) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for way, r in results.items():
+        print(f"| {way} | {r['steps']} | {r['processed']:,} | {r['seconds']:.1f} | {r['peak_mib']:.0f} |")
 
 
 if __name__ == "__main__":

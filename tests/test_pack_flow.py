@@ -17,7 +17,7 @@ import finetune_lora
 from helpers import loaders_for, read_report
 from litgpt_seqlen.args import SeqArgs
 from litgpt_seqlen.data import length_plan
-from litgpt_seqlen.data.packing import PADDING_SEGMENT, PackedRows
+from litgpt_seqlen.data.packing import PackedRows
 from litgpt_seqlen.errors import UserInputError
 from litgpt_seqlen.training import rehearsal
 
@@ -66,15 +66,15 @@ def test_packed_train_loader_and_its_rehearsal_batch(tiny_checkpoint, make_data)
     )
     assert plan.decision.max_seq_length == 130 and plan.kept["train"] == [i for i, n in enumerate(train) if n <= 130]
     train_loader, val_loader = loaders_for(fabric, plan, 2, "packed", seed=1)
-    assert "segment_ids" not in next(iter(val_loader))
+    assert "segment_lengths" not in next(iter(val_loader))
 
     for _ in range(2):  # two epochs, packed differently
         seen = []
         for batch in train_loader:
             assert batch["input_ids"].size(0) <= 2 and batch["input_ids"].size(1) <= 130
-            for row_ids, row_segments in zip(batch["input_ids"], batch["segment_ids"]):
-                for segment in sorted(set(row_segments.tolist()) - {PADDING_SEGMENT}):
-                    seen.append(row_ids[row_segments == segment].tolist())
+            for row_ids, row_lengths in zip(batch["input_ids"], batch["segment_lengths"]):
+                pieces = row_ids.split([*row_lengths, len(row_ids) - sum(row_lengths)])
+                seen += [piece.tolist() for piece in pieces[:-1]]
         expected = [train_loader.dataset.dataset[i]["input_ids"].tolist() for i in range(len(plan.kept["train"]))]
         assert sorted(seen) == sorted(expected)
 
@@ -82,8 +82,8 @@ def test_packed_train_loader_and_its_rehearsal_batch(tiny_checkpoint, make_data)
     lengths = {"train": plan.kept_lengths("train"), "val": plan.kept_lengths("val")}
     batches = rehearsal.rehearsal_batches({"train": train_loader, "val": val_loader}, lengths, 2, 130)
     # best fit at 130: [120], [110], [100], [70, 60], [66, 64], [65, 62], [61]: the two full rows, two samples each
-    assert batches["train"]["input_ids"].shape == (2, 130) and (batches["train"]["segment_ids"] == 1).any(dim=1).all()
-    assert (batches["train"]["segment_ids"] != PADDING_SEGMENT).all()
+    assert batches["train"]["input_ids"].shape == (2, 130)
+    assert sorted(batches["train"]["segment_lengths"]) == [[66, 64], [70, 60]]  # full rows
     assert list(batches["val"]["input_ids"].shape) == [2, 90]
 
 

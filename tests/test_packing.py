@@ -1,15 +1,16 @@
-"""Packed micro-batches train exactly as their samples one by one: per-token losses and LoRA gradients of
-``packed_forward`` equal those of litgpt's own ``GPT.forward`` run on each sample alone (float32, CPU)."""
+"""Packed micro-batches train exactly as their samples one by one: per-token losses and LoRA gradients of a packed
+forward equal those of litgpt's own ``GPT.forward`` run on each sample alone (float32), on every attention path this
+machine runs, for small models of each litgpt family's shape."""
 
 import random
 
 import pytest
 import torch
-from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
+from litgpt.lora import Config, mark_only_lora_as_trainable
 
-from litgpt_seqlen.data.packing import PADDING_SEGMENT, packed_collate
+from litgpt_seqlen.data.packing import packed_collate
 from litgpt_seqlen.errors import UserInputError
-from litgpt_seqlen.model.packed_forward import batch_logits, check_packable, packed_forward
+from litgpt_seqlen.model.packed_forward import GPT, batch_logits, check_packable
 from litgpt_seqlen.training.loss import micro_batch_loss_sum
 
 LORA = {
@@ -24,72 +25,54 @@ LORA = {
     "lora_head": True,
 }
 TINY = dict(block_size=64, vocab_size=96, padded_vocab_size=96, n_layer=2, n_head=4, n_embd=32, **LORA)
-CONFIGS = {
-    # Llama: RMSNorm, LLaMAMLP, full rotary, grouped-query attention
-    "llama": {
-        "rotary_percentage": 1.0,
-        "parallel_residual": False,
-        "bias": False,
-        "norm_class_name": "RMSNorm",
-        "mlp_class_name": "LLaMAMLP",
-        "intermediate_size": 64,
-        "n_query_groups": 2,
-    },
-    # Pythia / GPT-NeoX: parallel residual, a quarter of each head rotated, LayerNorm, biases
-    "pythia": {
-        "rotary_percentage": 0.25,
-        "parallel_residual": True,
-        "bias": True,
-        "norm_class_name": "LayerNorm",
-        "mlp_class_name": "GptNeoxMLP",
-        "n_embd": 64,
-    },
-    # Gemma-2-like without its sliding window: both softcappings, scaled embeddings, extra norms, GemmaMLP, MQA
-    "softcapped": {
-        "rotary_percentage": 1.0,
-        "parallel_residual": False,
-        "bias": False,
-        "norm_class_name": "RMSNorm",
-        "mlp_class_name": "GemmaMLP",
-        "intermediate_size": 64,
-        "n_query_groups": 1,
-        "scale_embeddings": True,
-        "attention_logit_softcapping": 5.0,
-        "final_logit_softcapping": 3.0,
-        "post_attention_norm": True,
-        "post_mlp_norm": True,
-        "attention_scores_scalar": 16,
-    },
-    # Gemma-3-like without windows: a local rope base for some layers (rope_indices), norms on q and k
-    "dual_rope": {
-        "rotary_percentage": 1.0,
-        "parallel_residual": False,
-        "bias": False,
-        "norm_class_name": "RMSNorm",
-        "mlp_class_name": "LLaMAMLP",
-        "intermediate_size": 64,
-        "rope_local_base_freq": 100.0,
-        "rope_indices": [1, 0],
-        "norm_qk": True,
-    },
-    # Mixture of experts: routing is per token
-    "moe": {
-        "rotary_percentage": 1.0,
-        "parallel_residual": False,
-        "bias": False,
-        "norm_class_name": "RMSNorm",
-        "mlp_class_name": "LLaMAMoE",
-        "intermediate_size": 64,
-        "moe_intermediate_size": 32,
-        "n_expert": 4,
-        "n_expert_per_token": 2,
-    },
+# Each family's litgpt config, shrunk: what makes the family (norms, MLP, residual layout, rotary share and scaling,
+# grouped queries, biases, softcapping, experts) is kept; only the sizes change.
+FAMILIES = {
+    "llama": ("Llama-3.2-1B", {"n_query_groups": 2, "intermediate_size": 64}),  # llama3 rope scaling, GQA
+    "pythia": ("pythia-14m", {"n_embd": 64}),  # parallel residual, a quarter of each head rotated, LayerNorm, biases
+    "falcon": ("falcon-7b", {}),  # multi-query attention, one norm shared by attention and MLP
+    "qwen2.5": ("Qwen2.5-0.5B", {"n_query_groups": 2, "intermediate_size": 64}),  # biases on q, k, v only
+    "phi": ("phi-2", {"n_embd": 80}),  # 40% of each head rotated, shared norm, biased head
+    # both softcappings, scaled embeddings, extra norms, GemmaMLP (its windows off: those are refused)
+    "gemma": (
+        "Gemma-2-2b",
+        {
+            "n_query_groups": 2,
+            "head_size": 8,
+            "intermediate_size": 64,
+            "attention_scores_scalar": 16,
+            "attention_logit_softcapping": 5.0,
+            "final_logit_softcapping": 3.0,
+            "sliding_window_indices": [0, 0],
+        },
+    ),
+    # a local rope base for some layers (rope_indices), norms on q and k, no softcapping
+    "gemma3": (
+        "Gemma-3-1b-it",
+        {
+            "n_query_groups": 1,
+            "head_size": 8,
+            "intermediate_size": 64,
+            "attention_scores_scalar": 16,
+            "rope_indices": [1, 0],
+            "rope_local_base_freq": 100.0,
+            "sliding_window_indices": [0, 0],
+        },
+    ),
+    "mixtral": ("Mixtral-8x7B-v0.1", {"n_query_groups": 2, "intermediate_size": 64, "n_expert": 4}),  # experts
 }
+# The paths this machine runs for each family: every one where it is exact; softcapping only dense.
+CPU_PATHS = [(name, path) for name in FAMILIES for path in ("segments", "dense") if name != "gemma" or path == "dense"]
 
 
-def tiny_lora_gpt(name: str) -> GPT:
+def family_config(name: str, **changes) -> Config:
+    base, shrunk = FAMILIES[name]
+    return Config.from_name(base, **{**TINY, **shrunk, **changes})
+
+
+def tiny_lora_gpt(name: str, packed_attention: str | None = None, **changes) -> GPT:
     torch.manual_seed(0)
-    model = GPT(Config(name=name, **{**TINY, **CONFIGS[name]}))
+    model = GPT(family_config(name, **changes), packed_attention)
     with torch.no_grad():  # LoRA's B starts at zero; random values everywhere make every gradient count
         for parameter in model.parameters():
             parameter.normal_(0, 0.2)
@@ -129,7 +112,7 @@ def one_by_one(model: GPT, items: list[dict]):
 def packed(model: GPT, items: list[dict], rows: list[list[int]], lm_head_chunk_size: int = 0):
     model.zero_grad()
     batch = packed_collate([[items[i] for i in row] for row in rows])
-    logits = packed_forward(model, batch["input_ids"], batch["position_ids"], batch["segment_ids"], lm_head_chunk_size)
+    logits = batch_logits(model, batch, lm_head_chunk_size)
     total, count = micro_batch_loss_sum(logits, batch["labels"])
     total.backward()
     logits = torch.cat(logits, dim=1) if isinstance(logits, list) else logits
@@ -151,10 +134,10 @@ def lora_gradients(model: GPT) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name, path", CPU_PATHS)
 @pytest.mark.parametrize("lm_head_chunk_size", [0, 8])
-def test_packed_equals_one_by_one(name, lm_head_chunk_size):
-    model = tiny_lora_gpt(name)
+def test_packed_equals_one_by_one(name, path, lm_head_chunk_size):
+    model = tiny_lora_gpt(name, path)
     items, rows = samples_and_rows()
     reference_losses, reference_gradients = one_by_one(model, items)
     losses, gradients, count = packed(model, items, rows, lm_head_chunk_size)
@@ -165,7 +148,8 @@ def test_packed_equals_one_by_one(name, lm_head_chunk_size):
     assert gradients.keys() == reference_gradients.keys() and any("lora_A" in k for k in gradients)
     for key, reference in reference_gradients.items():
         assert reference.abs().sum() > 0, key  # every LoRA weight takes part
-        torch.testing.assert_close(gradients[key], reference, atol=1e-5, rtol=0, msg=key)
+        # gradients reach 45 here (Gemma 3's scaled embeddings): 1e-5 of that on top, float32's rounding
+        torch.testing.assert_close(gradients[key], reference, atol=1e-5, rtol=1e-5, msg=key)
 
 
 def test_without_cutting_the_first_labels_samples_would_leak():
@@ -192,7 +176,6 @@ def test_through_fabric_module_runs_the_root_call():
     wrapped = fabric.setup_module(model)
     torch.testing.assert_close(batch_logits(wrapped, batch), expected, atol=0, rtol=0)
     assert calls == [1]
-    assert "forward" not in vars(model)  # the redirection is undone
     torch.testing.assert_close(wrapped(batch["input_ids"][:1, :7]), model(items[0]["input_ids"][None]))
 
 
@@ -216,8 +199,7 @@ def test_collate_hand_computed():
     assert batch["input_ids"].tolist() == [[11, 12, 13, 21, 22, 0], [31, 32, 33, 34, 35, 36]]
     assert batch["labels"].tolist() == [[-100, 12, 13, -100, 22, -100], [-100, -100, 33, 34, 35, 36]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]]
-    p = PADDING_SEGMENT
-    assert batch["segment_ids"].tolist() == [[0, 0, 0, 1, 1, p], [0, 0, 0, 0, 0, 0]]
+    assert batch["segment_lengths"] == [[3, 2], [6]]
     assert batch["token_counts"]["raw_plus_prompt_template"].flatten().tolist() == [3, 2, 6]
 
 
@@ -228,15 +210,14 @@ def test_sliding_window_models_are_refused_from_the_config(name):
 
 
 def test_refused_in_the_forward_too():
-    config = Config(**{**TINY, **CONFIGS["llama"]}, sliding_window_size=4, sliding_window_indices=[0, 1])
-    model = GPT(config)
+    model = GPT(family_config("llama", sliding_window_size=4, sliding_window_indices=[0, 1]))
     batch = packed_collate([[sample(random.Random(0), 5, 1)]])
     with pytest.raises(UserInputError, match="in layer\\(s\\) 1"):
         batch_logits(model, batch)
 
 
 def test_a_window_in_no_layer_is_accepted():
-    check_packable(Config(**{**TINY, **CONFIGS["llama"]}, sliding_window_size=4, sliding_window_indices=[0, 0]))
+    check_packable(family_config("llama", sliding_window_size=4, sliding_window_indices=[0, 0]))
     for name in ("Llama-2-7b-hf", "pythia-160m", "gemma-2b"):
         check_packable(Config.from_name(name))
 
@@ -249,10 +230,8 @@ def test_the_forward_rotates_by_the_given_positions():
     items, rows = samples_and_rows()
     batch = packed_collate([[items[i] for i in rows[0]]])
     with torch.no_grad():
-        logits = packed_forward(model, batch["input_ids"], batch["position_ids"], batch["segment_ids"])
-        unrotated = packed_forward(
-            model, batch["input_ids"], torch.zeros_like(batch["position_ids"]), batch["segment_ids"]
-        )
+        logits = batch_logits(model, batch)
+        unrotated = batch_logits(model, {**batch, "position_ids": torch.zeros_like(batch["position_ids"])})
         alone = model(items[1]["input_ids"][None])
     torch.testing.assert_close(logits[:, 7:19], alone, atol=1e-5, rtol=0)
     assert not torch.allclose(unrotated[:, 7:19], alone, atol=1e-3)
@@ -278,11 +257,14 @@ def test_collate_of_litgpt_sft_items(tmp_path, mask_prompt):
     items = [dataset[i] for i in range(3)]
     batch = packed_collate([[items[0], items[1]], [items[2]]])
     start = 0
-    for item, segment in zip(items[:2], (0, 1)):
+    assert batch["segment_lengths"] == [
+        [len(items[0]["input_ids"]), len(items[1]["input_ids"])],
+        [len(items[2]["input_ids"])],
+    ]
+    for item in items[:2]:
         end = start + len(item["input_ids"])
         assert batch["input_ids"][0, start:end].tolist() == item["input_ids"].tolist()
         assert batch["labels"][0, start:end].tolist() == [-100] + item["labels"][1:].tolist()
         assert batch["position_ids"][0, start:end].tolist() == list(range(end - start))
-        assert set(batch["segment_ids"][0, start:end].tolist()) == {segment}
         start = end
     assert (batch["labels"][1, len(items[2]["input_ids"]) :] == -100).all()

@@ -16,7 +16,6 @@ from helpers import SHARED, requires_shared
 from litgpt_seqlen.data import scan
 from litgpt_seqlen.data.order import ResumableBatchSampler, expected_efficiency
 from litgpt_seqlen.data.packing import (
-    PADDING_SEGMENT,
     PackedRows,
     best_fit_decreasing,
     fullest_rows,
@@ -138,8 +137,9 @@ def test_loader_of_packed_rows():
         for rows in plan:
             batch = next(batches)
             for r, row in enumerate(rows):
-                real = batch["segment_ids"][r] != PADDING_SEGMENT
-                assert batch["input_ids"][r][real].tolist() == [i for i in row for _ in range(lengths[i])]
+                real = sum(lengths[i] for i in row)
+                assert batch["segment_lengths"][r] == [lengths[i] for i in row]
+                assert batch["input_ids"][r][:real].tolist() == [i for i in row for _ in range(lengths[i])]
     assert plans[0] != plans[1]
 
 

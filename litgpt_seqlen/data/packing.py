@@ -2,7 +2,7 @@
 
 Nothing here touches a model: the plan (which samples share a row, which rows make a micro-batch, which micro-batches
 go to which rank) is made from the sample lengths, ``--seed`` and the epoch, so it can be tested and estimated in a
-dry run. ``packed_collate`` turns a micro-batch of rows into the tensors ``packed_forward`` reads.
+dry run. ``packed_collate`` turns a micro-batch of rows into what the packed forward (``model.packed_forward``) reads.
 
 A row holds whole samples, never a part of one; a micro-batch is ``micro_batch_size`` rows, padded to its longest row.
 """
@@ -17,9 +17,6 @@ from functools import partial
 import torch
 
 IGNORE_INDEX = -100
-
-
-PADDING_SEGMENT = -1  # the segment id of padding tokens: never the id of a sample
 
 
 DEFAULT_GROUP_SIZE = 500  # samples packed together; larger packs tighter, smaller varies the rows more between epochs
@@ -152,8 +149,9 @@ def packed_collate(rows: Sequence[Sequence[dict]], pad_id: int = 0, ignore_index
     """A micro-batch of rows (each a list of SFTDataset items) as tensors of shape (rows, longest row):
 
     ``input_ids`` (padding: ``pad_id``); ``labels`` (``ignore_index`` on padding and on each sample's first token);
-    ``position_ids`` (0, 1, ... from each sample's start); ``segment_ids`` (0, 1, ... per sample in its row, padding
-    ``PADDING_SEGMENT``); ``token_counts`` as litgpt's collate gives them, one entry per sample.
+    ``position_ids`` (0, 1, ... from each sample's start); ``token_counts`` as litgpt's collate gives them, one entry
+    per sample; and ``segment_lengths``, a list per row of the lengths of its samples, in order (the rest of the row is
+    padding).
 
     litgpt's loss compares ``logits[:, t]`` with ``labels[:, t + 1]``. Setting each sample's first label to
     ``ignore_index`` means the last token of one sample never has the next sample's first token as a target;
@@ -165,23 +163,24 @@ def packed_collate(rows: Sequence[Sequence[dict]], pad_id: int = 0, ignore_index
         "input_ids": torch.full(shape, pad_id, dtype=torch.int64),
         "labels": torch.full(shape, ignore_index, dtype=torch.int64),
         "position_ids": torch.zeros(shape, dtype=torch.int64),
-        "segment_ids": torch.full(shape, PADDING_SEGMENT, dtype=torch.int64),
     }
+    segment_lengths = []
     for r, row in enumerate(rows):
         start = 0
-        for segment, item in enumerate(row):
+        for item in row:
             end = start + len(item["input_ids"])
             batch["input_ids"][r, start:end] = item["input_ids"]
             batch["labels"][r, start + 1 : end] = item["labels"][1:]
             batch["position_ids"][r, start:end] = torch.arange(end - start)
-            batch["segment_ids"][r, start:end] = segment
             start = end
         batch["position_ids"][r, start:] = torch.arange(width - start)
+        segment_lengths.append([len(item["input_ids"]) for item in row])
     items = [item for row in rows for item in row]
     batch["token_counts"] = {
         key: torch.tensor([item["token_counts"][key] for item in items], dtype=torch.int64).unsqueeze(1)
         for key in ("raw", "raw_plus_prompt_template")
     }
+    batch["segment_lengths"] = segment_lengths
     return batch
 
 

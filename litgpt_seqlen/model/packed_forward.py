@@ -1,9 +1,12 @@
-"""The forward pass of a litgpt GPT over packed rows, where every sample sees only itself.
+"""The GPT this run trains: litgpt's LoRA ``GPT``, whose forward also takes packed rows.
 
-litgpt's ``GPT.forward`` takes no attention mask, so this runs its modules in the same order (embedding, each
-``Block``, final norm, head) with, for each token, the rotary cos/sin of its position within its own sample and an
-attention mask that is causal within a sample and closed between samples. The modules are litgpt's own and are
-called, not copied: LoRA layers, norms, MLPs and attention are whatever the model holds.
+litgpt's ``GPT.forward`` gives every token the rotary position of its place in the row and lets it attend to every
+token before it. ``GPT.forward(idx, position_ids=..., segment_lengths=...)`` runs litgpt's own modules in the same
+order (embedding, each ``Block``, final norm, head) with, for each token, the rotary cos/sin of its position within its
+own sample and, as the attention mask, a ``SegmentMask`` (``packed_attention``): each sample attends only to itself.
+Nothing of litgpt's is copied or replaced; the class is the model from the start (no forward is swapped on a live
+module), so Fabric's precision context and the strategy's hooks (FSDP's gathering of parameters, activation
+checkpointing) apply to a packed call as to ``model(idx)``.
 
 ``check_packable(config)`` refuses, from the config alone (before a weight is read), the models this cannot run
 exactly: those with sliding-window layers, whose attention replaces any mask it is given by its own window mask.
@@ -12,9 +15,11 @@ exactly: those with sliding-window layers, whose attention replaces any mask it 
 from __future__ import annotations
 
 import torch
+from litgpt.lora import GPT as LitGPT
 from litgpt.model import do_softcapping
 
 from litgpt_seqlen.errors import UserInputError
+from litgpt_seqlen.model.packed_attention import SegmentMask, block_causal_mask, choose_attention
 
 
 def check_packable(config) -> None:
@@ -30,83 +35,79 @@ def check_packable(config) -> None:
         )
 
 
-def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """``(B, 1, T, T)`` booleans: token i may attend to token j when j <= i and both are in the same segment.
+class GPT(LitGPT):
+    """litgpt's LoRA ``GPT``; ``packed_attention`` is the path packed rows take (``packed_attention.PATHS``, as
+    ``choose_attention`` picks it for the run's device; by default the one for CPU)."""
 
-    Padding has a segment of its own, so every row of the mask allows at least the token itself (no empty softmax).
-    """
-    T = segment_ids.size(1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
-    same_segment = segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1)
-    return (same_segment & causal).unsqueeze(1)
+    def __init__(self, config, packed_attention: str | None = None) -> None:
+        super().__init__(config)
+        self.packed_attention = packed_attention or choose_attention(config, torch.device("cpu"), "32-true")
 
+    def forward(
+        self,
+        idx: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        input_pos_maxp1: int | None = None,
+        lm_head_chunk_size: int = 0,
+        *,
+        position_ids: torch.Tensor | None = None,
+        segment_lengths: list[list[int]] | None = None,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """litgpt's forward; with ``position_ids`` and ``segment_lengths`` (``packing.packed_collate``), the logits of
+        packed rows, each sample on its own, shaped as litgpt returns them."""
+        if segment_lengths is None:
+            return super().forward(idx, input_pos, input_pos_maxp1, lm_head_chunk_size)
+        check_packable(self.config)
+        T = idx.size(1)
+        if T > self.max_seq_length:
+            raise ValueError(f"Cannot forward sequence of length {T}, max seq length is only {self.max_seq_length}.")
+        cos, sin = self.cos[position_ids], self.sin[position_ids]  # (B, T, rope_n_elem), or (..., 2) with local rope
+        mask = self._packed_mask(segment_lengths, T, idx.device)
 
-def packed_forward(
-    model, input_ids: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor, lm_head_chunk_size: int = 0
-) -> torch.Tensor | list[torch.Tensor]:
-    """Logits of packed rows, shape ``(B, T, padded_vocab_size)`` (a list of chunks along T with
-    ``lm_head_chunk_size > 0``, as ``GPT.forward`` returns them).
+        x = self.transformer.wte(idx)
+        if self.config.scale_embeddings:
+            x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
+        for block_idx, block in enumerate(self.transformer.h):
+            if self.config.rope_indices is not None:
+                rope = self.config.rope_indices[block_idx]
+                x = block(x, cos[..., rope], sin[..., rope], mask, None, None)
+            else:
+                x = block(x, cos, sin, mask, None, None)
+        if isinstance(mask, SegmentMask) and mask.attention_calls != self.config.n_layer:
+            raise RuntimeError(
+                f"packed rows: {mask.attention_calls} of {self.config.n_layer} attention layers attended within"
+                " samples; the installed litgpt's attention does not call scaled_dot_product_attention with its mask"
+                " as --seq.pack needs. Train with --seq.pack false, or install the litgpt in requirements.txt."
+            )
+        x = self.transformer.ln_f(x)
+        if lm_head_chunk_size > 0:
+            return [self._head(x_i) for x_i in x.split(lm_head_chunk_size, dim=1)]
+        return self._head(x)
 
-    ``model``: a litgpt ``GPT`` (``litgpt.lora.GPT`` included) or the module ``fabric.setup_module`` returned. It is
-    run through the module's own call, so Fabric's precision context and the strategy's hooks (FSDP's gathering of
-    parameters) apply as they do to ``model(input_ids)``.
-    """
-    return _through_module_call(model, _packed_forward, input_ids, position_ids, segment_ids, lm_head_chunk_size)
+    def _packed_mask(self, segment_lengths: list[list[int]], width: int, device: torch.device):
+        if self.packed_attention != "dense":
+            return SegmentMask(segment_lengths, width, self.packed_attention)
+        mask = block_causal_mask(segment_lengths, width, device)
+        if self.config.attention_logit_softcapping is not None:
+            # litgpt adds the mask to the softcapped scores, so it must be additive there
+            mask = torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))
+        return mask
 
-
-def _packed_forward(gpt, input_ids, position_ids, segment_ids, lm_head_chunk_size):
-    config = gpt.config
-    check_packable(config)
-    T = input_ids.size(1)
-    if T > gpt.max_seq_length:
-        raise ValueError(f"Cannot forward sequence of length {T}, max seq length is only {gpt.max_seq_length}.")
-    cos, sin = gpt.cos[position_ids], gpt.sin[position_ids]  # (B, T, rope_n_elem), or (..., 2) with local rope
-    mask = block_causal_mask(segment_ids)
-    if config.attention_logit_softcapping is not None:
-        # litgpt adds the mask to the softcapped scores, so it must be additive there
-        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
-
-    x = gpt.transformer.wte(input_ids)
-    if config.scale_embeddings:
-        x = x * torch.tensor(config.n_embd**0.5, dtype=x.dtype)
-    for block_idx, block in enumerate(gpt.transformer.h):
-        if config.rope_indices is not None:
-            rope = config.rope_indices[block_idx]
-            x = block(x, cos[..., rope], sin[..., rope], mask, None, None)
-        else:
-            x = block(x, cos, sin, mask, None, None)
-    x = gpt.transformer.ln_f(x)
-    if lm_head_chunk_size > 0:
-        return [_head(gpt, x_i) for x_i in x.split(lm_head_chunk_size, dim=1)]
-    return _head(gpt, x)
-
-
-def _head(gpt, x: torch.Tensor) -> torch.Tensor:
-    logits = gpt.lm_head(x)
-    if gpt.config.final_logit_softcapping is not None:
-        logits = do_softcapping(logits, thresh=gpt.config.final_logit_softcapping)
-    return logits
-
-
-def _through_module_call(model, function, *args):
-    """``function(gpt, *args)`` run as if it were the forward of ``model``: ``model(*args)`` with the inner GPT's
-    ``forward`` swapped for it for the duration of the call (as Lightning's ``mark_forward_method`` redirects).
-
-    Calling the inner modules directly would skip what wraps the root module's call: Fabric's autocast and dtype
-    conversion, and FSDP's gathering of the parameters the root holds (embedding, final norm, head)."""
-    gpt = model.module if hasattr(model, "_forward_module") else model  # a Fabric module wraps the GPT
-    gpt.forward = lambda *inner: function(gpt, *inner)
-    try:
-        return model(*args)
-    finally:
-        del gpt.forward
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(x)
+        if self.config.final_logit_softcapping is not None:
+            logits = do_softcapping(logits, thresh=self.config.final_logit_softcapping)
+        return logits
 
 
 def batch_logits(model, batch: dict, lm_head_chunk_size: int = 0) -> torch.Tensor | list[torch.Tensor]:
-    """The logits of one micro-batch: through ``packed_forward`` when it is packed (has ``segment_ids``), else
-    ``model(input_ids)`` as upstream runs it."""
-    if "segment_ids" in batch:
-        return packed_forward(
-            model, batch["input_ids"], batch["position_ids"], batch["segment_ids"], lm_head_chunk_size
+    """The logits of one micro-batch: packed (it has ``segment_lengths``) or as upstream runs ``model(input_ids)``.
+    ``model``: this module's ``GPT``, or what ``fabric.setup_module`` made of it."""
+    if "segment_lengths" in batch:
+        return model(
+            batch["input_ids"],
+            lm_head_chunk_size=lm_head_chunk_size,
+            position_ids=batch["position_ids"],
+            segment_lengths=batch["segment_lengths"],
         )
     return model(batch["input_ids"], lm_head_chunk_size=lm_head_chunk_size)

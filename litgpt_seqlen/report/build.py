@@ -128,8 +128,11 @@ def key_figures(report: dict) -> dict:
     return figures
 
 
-def batches_trained(token_counts: dict, micro_batches: int, micro_batch_size: int, seq: SeqArgs) -> dict:
-    """The padding of the whole run, from fit's exact counts (summed over the ranks). A row is one sample unpacked."""
+def batches_trained(
+    token_counts: dict, micro_batches: int, micro_batch_size: int, seq: SeqArgs, attention: str | None = None
+) -> dict:
+    """The padding of the whole run, from fit's exact counts (summed over the ranks). A row is one sample unpacked.
+    ``attention``: the path packed rows took (``model.packed_attention``), None unpacked."""
     real, processed = (
         token_counts["raw_tokens_plus_prompt_template"],
         token_counts["raw_tokens_plus_prompt_template_and_padding"],
@@ -147,6 +150,7 @@ def batches_trained(token_counts: dict, micro_batches: int, micro_batch_size: in
         "micro_batch_size": micro_batch_size,
         "group_by_length": seq.group_by_length,
         "loss_weighting": "token" if seq.token_weighting else "batch",
+        "attention": attention,
     }
 
 

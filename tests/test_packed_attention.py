@@ -1,0 +1,139 @@
+"""The attention paths of packed rows: each equals the dense block-causal reference, the fast ones hold no T x T
+tensor, the choice follows the model and the device, and a litgpt whose attention stops handing its mask to
+``scaled_dot_product_attention`` is caught rather than trained on."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from litgpt.model import CausalSelfAttention
+from test_packing import family_config, one_by_one, packed, sample, samples_and_rows, tiny_lora_gpt
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from litgpt_seqlen.data.packing import packed_collate
+from litgpt_seqlen.model.packed_attention import SegmentMask, block_causal_mask, choose_attention, varlen_works
+from litgpt_seqlen.model.packed_forward import batch_logits
+
+
+def rows_of(lengths, width):
+    return [row for row in lengths if sum(row) <= width]
+
+
+@given(
+    st.lists(st.lists(st.integers(1, 9), min_size=1, max_size=4), min_size=1, max_size=3),
+    st.integers(0, 3),
+    st.sampled_from([(4, 4), (4, 2), (4, 1)]),
+)
+def test_segments_equal_the_dense_reference(lengths, spare, heads):
+    """Forward and backward, with padding after the samples and grouped key/value heads expanded as litgpt does."""
+    width = max(sum(row) for row in lengths) + spare
+    q_heads, kv_heads = heads
+    generator = torch.Generator().manual_seed(len(lengths) * 31 + width)
+    shapes = [(len(lengths), q_heads, width, 8)] + [(len(lengths), kv_heads, width, 8)] * 2
+    q, k, v = (torch.randn(shape, generator=generator, requires_grad=True) for shape in shapes)
+    results = []
+    for mask in (SegmentMask(lengths, width, "segments"), block_causal_mask(lengths, width)):
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=kv_heads != q_heads)
+        grads = torch.autograd.grad(y.square().sum(), (q, k, v))
+        results.append([y, *grads])
+    for fast, reference in zip(*results):
+        torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_lengths_that_do_not_fill_the_row_are_refused():
+    with pytest.raises(ValueError, match="do not fit rows of 5 tokens"):
+        SegmentMask([[3, 4]], 5, "segments")
+    mask = SegmentMask([[3]], 5, "segments")
+    with pytest.raises(ValueError, match="for rows of"):
+        F.scaled_dot_product_attention(*(torch.randn(1, 2, 6, 4) for _ in range(3)), attn_mask=mask)
+
+
+class LargestTensor(TorchDispatchMode):
+    """The most elements of any tensor an operation makes while active."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.largest = max([self.largest, *sizes])
+        return out
+
+
+@pytest.mark.parametrize("path", ["segments", "dense"])
+def test_no_row_by_row_tensor_on_the_segments_path(path):
+    """A row of 512 tokens holding 16 samples of 32: forward and backward of the whole model make no tensor of
+    T x T = 262,144 elements on the segments path (the largest is 49,152: the logits); the dense path does (the test
+    can fail)."""
+    model = tiny_lora_gpt("llama", path, block_size=512)
+    rng = random.Random(0)
+    batch = packed_collate([[sample(rng, 32, 4) for _ in range(16)]])
+    with LargestTensor() as seen:
+        logits = batch_logits(model, batch)
+        logits.square().mean().backward()
+    if path == "segments":
+        assert seen.largest < 512 * 512 // 4
+    else:
+        assert seen.largest >= 512 * 512
+
+
+def test_the_path_follows_the_model():
+    cpu = torch.device("cpu")
+    assert choose_attention(family_config("llama"), cpu, "bf16-true") == "segments"
+    assert choose_attention(family_config("gemma"), cpu, "32-true") == "dense"  # softcapped logits
+    assert tiny_lora_gpt("gemma").packed_attention == "dense" and tiny_lora_gpt("phi").packed_attention == "segments"
+
+
+def test_an_attention_that_ignores_its_mask_is_caught(monkeypatch):
+    """If litgpt's attention stopped passing its mask to ``scaled_dot_product_attention``, samples would attend
+    across each other silently; the forward counts the layers that attended within samples and refuses."""
+
+    def causal_over_the_row(self, q, k, v, mask=None):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+
+    monkeypatch.setattr(CausalSelfAttention, "scaled_dot_product_attention", causal_over_the_row)
+    model = tiny_lora_gpt("llama")
+    items, rows = samples_and_rows()
+    with pytest.raises(RuntimeError, match="0 of 2 attention layers attended within samples"):
+        batch_logits(model, packed_collate([[items[i] for i in row] for row in rows]))
+
+
+def test_a_mask_used_for_anything_but_attention_fails_loudly():
+    """litgpt adds the mask to softcapped scores itself: handed a ``SegmentMask`` there (which the choice never does),
+    the forward raises instead of adding something that is not a mask."""
+    model = tiny_lora_gpt("gemma", "segments")
+    items, rows = samples_and_rows()
+    with pytest.raises(TypeError, match="reached add, not scaled_dot_product_attention"):
+        batch_logits(model, packed_collate([[items[i] for i in row] for row in rows]))
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen path needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("name", ["llama", "qwen2.5", "mixtral", "falcon"])
+def test_varlen_on_cuda_equals_one_by_one(name):
+    """bfloat16 (FlashAttention has no float32 kernel): the varlen path against the samples one by one, and against
+    the segments path on the same device, as close as bfloat16 allows."""
+    device = torch.device("cuda")
+    assert varlen_works(device, torch.bfloat16) and not varlen_works(device, torch.float32)
+    assert choose_attention(family_config(name), device, "bf16-true") == "varlen"
+    assert choose_attention(family_config(name), device, "32-true") == "segments"
+    items, rows = samples_and_rows()
+    items = [{**item, "input_ids": item["input_ids"].to(device), "labels": item["labels"].to(device)} for item in items]
+    results = {}
+    for path in ("varlen", "segments"):
+        model = tiny_lora_gpt(name, path).to(device, torch.bfloat16)
+        results[path] = packed(model, items, rows)
+    reference_losses, reference_gradients = one_by_one(model, items)
+    for losses, gradients, _ in results.values():
+        for loss, reference in zip(losses, reference_losses):
+            torch.testing.assert_close(loss.float(), reference.float(), atol=0.1, rtol=0.05)
+        for key, reference in reference_gradients.items():
+            torch.testing.assert_close(gradients[key].float(), reference.float(), atol=0.1, rtol=0.1, msg=key)
+    for a, b in zip(results["varlen"][0], results["segments"][0]):
+        torch.testing.assert_close(a.float(), b.float(), atol=0.05, rtol=0.05)
