@@ -175,9 +175,7 @@ def main(
     # 2. The loaders the plan allows; then the model, built with the decided length, its weights and its state.
     train_loader, val_loader = loaders.make_loaders(fabric, plan, batches_for_epoch, seed, pack=seq.pack)
     fabric.seed_everything(seed)  # the same on every rank, for model init
-    attention = packed_attention.choose_attention(config, fabric.device, precision) if seq.pack else None
-    if attention:
-        fabric.print(f"Packed attention: {packed_attention.describe(attention, config)}")
+    attention = packed_attention.choose_for_run(fabric, config, precision) if seq.pack else None
     state = build_training_state(fabric, config, max_seq_length, checkpoint_dir, optimizer, train, steps, attention)
     model, optimizer = state["model"], state["optimizer"]
     if resume_from is not None:

@@ -174,7 +174,7 @@ def warm_up(model: GPT) -> None:
 def long_tail_data(tokenizer: Tokenizer, time_samples: int, factor: int) -> tuple[SFTDataset, list[int], list[int]]:
     """alpaca_en_demo's timed subset plus one sample (the last) at least ``factor`` times the subset's median length:
     the outputs of samples outside the subset joined into one answer. Returns the dataset, its lengths and the
-    subset (the long sample included)."""
+    order of its samples (shuffled: the long one among the others)."""
     samples = json.loads((SHARED / "data" / "alpaca_en_demo.json").read_text())
     dataset, lengths = load("alpaca_en_demo", tokenizer)
     chosen = random.Random(SEED).sample(range(len(lengths)), min(time_samples, len(lengths)))

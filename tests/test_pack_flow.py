@@ -113,6 +113,9 @@ def test_cli_packed_run_against_an_unpacked_one(cli_here, tiny_checkpoint, make_
     packed, unpacked = reports["true"]["batches"], reports["false"]["batches"]
     assert packed["packed"] is True and unpacked["packed"] is False
     assert packed["loss_weighting"] == "token" and unpacked["loss_weighting"] == "batch"
+    assert packed["attention"] == "segments" and unpacked["attention"] is None  # CPU, no softcapping
+    assert "Packed attention: segments, causal attention on each sample's slice of a row" in runs["true"].stdout
+    assert "Packed attention" not in runs["false"].stdout
     assert packed["count"] == 6 and packed["rows"] <= 12 and packed["samples"] > packed["rows"]
     assert packed["samples_per_row"] == round(packed["samples"] / packed["rows"], 3) > 1
     assert unpacked["samples_per_row"] == 1 and unpacked["rows"] == 12

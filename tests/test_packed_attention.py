@@ -2,7 +2,12 @@
 tensor, the choice follows the model and the device, and a litgpt whose attention stops handing its mask to
 ``scaled_dot_product_attention`` is caught rather than trained on."""
 
+import json
+import os
 import random
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -14,6 +19,7 @@ from test_packing import family_config, one_by_one, packed, sample, samples_and_
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from helpers import ROOT
 from litgpt_seqlen.data.packing import packed_collate
 from litgpt_seqlen.model.packed_attention import SegmentMask, block_causal_mask, choose_attention, varlen_works
 from litgpt_seqlen.model.packed_forward import batch_logits
@@ -137,3 +143,72 @@ def test_varlen_on_cuda_equals_one_by_one(name):
             torch.testing.assert_close(gradients[key].float(), reference.float(), atol=0.1, rtol=0.1, msg=key)
     for a, b in zip(results["varlen"][0], results["segments"][0]):
         torch.testing.assert_close(a.float(), b.float(), atol=0.05, rtol=0.05)
+
+
+# Run as a script on two CPU ranks: Fabric's launcher starts rank 1 by running it again with LOCAL_RANK=1.
+TWO_RANKS = textwrap.dedent(
+    """
+    import json, sys
+
+    root = sys.argv[1]
+    sys.path[:0] = [root, root + "/tests"]
+    import lightning as L
+    import torch
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from litgpt_seqlen.data.packing import packed_collate
+    from litgpt_seqlen.model.packed_forward import batch_logits
+    from litgpt_seqlen.run.devices import strategy_for
+    from litgpt_seqlen.training.loss import micro_batch_loss_sum
+    from test_packing import samples_and_rows, tiny_lora_gpt
+
+    fabric = L.Fabric(accelerator="cpu", devices=2, strategy=strategy_for(2, 1), precision="32-true")
+    fabric.launch()
+    model = fabric.setup_module(tiny_lora_gpt("llama"))
+    gpt = model.module
+    items, rows = samples_and_rows()
+    batch = packed_collate([[items[i] for i in row] for row in rows])
+
+    def lora_gradients():
+        gradients = {n: p.grad.full_tensor().clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        return gradients
+
+    results = {}
+    for path in ("segments", "dense"):
+        gpt.packed_attention = path
+        fabric.backward(micro_batch_loss_sum(batch_logits(model, batch), batch["labels"])[0])
+        results[path] = lora_gradients()
+    total = 0
+    for item in items:
+        logits = model(item["input_ids"][None])[0]
+        total = total + torch.nn.functional.cross_entropy(logits[:-1], item["labels"][1:], reduction="sum")
+    fabric.backward(total)
+    reference = lora_gradients()
+    if fabric.global_rank == 0:
+        print(json.dumps({
+            "checkpointed": all(isinstance(block, CheckpointWrapper) for block in gpt.transformer.h),
+            "gradients": len(reference),
+            "difference": {
+                path: max((g[n] - reference[n]).abs().max().item() for n in reference) for path, g in results.items()
+            },
+            "largest": max(g.abs().max().item() for g in reference.values()),
+        }))
+    """
+)
+
+
+def test_two_ranks_with_the_runs_strategy_train_packed_rows_as_one_by_one(tmp_path):
+    """Under the strategy several devices use (FSDP sharding, each block in an activation-checkpointing wrapper that
+    recomputes its forward in the backward), both paths' LoRA gradients equal those of the samples one by one."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, str(script), str(ROOT)], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["checkpointed"] and result["gradients"] > 0
+    for path in ("segments", "dense"):
+        assert result["difference"][path] <= 1e-5 + 1e-5 * result["largest"], result

@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-PATHS = ("varlen", "segments", "dense")
 DESCRIPTIONS = {
     "varlen": "FlashAttention varlen over the samples of each micro-batch",
     "segments": "causal attention on each sample's slice of a row",
@@ -44,9 +43,12 @@ def choose_attention(config, device: torch.device, precision: str | None) -> str
     return "segments"
 
 
-def describe(path: str, config) -> str:
-    why = " (the model softcaps its attention logits)" if path == "dense" and config.attention_logit_softcapping else ""
-    return f"{path}: {DESCRIPTIONS[path]}{why}"
+def choose_for_run(fabric, config, precision: str | None) -> str:
+    """``choose_attention`` for the run's device, said on the console."""
+    path = choose_attention(config, fabric.device, precision)
+    why = " (the model softcaps its attention logits)" if path == "dense" else ""
+    fabric.print(f"Packed attention: {path}, {DESCRIPTIONS[path]}{why}")
+    return path
 
 
 def varlen_works(device: torch.device, dtype: torch.dtype) -> bool:

@@ -36,7 +36,7 @@ def check_packable(config) -> None:
 
 
 class GPT(LitGPT):
-    """litgpt's LoRA ``GPT``; ``packed_attention`` is the path packed rows take (``packed_attention.PATHS``, as
+    """litgpt's LoRA ``GPT``; ``packed_attention`` is the path packed rows take (a key of ``packed_attention.DESCRIPTIONS``, as
     ``choose_attention`` picks it for the run's device; by default the one for CPU)."""
 
     def __init__(self, config, packed_attention: str | None = None) -> None:
