@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from litgpt.data import SFTDataset
 from litgpt.data.base import get_sft_collate_fn
 from litgpt.lora import Config, mark_only_lora_as_trainable
@@ -42,6 +43,7 @@ from litgpt.tokenizer import Tokenizer
 import data_utils
 from litgpt_seqlen.data import packing
 from litgpt_seqlen.data.scan import scan_parts
+from litgpt_seqlen.model.packed_attention import SegmentMask, block_causal_mask
 from litgpt_seqlen.model.packed_forward import GPT
 from litgpt_seqlen.training.loss import train_loss
 
@@ -220,16 +222,49 @@ def one_way_in_this_process(way: str, time_samples: int, factor: int) -> None:
     )
 
 
-def long_tail(time_samples: int, factor: int) -> dict[str, dict]:
-    results = {}
-    for way in WAYS:
-        command = [sys.executable, __file__, "--one-way", way, "--time-samples", str(time_samples)]
-        done = subprocess.run(command + ["--long-factor", str(factor)], capture_output=True, text=True, check=True)
-        results[way] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(
-            f"  long tail, {way}: {results[way]['seconds']:.1f} s, {results[way]['peak_mib']:.0f} MiB", file=sys.stderr
-        )
-    return results
+def long_tail(time_samples: int, factor: int, repeats: int) -> dict[str, dict]:
+    """Each way's run on the long-tailed data, ``repeats`` times (the ways in turn); the median seconds and the
+    largest peak memory of each."""
+    runs = {way: [] for way in WAYS}
+    for _ in range(repeats):
+        for way in WAYS:
+            command = [sys.executable, __file__, "--one-way", way, "--time-samples", str(time_samples)]
+            done = subprocess.run(command + ["--long-factor", str(factor)], capture_output=True, text=True, check=True)
+            runs[way].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(
+                f"  long tail, {way}: {runs[way][-1]['seconds']:.1f} s, {runs[way][-1]['peak_mib']:.0f} MiB",
+                file=sys.stderr,
+            )
+    return {
+        way: {
+            **results[0],
+            "seconds": statistics.median(r["seconds"] for r in results),
+            "peak_mib": max(r["peak_mib"] for r in results),
+        }
+        for way, results in runs.items()
+    }
+
+
+def attention_alone(batches: list[dict], repeats: int) -> dict[str, float]:
+    """Milliseconds of one attention product (forward and backward, 4 heads of 16, float32) over the rows of each
+    packed micro-batch, summed over the micro-batches: per path, the median of ``repeats``."""
+    milliseconds = {path: [] for path in ("dense", "segments")}
+    generator = torch.Generator().manual_seed(SEED)
+    for _ in range(repeats):
+        for path in milliseconds:
+            total = 0.0
+            for batch in batches:
+                rows, width = batch["input_ids"].shape
+                q, k, v = (torch.randn(rows, 4, width, 16, generator=generator, requires_grad=True) for _ in range(3))
+                if path == "dense":
+                    mask = block_causal_mask(batch["segment_lengths"], width)
+                else:
+                    mask = SegmentMask(batch["segment_lengths"], width, path)
+                started = time.perf_counter()
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
+                total += time.perf_counter() - started
+            milliseconds[path].append(total * 1000)
+    return {path: statistics.median(values) for path, values in milliseconds.items()}
 
 
 def main() -> None:
@@ -241,6 +276,7 @@ def main() -> None:
     parser.add_argument("--time", nargs="*", default=["alpaca_en_demo"], help="data sets to time training on")
     parser.add_argument("--time-sizes", type=int, nargs="*", default=[4], help="micro_batch_sizes to time training at")
     parser.add_argument("--long-factor", type=int, default=20, help="the long sample's length over the median; 0: skip")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each way; the median is shown")
     parser.add_argument("--one-way", choices=list(WAYS), help=argparse.SUPPRESS)  # one long-tail run, in a child
     args = parser.parse_args()
     if not (SHARED / "data").is_dir():
@@ -253,7 +289,7 @@ def main() -> None:
     tokenizer = Tokenizer(SHARED / "tokenizers" / "llama2-sentencepiece")
     model = tiny_model()
     warm_up(model)
-    rows = []
+    rows, attention = [], {}
     for name in args.data:
         dataset, lengths = load(name, tokenizer)
         max_seq_length = math.ceil(max(lengths) * 1.1)  # the flow's decision with the default headroom
@@ -263,7 +299,12 @@ def main() -> None:
             timed = None
             if name in args.time and micro_batch_size in args.time_sizes:
                 batches = collated(dataset, cut_three_ways(lengths, chosen, micro_batch_size, max_seq_length))
-                seconds = timed_runs(model, {way: (batches[cut], path) for way, (cut, path) in WAYS.items()})
+                repeated = [
+                    timed_runs(model, {way: (batches[cut], path) for way, (cut, path) in WAYS.items()})
+                    for _ in range(args.repeats)
+                ]
+                seconds = {way: statistics.median(r[way] for r in repeated) for way in WAYS}
+                attention[name, micro_batch_size] = attention_alone(batches["packed"], args.repeats)
                 steps = {way: len(batches[cut]) for way, (cut, _) in WAYS.items()}
                 processed = {way: sum(b["input_ids"].numel() for b in batches[cut]) for way, (cut, _) in WAYS.items()}
                 timed = (steps, processed, seconds)
@@ -273,8 +314,15 @@ def main() -> None:
                 )
             rows.append((name, micro_batch_size, max_seq_length, measured, timed))
     print_efficiency(rows, args)
+    tail = None
     if args.long_factor:
-        print_long_tail(long_tail(args.time_samples, args.long_factor), args)
+        tail = long_tail(args.time_samples, args.long_factor, args.repeats)
+        dataset, lengths, order = long_tail_data(tokenizer, args.time_samples, args.long_factor)
+        cut = cut_three_ways(lengths, order, 4, math.ceil(max(lengths) * 1.1))
+        attention["long tail", 4] = attention_alone(collated(dataset, cut)["packed"], args.repeats)
+    print_attention(attention, args)
+    if tail:
+        print_long_tail(tail, args)
 
 
 def print_efficiency(rows, args) -> None:
@@ -302,6 +350,19 @@ def print_efficiency(rows, args) -> None:
             line + f" {' / '.join(str(steps[w]) for w in ways)} | {' / '.join(str(processed[w]) for w in ways)} |"
             f" {' / '.join(f'{seconds[w]:.1f}' for w in WAYS)} | {seconds['random'] / seconds['grouped']:.2f}x |"
             f" {seconds['random'] / seconds['packed dense']:.2f}x | {seconds['random'] / seconds['packed segments']:.2f}x |"
+        )
+
+
+def print_attention(attention: dict, args) -> None:
+    print(
+        f"\nThe attention product alone over the timed packed micro-batches (forward and backward, 4 heads of 16,"
+        f" float32), summed; median of {args.repeats}:\n"
+    )
+    print("| data | micro_batch_size | dense (ms) | segments (ms) | dense ÷ segments |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for (name, micro_batch_size), ms in attention.items():
+        print(
+            f"| {name} | {micro_batch_size} | {ms['dense']:.0f} | {ms['segments']:.0f} | {ms['dense'] / ms['segments']:.2f}x |"
         )
 
 
