@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_leaves
 
 from helpers import ROOT
 from litgpt_seqlen.data.packing import packed_collate
+from litgpt_seqlen.errors import UserInputError
 from litgpt_seqlen.model.packed_attention import SegmentMask, block_causal_mask, choose_attention, varlen_works
 from litgpt_seqlen.model.packed_forward import batch_logits
 
@@ -104,7 +105,7 @@ def test_an_attention_that_ignores_its_mask_is_caught(monkeypatch):
     monkeypatch.setattr(CausalSelfAttention, "scaled_dot_product_attention", causal_over_the_row)
     model = tiny_lora_gpt("llama")
     items, rows = samples_and_rows()
-    with pytest.raises(RuntimeError, match="0 of 2 attention layers attended within samples"):
+    with pytest.raises(UserInputError, match="0 of 2 attention layers attended within samples.*--seq.pack false"):
         batch_logits(model, packed_collate([[items[i] for i in row] for row in rows]))
 
 
@@ -113,7 +114,7 @@ def test_a_mask_used_for_anything_but_attention_fails_loudly():
     the forward raises instead of adding something that is not a mask."""
     model = tiny_lora_gpt("gemma", "segments")
     items, rows = samples_and_rows()
-    with pytest.raises(TypeError, match="reached add, not scaled_dot_product_attention"):
+    with pytest.raises(UserInputError, match="reached add, not scaled_dot_product_attention.*--seq.pack false"):
         batch_logits(model, packed_collate([[items[i] for i in row] for row in rows]))
 
 
@@ -212,3 +213,13 @@ def test_two_ranks_with_the_runs_strategy_train_packed_rows_as_one_by_one(tmp_pa
     assert result["checkpointed"] and result["gradients"] > 0
     for path in ("segments", "dense"):
         assert result["difference"][path] <= 1e-5 + 1e-5 * result["largest"], result
+
+
+def test_the_litgpt_the_paths_are_tested_against_is_the_one_required():
+    """Raising the litgpt pin means running these tests against it and then naming it here (the messages cite it)."""
+    from importlib.metadata import version
+
+    from litgpt_seqlen.model.packed_attention import TESTED_LITGPT
+
+    assert f"litgpt=={TESTED_LITGPT}\n" in (ROOT / "requirements.txt").read_text()
+    assert version("litgpt") == TESTED_LITGPT

@@ -18,8 +18,14 @@ here, by one of three paths:
 
 from __future__ import annotations
 
+from importlib.metadata import version
+
 import torch
 import torch.nn.functional as F
+
+from litgpt_seqlen.errors import UserInputError
+
+TESTED_LITGPT = "0.5.13"  # the litgpt whose attention the packed paths are tested against (requirements.txt)
 
 DESCRIPTIONS = {
     "varlen": "FlashAttention varlen over the samples of each micro-batch",
@@ -99,20 +105,11 @@ class SegmentMask:
             mask = kwargs.pop("attn_mask", None)
             if isinstance(mask, cls):
                 return mask.attend(**kwargs)
-        # Anything else (adding it to scores, slicing it) would mean litgpt's attention changed: fail loudly.
-        raise cls._unsupported(getattr(func, "__name__", func))
-
-    def __radd__(self, other):  # Python's ``scores + mask``, once torch has declined it
-        raise self._unsupported("add")
-
-    __add__ = __radd__
-
-    @staticmethod
-    def _unsupported(operation) -> TypeError:
-        return TypeError(
-            f"the packed-row mask reached {operation}, not scaled_dot_product_attention: the installed litgpt's"
-            " attention uses its mask in a way --seq.pack does not support. Train with --seq.pack false, or install"
-            " the litgpt version in requirements.txt."
+        # Anything else (adding it to scores, slicing it) means litgpt's attention changed: fail loudly, not wrongly.
+        raise UserInputError(
+            f"the packed-row mask reached {getattr(func, '__name__', func)}, not scaled_dot_product_attention: the"
+            f" installed litgpt {version('litgpt')} uses its attention mask in a way --seq.pack does not support."
+            f" Train with --seq.pack false, or install litgpt {TESTED_LITGPT}."
         )
 
     def attend(self, query, key, value, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):

@@ -14,12 +14,14 @@ exactly: those with sliding-window layers, whose attention replaces any mask it 
 
 from __future__ import annotations
 
+from importlib.metadata import version
+
 import torch
 from litgpt.lora import GPT as LitGPT
 from litgpt.model import do_softcapping
 
 from litgpt_seqlen.errors import UserInputError
-from litgpt_seqlen.model.packed_attention import SegmentMask, block_causal_mask, choose_attention
+from litgpt_seqlen.model.packed_attention import TESTED_LITGPT, SegmentMask, block_causal_mask, choose_attention
 
 
 def check_packable(config) -> None:
@@ -74,10 +76,11 @@ class GPT(LitGPT):
             else:
                 x = block(x, cos, sin, mask, None, None)
         if isinstance(mask, SegmentMask) and mask.attention_calls != self.config.n_layer:
-            raise RuntimeError(
+            raise UserInputError(
                 f"packed rows: {mask.attention_calls} of {self.config.n_layer} attention layers attended within"
-                " samples; the installed litgpt's attention does not call scaled_dot_product_attention with its mask"
-                " as --seq.pack needs. Train with --seq.pack false, or install the litgpt in requirements.txt."
+                f" samples; the installed litgpt {version('litgpt')} does not hand its attention mask to"
+                f" scaled_dot_product_attention as --seq.pack needs. Train with --seq.pack false, or install litgpt"
+                f" {TESTED_LITGPT}."
             )
         x = self.transformer.ln_f(x)
         if lm_head_chunk_size > 0:
