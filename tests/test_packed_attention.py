@@ -23,7 +23,7 @@ from helpers import ROOT
 from litgpt_seqlen.data.packing import packed_collate
 from litgpt_seqlen.errors import UserInputError
 from litgpt_seqlen.model.packed_attention import SegmentMask, block_causal_mask, choose_attention, varlen_works
-from litgpt_seqlen.model.packed_forward import batch_logits
+from litgpt_seqlen.model.packed_forward import batch_logits, check_packable
 
 
 def rows_of(lengths, width):
@@ -109,6 +109,22 @@ def test_an_attention_that_ignores_its_mask_is_caught(monkeypatch):
         batch_logits(model, packed_collate([[items[i] for i in row] for row in rows]))
 
 
+def test_the_attention_is_tried_from_the_config_before_any_weight(monkeypatch):
+    """``check_packable`` (run before the model is built) tries one attention layer of the real config on the meta
+    device: a litgpt whose attention ignores the mask is refused there, and every supported family passes."""
+    from litgpt.lora import Config
+
+    for name in ("Llama-3.1-70B", "Mixtral-8x22B-v0.1", "phi-2", "falcon-180B", "Qwen2.5-72B", "pythia-12b"):
+        check_packable(Config.from_name(name, lora_r=8, lora_query=True, lora_value=True))
+
+    def causal_over_the_row(self, q, k, v, mask=None):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+
+    monkeypatch.setattr(CausalSelfAttention, "scaled_dot_product_attention", causal_over_the_row)
+    with pytest.raises(UserInputError, match="0 of 1 attention layers attended within samples"):
+        check_packable(family_config("llama"))
+
+
 def test_a_mask_used_for_anything_but_attention_fails_loudly():
     """litgpt adds the mask to softcapped scores itself: handed a ``SegmentMask`` there (which the choice never does),
     the forward raises instead of adding something that is not a mask."""
@@ -158,7 +174,7 @@ TWO_RANKS = textwrap.dedent(
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
     from litgpt_seqlen.data.packing import packed_collate
-    from litgpt_seqlen.model.packed_forward import batch_logits
+    from litgpt_seqlen.model.packed_forward import batch_logits, check_packable
     from litgpt_seqlen.run.devices import strategy_for
     from litgpt_seqlen.training.loss import micro_batch_loss_sum
     from test_packing import samples_and_rows, tiny_lora_gpt

@@ -18,6 +18,7 @@ from importlib.metadata import version
 
 import torch
 from litgpt.lora import GPT as LitGPT
+from litgpt.lora import Block
 from litgpt.model import do_softcapping
 
 from litgpt_seqlen.errors import UserInputError
@@ -25,7 +26,22 @@ from litgpt_seqlen.model.packed_attention import TESTED_LITGPT, SegmentMask, blo
 
 
 def check_packable(config) -> None:
-    """Raises ``UserInputError`` when ``--seq.pack true`` cannot train ``config`` exactly as the samples one by one."""
+    """Raises ``UserInputError`` when ``--seq.pack true`` cannot train ``config`` exactly as the samples one by one:
+    from the config alone, before a weight is read (the attention is tried on the meta device: no memory, no work)."""
+    refuse_sliding_windows(config)
+    if choose_attention(config, torch.device("cpu"), None) == "dense":
+        return  # the dense path hands litgpt an ordinary mask
+    with torch.device("meta"):
+        attention = Block(config, block_idx=0).attn
+        tokens = torch.empty(1, 8, config.n_embd)
+        cos = torch.empty(1, 8, config.rope_n_elem)
+        mask = SegmentMask([[3, 5]], 8, "segments")
+        attention(tokens, cos, cos, mask)
+    if mask.attention_calls != 1:
+        raise attention_not_handed_over(0, 1)
+
+
+def refuse_sliding_windows(config) -> None:
     windowed = [i for i, on in enumerate((config.sliding_window_indices or [])[: config.n_layer]) if on]
     if config.sliding_window_size is not None and windowed:
         raise UserInputError(
@@ -35,6 +51,14 @@ def check_packable(config) -> None:
             " those layers, so packed samples would attend to each other. Train it with --seq.pack false"
             " (--seq.group_by_length true also cuts padding)."
         )
+
+
+def attention_not_handed_over(calls: int, layers: int) -> UserInputError:
+    return UserInputError(
+        f"packed rows: {calls} of {layers} attention layers attended within samples; the installed litgpt"
+        f" {version('litgpt')} does not hand its attention mask to scaled_dot_product_attention as --seq.pack needs."
+        f" Train with --seq.pack false, or install litgpt {TESTED_LITGPT}."
+    )
 
 
 class GPT(LitGPT):
@@ -59,7 +83,7 @@ class GPT(LitGPT):
         packed rows, each sample on its own, shaped as litgpt returns them."""
         if segment_lengths is None:
             return super().forward(idx, input_pos, input_pos_maxp1, lm_head_chunk_size)
-        check_packable(self.config)
+        refuse_sliding_windows(self.config)
         T = idx.size(1)
         if T > self.max_seq_length:
             raise ValueError(f"Cannot forward sequence of length {T}, max seq length is only {self.max_seq_length}.")
@@ -76,12 +100,7 @@ class GPT(LitGPT):
             else:
                 x = block(x, cos, sin, mask, None, None)
         if isinstance(mask, SegmentMask) and mask.attention_calls != self.config.n_layer:
-            raise UserInputError(
-                f"packed rows: {mask.attention_calls} of {self.config.n_layer} attention layers attended within"
-                f" samples; the installed litgpt {version('litgpt')} does not hand its attention mask to"
-                f" scaled_dot_product_attention as --seq.pack needs. Train with --seq.pack false, or install litgpt"
-                f" {TESTED_LITGPT}."
-            )
+            raise attention_not_handed_over(mask.attention_calls, self.config.n_layer)
         x = self.transformer.ln_f(x)
         if lm_head_chunk_size > 0:
             return [self._head(x_i) for x_i in x.split(lm_head_chunk_size, dim=1)]
