@@ -215,6 +215,7 @@ TWO_RANKS = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 def test_two_ranks_with_the_runs_strategy_train_packed_rows_as_one_by_one(tmp_path):
     """Under the strategy several devices use (FSDP sharding, each block in an activation-checkpointing wrapper that
     recomputes its forward in the backward), both paths' LoRA gradients equal those of the samples one by one."""
