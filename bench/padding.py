@@ -1,6 +1,6 @@
 """Padding with random, length-grouped (--seq.group_by_length) and packed (--seq.pack) micro-batches, on real data.
 
-    python bench/padding.py [--time-samples 64] [--epochs 5] [--time alpaca_en_demo] [--time-sizes 4] [--long-factor 20]
+    python bench/padding.py [--time-samples 64] [--epochs 5] [--time-sizes 4] [--long-factor 20] [--repeats 3]
 
 For ../shared/data/alpaca_{en,zh}_demo.json, tokenized with the Llama 2 SentencePiece model and the Alpaca prompt
 style, at micro_batch_size 4, 8 and 16 and max_seq_length as the flow decides it (longest + 10%):
@@ -12,8 +12,9 @@ style, at micro_batch_size 4, 8 and 16 and max_seq_length as the flow decides it
 * the wall time of one epoch of the same samples, trained all ways in this run by a tiny LoRA GPT (vocab 32000) on
   CPU: a random subset of ``--time-samples`` samples, cut into random micro-batches, into grouped ones and into packed
   ones (over the subset), the packed ones twice, once per attention path (``dense``: the block-causal mask over each
-  whole row; ``segments``: attention within each sample), one micro-batch of each way in turn. A small subset groups
-  and packs less tightly than the whole data set, so the table also gives the processed tokens of the batches timed;
+  whole row; ``segments``: attention within each sample); each way's epoch in turn, the median of ``--repeats``. A
+  small subset groups and packs less tightly than the whole data set, so the table gives the tokens processed;
+* the attention product alone over the timed packed micro-batches, per path;
 * a long-tailed case: the same subset plus one sample ``--long-factor`` times the subset's median length (Alpaca
   samples joined into one), each way trained in a process of its own, with its wall time and its peak memory (the
   process's peak resident set above what it held before the first step).
@@ -143,17 +144,20 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, batch: dict, path: 
     return time.perf_counter() - started
 
 
-def timed_runs(model: GPT, runs: dict[str, tuple[list[dict], str | None]]) -> dict[str, float]:
-    """Total training seconds of each run's micro-batches (``runs``: label -> (micro-batches, packed attention
-    path)); the runs' steps are interleaved (one step of each in turn), so a busy moment on the machine falls on all
-    of them alike."""
+def timed_runs(model: GPT, runs: dict[str, tuple[list[dict], str | None]], repeats: int = 1) -> dict[str, float]:
+    """Training seconds of one epoch of each run (``runs``: label -> (micro-batches, packed attention path)): each
+    run's whole epoch in turn, ``repeats`` times with the order rotated, and the median of each. Whole epochs, not
+    one step of each in turn: the packed epoch has a third of the steps, so in turn it would run only in the first
+    third of the time, and what the machine does then (its allocator and caches first meeting the large shapes)
+    would fall on it alone."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    seconds = dict.fromkeys(runs, 0.0)
-    for step in range(max(len(batches) for batches, _ in runs.values())):
-        for label, (batches, path) in runs.items():
-            if step < len(batches):
-                seconds[label] += train_step(model, optimizer, batches[step], path)
-    return seconds
+    seconds = {label: [] for label in runs}
+    labels = list(runs)
+    for repeat in range(repeats):
+        for label in labels[repeat % len(labels) :] + labels[: repeat % len(labels)]:
+            batches, path = runs[label]
+            seconds[label].append(sum(train_step(model, optimizer, batch, path) for batch in batches))
+    return {label: statistics.median(values) for label, values in seconds.items()}
 
 
 def warm_up(model: GPT) -> None:
@@ -299,11 +303,8 @@ def main() -> None:
             timed = None
             if name in args.time and micro_batch_size in args.time_sizes:
                 batches = collated(dataset, cut_three_ways(lengths, chosen, micro_batch_size, max_seq_length))
-                repeated = [
-                    timed_runs(model, {way: (batches[cut], path) for way, (cut, path) in WAYS.items()})
-                    for _ in range(args.repeats)
-                ]
-                seconds = {way: statistics.median(r[way] for r in repeated) for way in WAYS}
+                runs = {way: (batches[cut], path) for way, (cut, path) in WAYS.items()}
+                seconds = timed_runs(model, runs, args.repeats)
                 attention[name, micro_batch_size] = attention_alone(batches["packed"], args.repeats)
                 steps = {way: len(batches[cut]) for way, (cut, _) in WAYS.items()}
                 processed = {way: sum(b["input_ids"].numel() for b in batches[cut]) for way, (cut, _) in WAYS.items()}

@@ -62,8 +62,8 @@ def attention_not_handed_over(calls: int, layers: int) -> UserInputError:
 
 
 class GPT(LitGPT):
-    """litgpt's LoRA ``GPT``; ``packed_attention`` is the path packed rows take (a key of ``packed_attention.DESCRIPTIONS``, as
-    ``choose_attention`` picks it for the run's device; by default the one for CPU)."""
+    """litgpt's LoRA ``GPT``. ``packed_attention`` is the path packed rows take (``varlen``, ``segments`` or
+    ``dense``, as ``packed_attention.choose_attention`` picks it for the run's device; by default the one for CPU)."""
 
     def __init__(self, config, packed_attention: str | None = None) -> None:
         super().__init__(config)
