@@ -220,11 +220,12 @@ def main(
 
 
 def build_training_state(
-    fabric, config, max_seq_length, checkpoint_dir, optimizer, train, steps: Steps, packed_attention: str | None
+    fabric, config, max_seq_length, checkpoint_dir, optimizer, train, steps: Steps, attention: str | None
 ) -> dict:
-    """The model, built with the decided length and its base weights, its optimizer and schedule: fit's state."""
+    """The model, built with the decided length and its base weights, its optimizer and schedule: fit's state.
+    ``attention``: the path packed rows take (``packed_attention.choose_attention``)."""
     with fabric.init_module(empty_init=(fabric.world_size > 1)):
-        model = GPT(config, packed_attention)
+        model = GPT(config, attention)
     model.max_seq_length = max_seq_length
     mark_only_lora_as_trainable(model)
     fabric.print(f"Number of trainable parameters: {litgpt_utils.num_parameters(model, requires_grad=True):,}")

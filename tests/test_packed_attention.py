@@ -26,17 +26,13 @@ from litgpt_seqlen.model.packed_attention import SegmentMask, block_causal_mask,
 from litgpt_seqlen.model.packed_forward import batch_logits, check_packable
 
 
-def rows_of(lengths, width):
-    return [row for row in lengths if sum(row) <= width]
-
-
 @given(
     st.lists(st.lists(st.integers(1, 9), min_size=1, max_size=4), min_size=1, max_size=3),
     st.integers(0, 3),
     st.sampled_from([(4, 4), (4, 2), (4, 1)]),
 )
 def test_segments_equal_the_dense_reference(lengths, spare, heads):
-    """Forward and backward, with padding after the samples and grouped key/value heads expanded as litgpt does."""
+    """Forward and backward, with padding after the samples, with and without grouped key/value heads."""
     width = max(sum(row) for row in lengths) + spare
     q_heads, kv_heads = heads
     generator = torch.Generator().manual_seed(len(lengths) * 31 + width)
@@ -51,7 +47,7 @@ def test_segments_equal_the_dense_reference(lengths, spare, heads):
         torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_lengths_that_do_not_fill_the_row_are_refused():
+def test_lengths_that_do_not_fit_the_rows_are_refused():
     with pytest.raises(ValueError, match="do not fit rows of 5 tokens"):
         SegmentMask([[3, 4]], 5, "segments")
     mask = SegmentMask([[3]], 5, "segments")
@@ -95,13 +91,14 @@ def test_the_path_follows_the_model():
     assert tiny_lora_gpt("gemma").packed_attention == "dense" and tiny_lora_gpt("phi").packed_attention == "segments"
 
 
+def causal_over_the_row(self, q, k, v, mask=None):
+    """A litgpt attention that no longer hands its mask on: causal over the whole row."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+
+
 def test_an_attention_that_ignores_its_mask_is_caught(monkeypatch):
     """If litgpt's attention stopped passing its mask to ``scaled_dot_product_attention``, samples would attend
     across each other silently; the forward counts the layers that attended within samples and refuses."""
-
-    def causal_over_the_row(self, q, k, v, mask=None):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
-
     monkeypatch.setattr(CausalSelfAttention, "scaled_dot_product_attention", causal_over_the_row)
     model = tiny_lora_gpt("llama")
     items, rows = samples_and_rows()
@@ -117,9 +114,6 @@ def test_the_attention_is_tried_from_the_config_before_any_weight(monkeypatch):
     for name in ("Llama-3.1-70B", "Mixtral-8x22B-v0.1", "phi-2", "falcon-180B", "Qwen2.5-72B", "pythia-12b"):
         check_packable(Config.from_name(name, lora_r=8, lora_query=True, lora_value=True))
 
-    def causal_over_the_row(self, q, k, v, mask=None):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
-
     monkeypatch.setattr(CausalSelfAttention, "scaled_dot_product_attention", causal_over_the_row)
     with pytest.raises(UserInputError, match="0 of 1 attention layers attended within samples"):
         check_packable(family_config("llama"))
@@ -134,22 +128,12 @@ def test_a_mask_used_for_anything_but_attention_fails_loudly():
         batch_logits(model, packed_collate([[items[i] for i in row] for row in rows]))
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen path needs CUDA")
-
-
-@cuda
-@pytest.mark.parametrize("name", ["llama", "qwen2.5", "mixtral", "falcon"])
-def test_varlen_on_cuda_equals_one_by_one(name):
-    """bfloat16 (FlashAttention has no float32 kernel): the varlen path against the samples one by one, and against
-    the segments path on the same device, as close as bfloat16 allows."""
-    device = torch.device("cuda")
-    assert varlen_works(device, torch.bfloat16) and not varlen_works(device, torch.float32)
-    assert choose_attention(family_config(name), device, "bf16-true") == "varlen"
-    assert choose_attention(family_config(name), device, "32-true") == "segments"
+def bfloat16_paths_against_one_by_one(name: str, device: torch.device, paths: tuple[str, str]) -> None:
+    """In bfloat16 on ``device``: each path's per-token losses and LoRA gradients against the samples one by one
+    (as close as bfloat16 allows), and the two paths' losses against each other."""
     items, rows = samples_and_rows()
-    items = [{**item, "input_ids": item["input_ids"].to(device), "labels": item["labels"].to(device)} for item in items]
     results = {}
-    for path in ("varlen", "segments"):
+    for path in paths:
         model = tiny_lora_gpt(name, path).to(device, torch.bfloat16)
         results[path] = packed(model, items, rows)
     reference_losses, reference_gradients = one_by_one(model, items)
@@ -158,8 +142,26 @@ def test_varlen_on_cuda_equals_one_by_one(name):
             torch.testing.assert_close(loss.float(), reference.float(), atol=0.1, rtol=0.05)
         for key, reference in reference_gradients.items():
             torch.testing.assert_close(gradients[key].float(), reference.float(), atol=0.1, rtol=0.1, msg=key)
-    for a, b in zip(results["varlen"][0], results["segments"][0]):
+    for a, b in zip(*(results[path][0] for path in paths)):
         torch.testing.assert_close(a.float(), b.float(), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("name", ["llama", "mixtral"])
+def test_bfloat16_paths_on_cpu(name):
+    """The check the CUDA test below makes of varlen, made here of the two CPU paths (the tolerances are tried)."""
+    bfloat16_paths_against_one_by_one(name, torch.device("cpu"), ("segments", "dense"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen path needs CUDA")
+@pytest.mark.parametrize("name", ["llama", "qwen2.5", "mixtral", "falcon"])
+def test_varlen_on_cuda_equals_one_by_one(name):
+    """bfloat16 (FlashAttention has no float32 kernel): the varlen path, chosen for bf16-true runs on CUDA, against
+    the samples one by one and against the segments path on the same device."""
+    device = torch.device("cuda")
+    assert varlen_works(device, torch.bfloat16)
+    assert choose_attention(family_config(name), device, "bf16-true") == "varlen"
+    assert choose_attention(family_config(name), device, "32-true") == "segments"
+    bfloat16_paths_against_one_by_one(name, device, ("varlen", "segments"))
 
 
 # Run as a script on two CPU ranks: Fabric's launcher starts rank 1 by running it again with LOCAL_RANK=1.

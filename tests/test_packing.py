@@ -99,11 +99,13 @@ def samples_and_rows(seed: int = 0):
 def one_by_one(model: GPT, items: list[dict]):
     """Per-token losses of each sample run alone through litgpt's GPT.forward, and the LoRA gradients of their sum."""
     model.zero_grad()
-    losses = []
+    device, losses = model.transformer.wte.weight.device, []
     for item in items:
-        logits = model(item["input_ids"][None])[0]
+        logits = model(item["input_ids"][None].to(device))[0]
         losses.append(
-            torch.nn.functional.cross_entropy(logits[:-1], item["labels"][1:], reduction="none", ignore_index=-100)
+            torch.nn.functional.cross_entropy(
+                logits[:-1], item["labels"][1:].to(device), reduction="none", ignore_index=-100
+            )
         )
     torch.cat(losses).sum().backward()
     return [loss.detach() for loss in losses], lora_gradients(model)
@@ -112,6 +114,10 @@ def one_by_one(model: GPT, items: list[dict]):
 def packed(model: GPT, items: list[dict], rows: list[list[int]], lm_head_chunk_size: int = 0):
     model.zero_grad()
     batch = packed_collate([[items[i] for i in row] for row in rows])
+    batch = {
+        key: value.to(model.transformer.wte.weight.device) if key in ("input_ids", "labels", "position_ids") else value
+        for key, value in batch.items()
+    }
     logits = batch_logits(model, batch, lm_head_chunk_size)
     total, count = micro_batch_loss_sum(logits, batch["labels"])
     total.backward()

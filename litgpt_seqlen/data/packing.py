@@ -2,7 +2,8 @@
 
 Nothing here touches a model: the plan (which samples share a row, which rows make a micro-batch, which micro-batches
 go to which rank) is made from the sample lengths, ``--seed`` and the epoch, so it can be tested and estimated in a
-dry run. ``packed_collate`` turns a micro-batch of rows into what the packed forward (``model.packed_forward``) reads.
+dry run. ``packed_collate`` turns a micro-batch of rows into what the packed forward
+(``litgpt_seqlen.model.packed_forward.GPT``) reads.
 
 A row holds whole samples, never a part of one; a micro-batch is ``micro_batch_size`` rows, padded to its longest row.
 """
