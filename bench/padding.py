@@ -91,13 +91,15 @@ def cut_three_ways(lengths: list[int], chosen: list[int], micro_batch_size: int,
 
 
 def collated(dataset, cut: dict) -> dict[str, list[dict]]:
-    """The micro-batches of ``cut_three_ways`` collated as the loaders collate them."""
+    """The micro-batches of (some of) ``cut_three_ways`` collated as the loaders collate them."""
     collate = get_sft_collate_fn(max_seq_length=-1)
-    return {
-        "random": [collate([dataset[i] for i in b]) for b in cut["random"]],
-        "grouped": [collate([dataset[i] for i in b]) for b in cut["grouped"]],
-        "packed": [packing.packed_collate([[dataset[i] for i in row] for row in rows]) for rows in cut["packed"]],
-    }
+
+    def one(way: str, batch: list) -> dict:
+        if way == "packed":
+            return packing.packed_collate([[dataset[i] for i in row] for row in batch])
+        return collate([dataset[i] for i in batch])
+
+    return {way: [one(way, batch) for batch in batches] for way, batches in cut.items()}
 
 
 # The ways timed: how the samples are cut, and the attention path of packed rows.
@@ -182,17 +184,23 @@ def long_tail_data(tokenizer: Tokenizer, time_samples: int, factor: int) -> tupl
     the outputs of samples outside the subset joined into one answer. Returns the dataset, its lengths and the
     order of its samples (shuffled: the long one among the others)."""
     samples = json.loads((SHARED / "data" / "alpaca_en_demo.json").read_text())
-    dataset, lengths = load("alpaca_en_demo", tokenizer)
-    chosen = random.Random(SEED).sample(range(len(lengths)), min(time_samples, len(lengths)))
-    target = factor * statistics.median(lengths[i] for i in chosen)
+    chosen = random.Random(SEED).sample(range(len(samples)), min(time_samples, len(samples)))  # as main chooses
+    subset = [samples[i] for i in chosen]
+
+    def lengths_of(samples: list[dict]) -> list[int]:
+        dataset = SFTDataset(samples, tokenizer, prompt_style=Alpaca(), max_seq_length=-1)
+        return [p.length for p in scan_parts(dataset, "long-tail")]
+
+    lengths = lengths_of(subset)
+    target = factor * statistics.median(lengths)
     long_sample = {"instruction": "Answer each of these in turn.", "input": "", "output": ""}
     for i in sorted(set(range(len(samples))) - set(chosen)):
         long_sample["output"] += samples[i]["output"] + "\n\n"
         if len(tokenizer.encode(long_sample["output"])) > target:
             break
-    samples = [samples[i] for i in chosen] + [long_sample]
+    samples = subset + [long_sample]
     dataset = SFTDataset(samples, tokenizer, prompt_style=Alpaca(), max_seq_length=-1)
-    lengths = [p.length for p in scan_parts(dataset, "long-tail")]
+    lengths += lengths_of([long_sample])
     order = list(range(len(samples)))
     random.Random(SEED).shuffle(order)  # random micro-batches: the long sample among others, as a loader would draw
     return dataset, lengths, order
@@ -206,7 +214,7 @@ def one_way_in_this_process(way: str, time_samples: int, factor: int) -> None:
     model = tiny_model(block_size=max_seq_length)
     warm_up(model)
     cut, path = WAYS[way]
-    batches = collated(dataset, cut_three_ways(lengths, chosen, 4, max_seq_length))[cut]
+    batches = collated(dataset, {cut: cut_three_ways(lengths, chosen, 4, max_seq_length)[cut]})[cut]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     seconds = timed_runs(model, {way: (batches, path)})[way]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -320,7 +328,9 @@ def main() -> None:
         tail = long_tail(args.time_samples, args.long_factor, args.repeats)
         dataset, lengths, order = long_tail_data(tokenizer, args.time_samples, args.long_factor)
         cut = cut_three_ways(lengths, order, 4, math.ceil(max(lengths) * 1.1))
-        attention["long tail", 4] = attention_alone(collated(dataset, cut)["packed"], args.repeats)
+        attention["long tail", 4] = attention_alone(
+            collated(dataset, {"packed": cut["packed"]})["packed"], args.repeats
+        )
     print_attention(attention, args)
     if tail:
         print_long_tail(tail, args)
