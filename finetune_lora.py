@@ -1,12 +1,15 @@
-"""LoRA fine-tuning with litgpt that decides max_seq_length from all the data, before the model exists.
+"""Fine-tuning with litgpt (LoRA, adapter, adapter v2, full) that decides max_seq_length from all the data, before
+the model exists.
 
-A drop-in for ``litgpt finetune_lora``: same flags and outputs, plus ``--seq.*`` and ``--resume``. The path is straight:
+A drop-in for ``litgpt finetune_lora`` (and, with the command word, ``finetune_adapter``, ``finetune_adapter_v2``,
+``finetune_full``): same flags and outputs, plus ``--seq.*`` and ``--resume``. The path is straight:
 
     parse -> tokenizer + data -> scan lengths -> decide max_seq_length -> apply the over-length policy, plan the cuts
           + report -> build GPT, load weights -> rehearse -> fit -> validate -> save
 
-Everything before "build GPT" needs only the tokenizer and the data. This file is the flow; ``data_utils`` holds the
-length logic over plain values, the package ``litgpt_seqlen`` the parts, one room per job.
+Everything before "build GPT" needs only the tokenizer and the data. This file is the flow, written once for every
+method; what differs between methods is in ``litgpt_seqlen.methods``; ``data_utils`` holds the length logic over
+plain values, the package ``litgpt_seqlen`` the parts, one room per job.
 """
 
 import dataclasses
@@ -15,7 +18,6 @@ import math
 import sys
 import time
 import warnings
-from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -25,28 +27,26 @@ from lightning.fabric.plugins import BitsandbytesPrecision
 from lightning.fabric.utilities import ThroughputMonitor
 from litgpt import utils as litgpt_utils
 from litgpt.args import EvalArgs, TrainArgs
+from litgpt.config import Config
 from litgpt.data import Alpaca, DataModule
-from litgpt.finetune.lora import save_lora_checkpoint
-from litgpt.finetune.lora import setup as litgpt_finetune_lora
-from litgpt.lora import Config, mark_only_lora_as_trainable
-from litgpt.prompts import save_prompt_style
-from litgpt.scripts.merge_lora import merge_lora
 from litgpt.tokenizer import Tokenizer
-from litgpt.utils import load_checkpoint  # a module-level name: litgpt's own test patches it here
+from litgpt.utils import load_checkpoint  # a module-level name: litgpt's own tests patch it here
 
 from litgpt_seqlen import ranks
 from litgpt_seqlen.args import Resume, SeqArgs, parse_resume
 from litgpt_seqlen.checkpoint import lookup, same_run
 from litgpt_seqlen.checkpoint import state as training_state
+from litgpt_seqlen.checkpoint.checkpointer import Checkpointer
 from litgpt_seqlen.cli import exits
-from litgpt_seqlen.cli.hyperparameters import SEQ_CONFIG, upstream_part, write_seq_config
-from litgpt_seqlen.cli.parser import build_parser
+from litgpt_seqlen.cli.hyperparameters import SEQ_CONFIG, write_seq_config
+from litgpt_seqlen.cli.parser import build_parser, split_command
 from litgpt_seqlen.data import files, loaders, order
 from litgpt_seqlen.data.length_plan import plan_lengths
 from litgpt_seqlen.errors import UserInputError
+from litgpt_seqlen.methods import Method, method_named
 from litgpt_seqlen.model import packed_attention
 from litgpt_seqlen.model.base import check_tokenizer, find_checkpoint_dir, load_config, swap_in_stable_embedding
-from litgpt_seqlen.model.packed_forward import GPT, check_packable
+from litgpt_seqlen.model.packed_forward import check_packable, packed_gpt
 from litgpt_seqlen.report import build as report_build
 from litgpt_seqlen.report.outcomes import plan_warnings
 from litgpt_seqlen.run import devices as devices_and_precision
@@ -54,43 +54,46 @@ from litgpt_seqlen.run import outputs, settings
 from litgpt_seqlen.run.signals import GracefulStop, resume_command
 from litgpt_seqlen.training import evaluation, rehearsal
 from litgpt_seqlen.training.loss import FiniteLossWatch, StepLookahead, train_loss
+from litgpt_seqlen.training.progress import count_tokens, log_progress, performance_report
 from litgpt_seqlen.training.rng import restore_rng
-from litgpt_seqlen.training.schedule import Steps, get_lr_scheduler
+from litgpt_seqlen.training.schedule import Steps, get_lr_scheduler, replanned_schedule
 
 
-def setup(checkpoint_dir: Path, seq: SeqArgs = SeqArgs(), resume: Resume = False, **litgpt_flags) -> None:
-    """Fine-tune a model with LoRA, with max_seq_length decided from train, val (and test) before the model is built.
+def setup(
+    checkpoint_dir: Path, seq: SeqArgs = SeqArgs(), resume: Resume = False, *, method: str = "lora", **litgpt_flags
+) -> None:
+    """Fine-tune a model (``method``: lora, adapter, adapter_v2 or full), with max_seq_length decided from train, val
+    (and test) before the model is built.
 
-    ``litgpt_flags`` are the keyword flags of litgpt's own ``finetune_lora`` (``out_dir``, ``precision``, ``train``,
-    ``eval``, ``lora_r``, ...), with its defaults; ``seq`` holds the flags this entry point adds; ``resume`` is
-    litgpt ``finetune_full``'s: a ``step-*`` directory, ``True`` (the newest complete checkpoint in ``out_dir``,
-    an error when there is none), ``"auto"`` (the same, but start fresh when there is none) or ``False``.
+    ``litgpt_flags`` are the keyword flags of litgpt's own script for the method (``finetune_lora``: ``out_dir``,
+    ``precision``, ``train``, ``eval``, ``lora_r``, ...), with its defaults; ``seq`` holds the flags this entry point
+    adds; ``resume`` is litgpt ``finetune_full``'s: a ``step-*`` directory, ``True`` (the newest complete checkpoint in
+    ``out_dir``, an error when there is none), ``"auto"`` (the same, but start fresh when there is none) or ``False``.
     """
-    resume = parse_resume(resume)
+    method, resume = method_named(method), parse_resume(resume)
     try:
-        flags = inspect.signature(litgpt_finetune_lora).bind(checkpoint_dir, **litgpt_flags)
+        flags = inspect.signature(method.upstream.setup).bind(checkpoint_dir, **litgpt_flags)
     except TypeError as problem:
-        raise UserInputError(f"{problem} (setup takes litgpt finetune_lora's flags plus seq).") from None
+        raise UserInputError(f"{problem} (setup takes litgpt {method.command}'s flags plus seq).") from None
     flags.apply_defaults()
     flags = flags.arguments
     train, eval, seed = flags["train"], flags["eval"], flags["seed"]
     devices, num_nodes = litgpt_utils.parse_devices(flags["devices"]), flags["num_nodes"]
     precision = flags["precision"] or litgpt_utils.get_default_supported_precision(training=True)
-    quantize = flags["quantize"]
+    quantize = flags.get("quantize")  # finetune_full has no --quantize
     out_dir = litgpt_utils.init_out_dir(Path(flags["out_dir"]))
     # Every setting, upstream's included, before anything is read or built; out_dir is created and tried for writing.
     settings.check_settings(
-        train, eval, seq, devices, num_nodes, quantize, precision, out_dir, flags["data"], flags["logger_name"]
+        method, train, eval, seq, devices, num_nodes, quantize, precision, out_dir, flags["data"], flags["logger_name"]
     )
     with outputs.hold_out_dir(out_dir, enabled=ranks.launched_as_rank_zero()):  # one run per out_dir, for its life
         data = flags["data"] or Alpaca()
         located = files.check_data_files(data)  # every sample of the user's files, before a token is made
         checkpoint_dir = find_checkpoint_dir(Path(checkpoint_dir), flags["access_token"], need_weights=not seq.dry_run)
-        lora_settings = {name: value for name, value in flags.items() if name.startswith("lora_")}  # Config's names
-        config = load_config(checkpoint_dir, **lora_settings)
+        config = load_config(checkpoint_dir, method.config_class, **{name: flags[name] for name in method.config_flags})
         check_tokenizer(checkpoint_dir, config, Tokenizer)  # it loads, and its ids fit the model's vocabulary
         if seq.pack:
-            check_packable(config)  # from the config alone: before any weight is read, in a dry run too
+            check_packable(config, method.block_class)  # from the config alone: before any weight is read
         logger = litgpt_utils.choose_logger(
             flags["logger_name"],
             out_dir,
@@ -112,6 +115,7 @@ def setup(checkpoint_dir: Path, seq: SeqArgs = SeqArgs(), resume: Resume = False
         )
         fabric.launch(
             main,
+            method=method,
             config=config,
             data=data,
             located=located,
@@ -129,6 +133,7 @@ def setup(checkpoint_dir: Path, seq: SeqArgs = SeqArgs(), resume: Resume = False
 
 def main(
     fabric: L.Fabric,
+    method: Method,
     config: Config,
     data: DataModule,
     located: files.DataFiles | None,
@@ -144,21 +149,20 @@ def main(
 ) -> None:
     # 1. Lengths, from the tokenizer and the data only: scan, decide, apply the policy, plan the cuts and the batch
     #    order, count the steps, report. On resume, the checkpoint must be of this model, data, flags and decision.
-    hyperparameters = captured_hyperparameters()
+    hyperparameters = captured_hyperparameters(method)
     resume_from = lookup.find_checkpoint(out_dir, resume, log=fabric.print)
     if resume_from is not None:
         same_run.check_same_model(resume_from, checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
     plan = plan_lengths(fabric, data, tokenizer, train, seq, config.block_size, located)
-    run = same_run.run_flags(train, seq, seed, fabric.world_size, optimizer, precision, config)
+    run = same_run.run_flags(method, train, seq, seed, fabric.world_size, optimizer, precision, config)
     resumption, plan = same_run.begin(fabric, out_dir, resume_from, plan, run, not seq.dry_run, checkpoint_dir)
     max_seq_length, placement = plan.decision.max_seq_length, (fabric.global_rank, fabric.world_size)
-    train_lengths, micro_batch_size = plan.kept_lengths("train"), train.micro_batch_size
-    batches_for_epoch = order.train_batches(
-        train_lengths, max_seq_length, micro_batch_size, seq.order, seed, *placement
-    )
+    kept = plan.kept_lengths("train")
+    batches_for_epoch = order.train_batches(kept, max_seq_length, train.micro_batch_size, seq.order, seed, *placement)
     accumulation = train.gradient_accumulation_iters(fabric.world_size, 1)
     steps = Steps.count(len(batches_for_epoch(0)), accumulation, train.epochs, train.max_steps)  # the one count
+    resumption.check_run_length(run, steps.total, log=fabric.print)  # going on for more steps is allowed
     found = plan_warnings(plan, data, tokenizer, seq.over_length) + settings.check_run(train, eval, plan.kept, steps)
     report = report_build.publish_plan(
         fabric, out_dir, plan, seq, train.micro_batch_size, seed, found, resumed_from=resumption.report()
@@ -176,19 +180,23 @@ def main(
     train_loader, val_loader = loaders.make_loaders(fabric, plan, batches_for_epoch, seed, pack=seq.pack)
     fabric.seed_everything(seed)  # the same on every rank, for model init
     attention = packed_attention.choose_for_run(fabric, config, precision) if seq.pack else None
-    state = build_training_state(fabric, config, max_seq_length, checkpoint_dir, optimizer, train, steps, attention)
+    state = build_training_state(
+        fabric, method, config, max_seq_length, checkpoint_dir, optimizer, train, steps, attention
+    )
     model, optimizer = state["model"], state["optimizer"]
     if resume_from is not None:
         training_state.load(fabric, resume_from, state)
+        if resumption.length_changed(run):  # the schedule of a run planned for the new length, from this step on
+            state["scheduler"] = replanned_schedule(optimizer, train.lr_warmup_steps, steps.total, state["step"])
 
     # 3. Rehearse the worst case (the longest micro-batches), then train, validate, save.
     if seq.rehearse:
-        split_loaders = {"train": train_loader, "val": val_loader}
-        lengths = {name: plan.kept_lengths(name) for name in split_loaders}
-        batches = rehearsal.rehearsal_batches(split_loaders, lengths, train.micro_batch_size, max_seq_length)
-        report.rehearsal = rehearsal.rehearse(fabric, model, optimizer, batches, train, plan.decision)
+        loaders_by_split = {"train": train_loader, "val": val_loader}
+        report.rehearsal = rehearsal.rehearse_worst_case(fabric, model, optimizer, loaders_by_split, plan, train)
         report.write(fabric)
-    save = partial(save_checkpoint, checkpoint_dir=checkpoint_dir, data=data, hyperparameters=hyperparameters)
+    checkpointer = Checkpointer(
+        fabric, out_dir, method, checkpoint_dir, data.prompt_style, hyperparameters, resumption.header_parts
+    )
     started = time.perf_counter()
     with GracefulStop(log=fabric.print) as signals:
         micro_batches = fit(
@@ -198,41 +206,38 @@ def main(
             val_loader=val_loader,
             data=data,
             tokenizer=tokenizer,
-            out_dir=out_dir,
             train=train,
             eval=eval,
-            save=save,
+            checkpointer=checkpointer,
             verify=not seq.rehearse,
-            header_parts=resumption.header_parts,
             signals=signals,
             token_weighting=seq.token_weighting,
         )
     if signals.checkpoint is not None:
         signals.leave(fabric)  # exit 143 (SIGTERM) / 130 (SIGINT): the step directory is the result, no final/
-    counts = {key: fabric.all_reduce(value, reduce_op="sum").item() for key, value in state["token_counts"].items()}
-    elapsed, device_type = time.perf_counter() - started, fabric.device.type
-    fabric.print(litgpt_utils.create_finetuning_performance_report(elapsed, counts, device_type))
+    counts = performance_report(fabric, state["token_counts"], started)
     report.batches = report_build.batches_trained(counts, micro_batches, train.micro_batch_size, seq, attention)
     report.write(fabric)
     evaluation.final_validation(fabric, model, val_loader, eval)
-    save_final(fabric, model, out_dir / "final", checkpoint_dir, precision, save)
+    checkpointer.save_final(model, precision)
     fabric.print(plan.decision.summary())
 
 
 def build_training_state(
-    fabric, config, max_seq_length, checkpoint_dir, optimizer, train, steps: Steps, attention: str | None
+    fabric, method: Method, config, max_seq_length, checkpoint_dir, optimizer, train, steps: Steps, attention
 ) -> dict:
-    """The model, built with the decided length and its base weights, its optimizer and schedule: fit's state.
-    ``attention``: the path packed rows take (``packed_attention.choose_attention``)."""
+    """The method's model, built with the decided length and its base weights, its optimizer and schedule: fit's
+    state. ``attention``: the path packed rows take (``packed_attention.choose_attention``)."""
     with fabric.init_module(empty_init=(fabric.world_size > 1)):
-        model = GPT(config, attention)
+        model = packed_gpt(method.gpt_class)(config, attention)
     model.max_seq_length = max_seq_length
-    mark_only_lora_as_trainable(model)
+    method.prepare(model)
+    method.mark_trainable(model)
     fabric.print(f"Number of trainable parameters: {litgpt_utils.num_parameters(model, requires_grad=True):,}")
     fabric.print(f"Number of non-trainable parameters: {litgpt_utils.num_parameters(model, requires_grad=False):,}")
     model = fabric.setup_module(model)
     # The weights before the optimizer: loading a sharded model may put new parameter objects in place.
-    load_checkpoint(fabric, model, checkpoint_dir / "lit_model.pth", strict=False)
+    load_checkpoint(fabric, model, checkpoint_dir / "lit_model.pth", strict=method.strict_base_load)
     if isinstance(fabric.strategy.precision, BitsandbytesPrecision):
         optimizer = litgpt_utils.instantiate_bnb_optimizer(optimizer, model.parameters())
         swap_in_stable_embedding(model)
@@ -243,15 +248,6 @@ def build_training_state(
     return training_state.new_state(model, optimizer, scheduler, steps.accumulation, fabric.device)
 
 
-def save_final(fabric, model, final_dir: Path, checkpoint_dir: Path, precision, save) -> None:
-    """final/: upstream's files, then the LoRA merged into the base weights (lit_model.pth), as upstream does."""
-    save(fabric, model, final_dir)
-    if fabric.global_rank == 0:
-        (final_dir / "lit_model.pth").unlink(missing_ok=True)  # an earlier run's merge: merge_lora would keep it
-        merge_lora(checkpoint_dir=final_dir, pretrained_checkpoint_dir=checkpoint_dir, precision=precision)
-    fabric.barrier()
-
-
 def fit(
     fabric: L.Fabric,
     state: dict,
@@ -260,23 +256,21 @@ def fit(
     val_loader,
     data: DataModule,
     tokenizer: Tokenizer,
-    out_dir: Path,
     train: TrainArgs,
     eval: EvalArgs,
-    save,
+    checkpointer: Checkpointer,
     verify: bool = True,
-    header_parts: dict,
     signals: GracefulStop | None = None,
     token_weighting: bool = False,
 ) -> int:
     """The training loop over ``state`` (``checkpoint.state.new_state``; a loaded one goes on where it stopped).
     max_seq_length was settled before the model was built; nothing here changes it.
 
-    ``save(fabric, model, directory)`` writes upstream's checkpoint files. ``verify``: without an initial validation,
-    run two val batches first as upstream does (not needed after a rehearsal). ``token_weighting``: every supervised
-    token of a step weighs the same (``StepLookahead`` counts the step's tokens first). ``header_parts``: what every
-    checkpoint records to be resumed. ``signals``: SIGTERM or SIGINT ends the loop after the optimizer step it arrives
-    in, with a checkpoint (``signals.checkpoint``). Returns the micro-batches trained, over all ranks.
+    ``checkpointer.save(state)`` writes a resumable checkpoint. ``verify``: without an initial validation, run two val
+    batches first as upstream does (not needed after a rehearsal). ``token_weighting``: every supervised token of a
+    step weighs the same (``StepLookahead`` counts the step's tokens first). ``signals``: SIGTERM or SIGINT ends the
+    loop after the optimizer step it arrives in, with a checkpoint (``signals.checkpoint``). Returns the micro-batches
+    trained, over all ranks.
     """
     model, optimizer, scheduler = state["model"], state["optimizer"], state["scheduler"]
     val_loss = evaluation.initial_validation(fabric, model, val_loader, eval, verify)
@@ -299,7 +293,12 @@ def fit(
     max_steps, max_time = train.max_steps or float("inf"), train.max_time or float("inf")
     poll_every = 1 if fabric.world_size == 1 else max(1, math.ceil(train.log_interval / accumulation))
     started = time.perf_counter() - state["elapsed_seconds"]  # --train.max_time counts the whole run
-    checkpoint = partial(save_step, fabric, state, batches, out_dir, partial(save, fabric, model), header_parts)
+
+    def save() -> int:
+        state["epoch"], state["position"] = batches.epoch, batches.position
+        state["elapsed_seconds"] = time.perf_counter() - started
+        checkpointer.save(state)
+        return state["step"]
 
     while state["step"] < max_steps:
         state["iteration"] += 1
@@ -340,83 +339,20 @@ def fit(
         stopping = signals is not None and step % poll_every == 0 and signals.requested_on_any_rank(fabric)
         if stopping or (train.save_interval is not None and step % train.save_interval == 0):
             finite.check(fabric, model, step)
-            saved_step = checkpoint(started)
+            saved_step = save()
         if stopping:
-            signals.checkpoint = out_dir / f"step-{step:06d}"
+            signals.checkpoint = checkpointer.step_dir(step)
             fabric.print(f"Stopped at step {step}. To resume: {resume_command(sys.argv, signals.checkpoint)}")
             break
     finite.check(fabric, model, state["step"])
     if saved_step != state["step"]:  # the trained weights, resumable, before anything that can fail or be interrupted
-        checkpoint(started)
+        save()
     return state["iteration"] * fabric.world_size
 
 
-def save_step(fabric, state: dict, batches, out_dir: Path, write_step_files, header_parts: dict, started: float) -> int:
-    """A resumable checkpoint of the optimizer step just taken, in OUT_DIR/step-NNNNNN. Returns the step."""
-    state["epoch"], state["position"] = batches.epoch, batches.position
-    state["elapsed_seconds"] = time.perf_counter() - started
-    training_state.save(fabric, out_dir / f"step-{state['step']:06d}", state, write_step_files, header_parts)
-    return state["step"]
-
-
-def count_tokens(counts: dict, batch: dict) -> None:
-    """Adds a micro-batch to this rank's token counts (on the device: no wait for it)."""
-    counts["raw_tokens"] += batch["token_counts"]["raw"].sum()
-    counts["raw_tokens_plus_prompt_template"] += batch["token_counts"]["raw_plus_prompt_template"].sum()
-    counts["raw_tokens_plus_prompt_template_and_padding"] += batch["input_ids"].numel()
-    counts["rows"] += batch["input_ids"].size(0)
-    counts["samples"] += batch["token_counts"]["raw"].numel()
-
-
-def log_progress(fabric, state, epoch, iteration_started, started, throughput, val_loss, accumulating) -> None:
-    """The progress line and the logged metrics, as upstream prints and logs them."""
-    now, iteration, counts = time.perf_counter(), state["iteration"], state["token_counts"]
-    throughput.update(
-        time=now - started,
-        batches=iteration,
-        samples=counts["samples"].item(),
-        lengths=counts["raw_tokens_plus_prompt_template_and_padding"].item(),
-    )
-    throughput.compute_and_log(step=iteration)
-    metrics = {
-        "loss": state["running_loss"].compute().item(),
-        "iter": iteration,
-        "step": state["step"],
-        "epoch": epoch,
-        "iter_time": now - iteration_started,
-        "tokens": counts["raw_tokens_plus_prompt_template"],
-        "total_tokens": counts["raw_tokens_plus_prompt_template"] * fabric.world_size,
-        "learning_rate": state["scheduler"].get_last_lr()[0],
-    }
-    fabric.print(
-        f"Epoch {epoch + 1} | iter {iteration} step {state['step']} | loss train: {metrics['loss']:.3f},"
-        f" val: {val_loss} | iter time: {metrics['iter_time'] * 1000:.2f} ms{'' if accumulating else ' (step)'}"
-    )
-    fabric.log_dict(metrics, step=iteration)
-
-
-def save_checkpoint(
-    fabric: L.Fabric, model, directory: Path, *, checkpoint_dir: Path, data: DataModule, hyperparameters: Namespace
-) -> None:
-    """LoRA weights, config files, prompt style and hyperparameters, as upstream lays them out."""
-    directory.mkdir(parents=True, exist_ok=True)
-    save_lora_checkpoint(fabric, model, directory / "lit_model.pth.lora")
-    if fabric.global_rank == 0:
-        litgpt_utils.copy_config_files(checkpoint_dir, directory)
-        parser().save(
-            upstream_part(hyperparameters), directory / "hyperparameters.yaml", overwrite=True, skip_validation=True
-        )
-        save_prompt_style(data.prompt_style, directory)
-    fabric.barrier()
-
-
-def parser():
-    return build_parser(description=setup.__doc__.partition("\n")[0])
-
-
-def captured_hyperparameters() -> Namespace:
+def captured_hyperparameters(method: Method) -> Namespace:
     """The command line as parsed, to be written to each checkpoint's hyperparameters.yaml (as upstream does)."""
-    return parser().parse_args(sys.argv[1:])
+    return build_parser(method).parse_args(split_command(sys.argv[1:])[1])
 
 
 def cli() -> None:
@@ -425,10 +361,11 @@ def cli() -> None:
         "ignore", message=r"The epoch parameter in `scheduler.step\(\)` was not necessary", category=UserWarning
     )
     with exits.user_facing_exits():  # bad input: `error: ...`, exit 2; Ctrl-C: one line, exit 130
-        flow_parser = parser()
-        flags = flow_parser.instantiate_classes(flow_parser.parse_args())
+        method, args = split_command(sys.argv[1:])  # `litgpt-seqlen finetune_adapter ...`; none: LoRA
+        flow_parser = build_parser(method)
+        flags = flow_parser.instantiate_classes(flow_parser.parse_args(args))
         flags.pop("config", None)
-        setup(**flags)
+        setup(method=method.name, **flags)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from litgpt_seqlen.checkpoint import state as training_state
 from litgpt_seqlen.checkpoint.layout import (
     FORMAT,
     HEADER,
-    LORA_FILE,
     STATE_DIR,
     STATE_FILE,
     file_sha256,
@@ -36,7 +35,11 @@ from litgpt_seqlen.checkpoint.layout import (
     sampled_offsets,
 )
 from litgpt_seqlen.errors import UserInputError
+from litgpt_seqlen.methods import LORA
 from litgpt_seqlen.training.rng import restore_rng
+
+LORA_FILE = LORA.weights_file
+WEIGHTS = (LORA.weights_file, LORA.trainable)  # what a LoRA run's checkpoints hold
 
 HEADER_PARTS = {"run": {}, "data": {}, "decision": {}}
 
@@ -73,7 +76,9 @@ def save_checkpoint(fabric, out_dir: Path, step: int, value: float | None = None
     value = float(step) if value is None else value
     step_dir = out_dir / f"step-{step:06d}"
     state = make_state(value, step)
-    training_state.save(fabric, step_dir, state, lambda directory: write_lora_file(directory, value), header_parts)
+    training_state.save(
+        fabric, step_dir, state, lambda directory: write_lora_file(directory, value), header_parts, *WEIGHTS
+    )
     return step_dir
 
 
@@ -118,7 +123,8 @@ def test_auto_picks_the_newest_complete_and_skips_partial_ones(fabric, tmp_path)
         f"Skipping {tmp_path / 'step-000006'}: no training state at {tmp_path / STATE_DIR / 'step-000006' / HEADER}"
         " (not saved by a resumable run, or it stopped while saving).",
         f"Skipping {tmp_path / 'step-000004'}: {tmp_path / STATE_DIR / 'step-000004'} lacks {STATE_FILE}.",
-        f"Resuming from {complete}, the newest complete checkpoint in --out_dir {tmp_path} (--resume auto).",
+        f"Resuming training from {complete / LORA_FILE}, the newest complete checkpoint in --out_dir {tmp_path}"
+        " (--resume auto).",
     ]
     assert lookup.find_checkpoint(tmp_path, True, log=notes.append) == complete
     assert notes[-1].endswith("(--resume true).")
@@ -139,14 +145,14 @@ def test_a_path_must_be_a_complete_checkpoint(fabric, tmp_path):
     step_dir = save_checkpoint(fabric, tmp_path, 2)
     notes = []
     assert lookup.find_checkpoint(tmp_path, str(step_dir), log=notes.append) == step_dir
-    assert notes == [f"Resuming from {step_dir} (--resume {step_dir})."]
+    assert notes == [f"Resuming training from {step_dir / LORA_FILE} (--resume {step_dir})."]
     (tmp_path / "final").mkdir()
     write_lora_file(tmp_path / "final", 1.0)
     (tmp_path / "empty").mkdir()
     for path, reason in [
         (tmp_path / "step-000009", "no such directory"),
         (tmp_path / "final", "no training state"),
-        (tmp_path / "empty", f"it has no {LORA_FILE}"),
+        (tmp_path / "empty", "no training state"),
     ]:
         with pytest.raises(UserInputError, match=rf"--resume {path}: not a checkpoint to resume from: {reason}"):
             lookup.find_checkpoint(tmp_path, path, log=quiet)
@@ -163,7 +169,7 @@ def test_one_training_state_file_recorded_by_its_sha256(fabric, tmp_path):
     assert sorted(path.name for path in state_dir.iterdir()) == [HEADER, STATE_FILE]
     header = lookup.read_header(step_dir)
     assert header["files"] == {STATE_FILE: file_sha256(state_dir / STATE_FILE)}
-    assert header["lora_sha256"] == file_sha256(step_dir / LORA_FILE)
+    assert header["weights"] == {"file": LORA_FILE, "sha256": file_sha256(step_dir / LORA_FILE)}
     assert header["step_dir"] == "step-000002" and header["progress"]["step"] == 2
     saved = torch.load(state_dir / STATE_FILE, weights_only=True)
     assert list(saved["model"]) == ["lora_A"]  # the base weights are not in it
@@ -238,7 +244,9 @@ def test_the_training_state_round_trips(fabric, tmp_path):
     state["token_counts"]["raw_tokens"] += 123
     step_dir = tmp_path / "step-000003"
     torch.manual_seed(5)
-    training_state.save(fabric, step_dir, state, lambda directory: write_lora_file(directory, 1.0), HEADER_PARTS)
+    training_state.save(
+        fabric, step_dir, state, lambda directory: write_lora_file(directory, 1.0), HEADER_PARTS, *WEIGHTS
+    )
     expected_draw = torch.rand(3)
 
     loaded = make_state(value=0.0)
@@ -349,7 +357,9 @@ def test_a_kill_at_any_file_operation_of_a_rewrite_leaves_only_whole_checkpoints
         monkeypatch.setattr(Path, "write_text", write_text)
         monkeypatch.setattr(fabric, "save", save_state)
         try:
-            training_state.save(fabric, out_dir / "step-000004", make_state(40.0, 40), write_step_files, HEADER_PARTS)
+            training_state.save(
+                fabric, out_dir / "step-000004", make_state(40.0, 40), write_step_files, HEADER_PARTS, *WEIGHTS
+            )
             finished = True
         except Killed:
             finished = False
@@ -399,7 +409,7 @@ sys.path.insert(0, {root!r})
 from pathlib import Path
 import lightning as L, torch
 from litgpt_seqlen.checkpoint import state as training_state
-from litgpt_seqlen.checkpoint.layout import LORA_FILE
+from litgpt_seqlen.methods import LORA
 
 fabric = L.Fabric(accelerator="cpu", devices=1)
 out = Path(sys.argv[1])
@@ -411,8 +421,8 @@ for step in range(1, 1000):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     state = training_state.new_state(model, optimizer, scheduler, 1, torch.device("cpu"))
     state["step"] = step
-    write = lambda d, step=step: torch.save({{"model": {{"lora_A": torch.full((big,), float(step))}}}}, d / LORA_FILE)
-    training_state.save(fabric, out / f"step-{{step % 3:06d}}", state, write, {{}})
+    write = lambda d, step=step: torch.save({{"model": {{"lora_A": torch.full((big,), float(step))}}}}, d / LORA.weights_file)
+    training_state.save(fabric, out / f"step-{{step % 3:06d}}", state, write, {{}}, LORA.weights_file, LORA.trainable)
     print(step, flush=True)
 """
 
@@ -534,7 +544,7 @@ def test_run_flags_hold_every_flag_that_changes_the_weights():
     train = TrainArgs(micro_batch_size=2, global_batch_size=4, epochs=1, max_steps=5, lr_warmup_steps=1)
     lora = dict(lora_r=4, lora_alpha=8, lora_dropout=0.1, lora_query=True, lora_key=False, lora_value=True)
     config = SimpleNamespace(**lora, lora_projection=False, lora_mlp=False, lora_head=False)
-    flags = same_run.run_flags(train, SeqArgs(), 7, 1, "AdamW", "32-true", config)
+    flags = same_run.run_flags(LORA, train, SeqArgs(), 7, 1, "AdamW", "32-true", config)
     seq_flags = {name.removeprefix("seq.") for name in flags if name.startswith("seq.")}
     every_seq_flag = {field.name for field in dataclasses.fields(SeqArgs)}
     assert seq_flags == every_seq_flag - {"dry_run", "scan_workers", "rehearse"}
@@ -542,10 +552,10 @@ def test_run_flags_hold_every_flag_that_changes_the_weights():
     assert flags == json.loads(json.dumps(flags))  # as a header holds them
 
     resumed = same_run.run_flags(
-        train, SeqArgs(dry_run=True, scan_workers=3, rehearse=False), 7, 1, "AdamW", "32-true", config
+        LORA, train, SeqArgs(dry_run=True, scan_workers=3, rehearse=False), 7, 1, "AdamW", "32-true", config
     )
     same_run.check_same_run({"run": flags}, {"run": resumed})  # these change nothing that is trained
-    changed = same_run.run_flags(train, SeqArgs(truncate_from="end"), 7, 1, "AdamW", "32-true", config)
+    changed = same_run.run_flags(LORA, train, SeqArgs(truncate_from="end"), 7, 1, "AdamW", "32-true", config)
     with pytest.raises(UserInputError, match="--seq.truncate_from was 'prompt', now 'end'"):
         same_run.check_same_run({"run": flags}, {"run": changed})
 

@@ -12,8 +12,9 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 from litgpt.finetune.lora import setup as litgpt_finetune_lora
 
-import finetune_lora
 from helpers import read_report
+from litgpt_seqlen.cli.parser import build_parser
+from litgpt_seqlen.methods import LORA
 
 pytestmark = pytest.mark.e2e
 
@@ -91,7 +92,7 @@ def test_config_file_with_seq_group(cli_here, tiny_checkpoint, make_data, tmp_pa
     upstream.add_function_arguments(litgpt_finetune_lora, as_positional=True)
     assert upstream.parse_args(["--config", str(written)]).train.max_seq_length == 375
     # ... and this tool reruns it from that file and OUT_DIR/seq.yaml
-    ours = finetune_lora.parser().parse_args(["--config", str(written), "--config", str(out / "seq.yaml")])
+    ours = build_parser(LORA).parse_args(["--config", str(written), "--config", str(out / "seq.yaml")])
     assert (ours.seq.headroom, ours.train.max_seq_length, ours.lora_r) == (0.25, 375, 4)
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 import assets
+from litgpt_seqlen.cli.parser import build_parser
+from litgpt_seqlen.methods import LORA
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -201,11 +203,10 @@ def flags_used() -> dict[str, set[str]]:
 
 
 def help_flags(*arguments: str) -> set[str]:
-    import finetune_lora
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed), pytest.raises(SystemExit) as leaving:
-        finetune_lora.parser().parse_args(list(arguments))
+        build_parser(LORA).parse_args(list(arguments))
     assert leaving.value.code == 0
     return set(re.findall(r"--([a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)*)", printed.getvalue()))
 

@@ -19,8 +19,11 @@ from litgpt.tokenizer import Tokenizer
 from litgpt.utils import CLI
 
 import finetune_lora
+from litgpt_seqlen import methods
 from litgpt_seqlen.args import SeqArgs
+from litgpt_seqlen.cli.parser import build_parser
 from litgpt_seqlen.data import length_plan
+from litgpt_seqlen.methods import LORA
 from litgpt_seqlen.report import build
 
 
@@ -44,7 +47,7 @@ REWORDED = {
 def test_the_command_line_is_litgpts_plus_seq():
     """An independent reference: the parser litgpt's own CLI builds for `litgpt finetune_lora`."""
     theirs = options(capture_parser(lambda: CLI(upstream.setup)))
-    ours = options(finetune_lora.parser())
+    ours = options(build_parser(LORA))
     assert len(theirs) > 40 and "--train.micro_batch_size" in theirs and "--lora_r" in theirs
     missing = sorted(set(theirs) - set(ours))
     assert not missing, missing
@@ -75,7 +78,7 @@ def test_litgpts_own_lora_script_test(tmp_path, monkeypatch):
     samples = [{"instruction": f"Say {i} things.", "input": "", "output": f"Here are {i} things."} for i in range(24)]
     alpaca_path.write_text(json.dumps(samples))
     monkeypatch.setattr(finetune_lora, "load_checkpoint", mock.Mock())
-    monkeypatch.setattr(finetune_lora, "merge_lora", mock.Mock())
+    monkeypatch.setattr(methods.lora, "merge_lora", mock.Mock())  # where the LoRA method merges
     tokenizer = mock.Mock()
     tokenizer.return_value = tokenizer
     tokenizer.encode = lambda *_, **__: torch.tensor([3, 2, 1])

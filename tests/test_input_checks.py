@@ -18,8 +18,10 @@ from litgpt.tokenizer import Tokenizer
 import data_utils
 from litgpt_seqlen.args import SeqArgs
 from litgpt_seqlen.cli import parser as cli_parser
+from litgpt_seqlen.cli.parser import build_parser
 from litgpt_seqlen.data import files, length_plan
 from litgpt_seqlen.errors import UserInputError
+from litgpt_seqlen.methods import LORA
 from litgpt_seqlen.model import base
 from litgpt_seqlen.report import outcomes
 from litgpt_seqlen.run import settings
@@ -33,7 +35,7 @@ def settings_error(
     train=TRAIN, eval=EVAL, seq=SeqArgs(), devices=1, num_nodes=1, quantize=None, precision="32-true", out_dir=None
 ) -> str:
     with pytest.raises(UserInputError) as raised:
-        settings.check_settings(train, eval, seq, devices, num_nodes, quantize, precision, out_dir)
+        settings.check_settings(LORA, train, eval, seq, devices, num_nodes, quantize, precision, out_dir)
     return str(raised.value)
 
 
@@ -56,7 +58,7 @@ def sample(i: int, **fields) -> dict:
 
 
 def test_good_settings_pass(tmp_path):
-    settings.check_settings(TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", tmp_path / "out")
+    settings.check_settings(LORA, TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", tmp_path / "out")
     assert (tmp_path / "out").is_dir() and not list((tmp_path / "out").iterdir())  # the write probe is gone
 
 
@@ -87,7 +89,7 @@ def test_global_batch_below_one_micro_batch_per_device():
 
 def test_warmup_zero_and_none_are_accepted():
     for steps in (0, None):
-        settings.check_settings(replace(TRAIN, lr_warmup_steps=steps), EVAL, SeqArgs(), 1, 1, None, None)
+        settings.check_settings(LORA, replace(TRAIN, lr_warmup_steps=steps), EVAL, SeqArgs(), 1, 1, None, None)
 
 
 def test_negative_warmup():
@@ -300,15 +302,17 @@ def test_loss_weighting_unset_follows_packing_and_batch_with_packing_is_refused(
     assert SeqArgs(loss_weighting="token").token_weighting and not SeqArgs(loss_weighting="batch").token_weighting
     message = settings_error(seq=SeqArgs(pack=True, loss_weighting="batch"))
     assert "--seq.pack true and --seq.loss_weighting batch exclude each other" in message
-    settings.check_settings(TRAIN, EVAL, SeqArgs(pack=True, loss_weighting="token"), 1, 1, None, "32-true")
+    settings.check_settings(LORA, TRAIN, EVAL, SeqArgs(pack=True, loss_weighting="token"), 1, 1, None, "32-true")
 
 
 def test_data_module_num_workers_below_zero():
     with pytest.raises(ValueError, match="num_workers"):  # where torch refuses it: when the loader is made
         torch.utils.data.DataLoader([], num_workers=-1)
     with pytest.raises(UserInputError, match=r"--data.num_workers must be a whole number >= 0.*got -1"):
-        settings.check_settings(TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", data=SimpleNamespace(num_workers=-1))
-    settings.check_settings(TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", data=SimpleNamespace(num_workers=0))
+        settings.check_settings(
+            LORA, TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", data=SimpleNamespace(num_workers=-1)
+        )
+    settings.check_settings(LORA, TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", data=SimpleNamespace(num_workers=0))
 
 
 def test_logger_needs_one_of_its_packages(monkeypatch):
@@ -316,13 +320,15 @@ def test_logger_needs_one_of_its_packages(monkeypatch):
 
     installed = {"tensorboardX"}
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: object() if name in installed else None)
-    settings.check_settings(TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", logger_name="tensorboard")  # either one
-    settings.check_settings(TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", logger_name="csv")
+    settings.check_settings(
+        LORA, TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", logger_name="tensorboard"
+    )  # either one
+    settings.check_settings(LORA, TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", logger_name="csv")
     with pytest.raises(UserInputError, match="--logger_name wandb needs the wandb package.*pip install wandb"):
-        settings.check_settings(TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", logger_name="wandb")
+        settings.check_settings(LORA, TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", logger_name="wandb")
     installed.clear()
     with pytest.raises(UserInputError, match="needs the tensorboard or tensorboardX package"):
-        settings.check_settings(TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", logger_name="tensorboard")
+        settings.check_settings(LORA, TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", logger_name="tensorboard")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -332,9 +338,8 @@ def test_logger_needs_one_of_its_packages(monkeypatch):
 
 @pytest.fixture(scope="module")
 def parser():
-    import finetune_lora
 
-    return finetune_lora.parser()
+    return build_parser(LORA)
 
 
 def parse_error(parser, *args) -> str:
@@ -681,7 +686,7 @@ def checkpoint_copy(tiny_checkpoint, tmp_path) -> Path:
 def test_config_is_litgpts_own_and_an_unknown_key_is_named(checkpoint_copy):
     from litgpt.lora import Config
 
-    config = base.load_config(checkpoint_copy, lora_r=4)
+    config = base.load_config(checkpoint_copy, LORA.config_class, lora_r=4)
     assert config == Config.from_file(checkpoint_copy / "model_config.yaml", lora_r=4)
     with (checkpoint_copy / "model_config.yaml").open("a") as file:
         file.write("attention_flavour: sparse\n")

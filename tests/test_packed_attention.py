@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from litgpt.lora import Block
 from litgpt.model import CausalSelfAttention
 from test_packing import family_config, one_by_one, packed, sample, samples_and_rows, tiny_lora_gpt
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -112,11 +113,11 @@ def test_the_attention_is_tried_from_the_config_before_any_weight(monkeypatch):
     from litgpt.lora import Config
 
     for name in ("Llama-3.1-70B", "Mixtral-8x22B-v0.1", "phi-2", "falcon-180B", "Qwen2.5-72B", "pythia-12b"):
-        check_packable(Config.from_name(name, lora_r=8, lora_query=True, lora_value=True))
+        check_packable(Config.from_name(name, lora_r=8, lora_query=True, lora_value=True), Block)
 
     monkeypatch.setattr(CausalSelfAttention, "scaled_dot_product_attention", causal_over_the_row)
     with pytest.raises(UserInputError, match="0 of 1 attention layers attended within samples"):
-        check_packable(family_config("llama"))
+        check_packable(family_config("llama"), Block)
 
 
 def test_a_mask_used_for_anything_but_attention_fails_loudly():

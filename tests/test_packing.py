@@ -6,12 +6,15 @@ import random
 
 import pytest
 import torch
-from litgpt.lora import Config, mark_only_lora_as_trainable
+from litgpt.lora import GPT as LoraGPT
+from litgpt.lora import Block, Config, mark_only_lora_as_trainable
 
 from litgpt_seqlen.data.packing import packed_collate
 from litgpt_seqlen.errors import UserInputError
-from litgpt_seqlen.model.packed_forward import GPT, batch_logits, check_packable
+from litgpt_seqlen.model.packed_forward import batch_logits, check_packable, packed_gpt
 from litgpt_seqlen.training.loss import micro_batch_loss_sum
+
+GPT = packed_gpt(LoraGPT)  # LoRA's GPT, whose forward also takes packed rows
 
 LORA = {
     "lora_r": 4,
@@ -212,7 +215,7 @@ def test_collate_hand_computed():
 @pytest.mark.parametrize("name", ["Gemma-2-2b", "Gemma-3-1b-it", "Mistral-7B-v0.1", "Phi-3-mini-4k-instruct"])
 def test_sliding_window_models_are_refused_from_the_config(name):
     with pytest.raises(UserInputError, match=r"--seq.pack true cannot train .*sliding-window.*--seq.pack false"):
-        check_packable(Config.from_name(name))
+        check_packable(Config.from_name(name), Block)
 
 
 def test_refused_in_the_forward_too():
@@ -223,9 +226,9 @@ def test_refused_in_the_forward_too():
 
 
 def test_a_window_in_no_layer_is_accepted():
-    check_packable(family_config("llama", sliding_window_size=4, sliding_window_indices=[0, 0]))
+    check_packable(family_config("llama", sliding_window_size=4, sliding_window_indices=[0, 0]), Block)
     for name in ("Llama-2-7b-hf", "pythia-160m", "gemma-2b"):
-        check_packable(Config.from_name(name))
+        check_packable(Config.from_name(name), Block)
 
 
 def test_the_forward_rotates_by_the_given_positions():

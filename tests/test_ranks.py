@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent(
 
     from litgpt_seqlen.checkpoint import lookup
     from litgpt_seqlen.checkpoint import state as training_state
-    from litgpt_seqlen.checkpoint.layout import LORA_FILE
+    from litgpt_seqlen.methods import LORA
     from litgpt_seqlen.data.scan import scan_split
     from litgpt_seqlen.errors import UserInputError
     from litgpt_seqlen.training.rng import restore_rng
@@ -80,7 +80,7 @@ SCRIPT = textwrap.dedent(
 
     def write_step_files(directory):  # as save_lora_checkpoint does: rank 0 writes
         if rank == 0:
-            torch.save({"model": {"lora_A": torch.ones(3)}}, directory / LORA_FILE)
+            torch.save({"model": {"lora_A": torch.ones(3)}}, directory / LORA.weights_file)
 
     print(f"rank {rank}: checkpoint", flush=True)
     torch.manual_seed(100 + rank)
@@ -90,7 +90,8 @@ SCRIPT = textwrap.dedent(
     state["running_loss"].update(torch.tensor(3.0 + rank))
     state["token_counts"]["raw_tokens"] += 1000 + rank
     step_dir = Path(out) / "step-000005"
-    training_state.save(fabric, step_dir, state, write_step_files, {"run": {}, "data": {}, "decision": {}})
+    training_state.save(fabric, step_dir, state, write_step_files, {"run": {}, "data": {}, "decision": {}}, LORA.weights_file, LORA.trainable
+    )
     straight = torch.rand(4).tolist()  # what this rank draws next (dropout's numbers)
 
     torch.manual_seed(7)

@@ -58,7 +58,7 @@ def test_the_quickstart_runs_as_written_on_the_demo_assets(tmp_path, monkeypatch
     dry, trained, resumed = run_in_process(steps, cli_argv)
     assert "dry run: nothing trained" in dry and "max_seq_length = " in dry
     assert "Final evaluation" in trained and (tmp_path / "out/my_run/final/lit_model.pth").is_file()
-    assert "Resuming from out/my_run/step-" in resumed
+    assert "Resuming training from out/my_run/step-" in resumed
 
 
 def docs_commands() -> list[list[str]]:

@@ -37,7 +37,7 @@ def test_a_signal_during_the_final_validation_leaves_the_trained_weights_resumab
 
     resumed = cli_here(data, out, "--resume", "auto", steps=3)
     assert resumed.returncode == 0, resumed.stderr
-    assert "Resuming from" in resumed.stdout and (out / "final" / "lit_model.pth").is_file()
+    assert "Resuming training from" in resumed.stdout and (out / "final" / "lit_model.pth").is_file()
     uninterrupted = tmp_path / "uninterrupted"
     assert cli_here(data, uninterrupted, steps=3).returncode == 0
     assert all(torch.equal(value, lora(uninterrupted)[key]) for key, value in lora(out).items())

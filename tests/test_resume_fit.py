@@ -19,7 +19,8 @@ import assets
 from helpers import read_report
 from litgpt_seqlen.checkpoint import lookup
 from litgpt_seqlen.checkpoint import state as training_state
-from litgpt_seqlen.checkpoint.layout import LORA_FILE, STATE_DIR
+from litgpt_seqlen.checkpoint.layout import STATE_DIR
+from litgpt_seqlen.methods import LORA
 
 TRAIN_LENGTHS = [60, 95, 70, 120, 64, 88, 101, 75, 66, 110]
 VAL_LENGTHS = [62, 90]
@@ -74,7 +75,7 @@ def only_checkpoint(source: Path, step: int, out_dir: Path) -> Path:
 
 
 def lora(directory: Path) -> dict[str, torch.Tensor]:
-    return torch.load(directory / LORA_FILE, weights_only=True)["model"]
+    return torch.load(directory / LORA.weights_file, weights_only=True)["model"]
 
 
 def different(ours: dict, theirs: dict) -> list[str]:
@@ -94,7 +95,7 @@ def test_a_resumed_run_ends_bit_identical(order, step, uninterrupted, cli_here, 
 
     result = cli_here(data_dir, out_dir, *FLAGS, *ORDER[order], "--resume", str(step_dir), steps=STEPS)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"Resuming from {step_dir} (--resume {step_dir})" in result.stdout
+    assert f"Resuming training from {step_dir / LORA.weights_file} (--resume {step_dir})" in result.stdout
     assert f"Resumed at step {step} (epoch {progress['epoch'] + 1}, {progress['position']} micro-batches in" in (
         result.stdout
     )
@@ -143,7 +144,10 @@ def test_auto_skips_what_a_killed_save_left_and_resumes_from_the_newest_whole_ch
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Skipping {out_dir / 'step-000005'}: no training state" in result.stdout
     assert f"Skipping {out_dir / 'step-000004'}: {state_file} is damaged" in result.stdout
-    assert f"Resuming from {out_dir / 'step-000003'}, the newest complete checkpoint" in result.stdout
+    assert (
+        f"Resuming training from {out_dir / 'step-000003' / LORA.weights_file}, the newest complete checkpoint"
+        in result.stdout
+    )
     assert not list(out_dir.glob(".tmp-*")) and not list((out_dir / STATE_DIR).glob(".tmp-*"))
     for step in (4, 5):  # written again, whole
         assert lookup.incomplete_reason(out_dir / f"step-{step:06d}") is None

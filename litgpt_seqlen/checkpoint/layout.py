@@ -1,6 +1,6 @@
 """Where a resumable checkpoint's files lie, and how they are named and fingerprinted.
 
-    OUT_DIR/step-000040/          upstream's files, unchanged (lit_model.pth.lora, configs, hyperparameters.yaml, ...)
+    OUT_DIR/step-000040/          upstream's files, unchanged (the method's weights, configs, hyperparameters.yaml)
     OUT_DIR/resume/step-000040/   state.json (what must match before a weight is read; sha256 of every file) and
                                   state.pt (the training state, one dict written by ``fabric.save``)
 
@@ -17,11 +17,10 @@ import hashlib
 import os
 from pathlib import Path
 
-FORMAT = 3
+FORMAT = 4
 STATE_DIR = "resume"
 HEADER = "state.json"
 STATE_FILE = "state.pt"
-LORA_FILE = "lit_model.pth.lora"
 TEMP_PREFIX = ".tmp-"
 BASE_WEIGHTS = "lit_model.pth"
 SAMPLE_BLOCK = 1 << 20

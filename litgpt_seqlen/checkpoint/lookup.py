@@ -10,7 +10,6 @@ from litgpt_seqlen.args import Resume, parse_resume
 from litgpt_seqlen.checkpoint.layout import (
     FORMAT,
     HEADER,
-    LORA_FILE,
     file_sha256,
     state_dir_for,
     step_dirs_newest_first,
@@ -31,13 +30,14 @@ def find_checkpoint(out_dir: Path, resume: object, log: Callable[[str], None] = 
         problem = incomplete_reason(resume)
         if problem:
             raise UserInputError(f"--resume {resume}: not a checkpoint to resume from: {problem}.")
-        log(f"Resuming from {resume} (--resume {resume}).")
+        log(f"Resuming training from {weights_path(resume)} (--resume {resume}).")
         return resume
     for step_dir in step_dirs_newest_first(out_dir):
         problem = incomplete_reason(step_dir)
         if problem is None:
             log(
-                f"Resuming from {step_dir}, the newest complete checkpoint in --out_dir {out_dir} (--resume {flag(resume)})."
+                f"Resuming training from {weights_path(step_dir)}, the newest complete checkpoint in --out_dir {out_dir}"
+                f" (--resume {flag(resume)})."
             )
             return step_dir
         log(f"Skipping {step_dir}: {problem}.")
@@ -59,8 +59,6 @@ def incomplete_reason(step_dir: Path) -> str | None:
     step_dir = Path(step_dir)
     if not step_dir.is_dir():
         return "no such directory"
-    if not (step_dir / LORA_FILE).is_file():
-        return f"it has no {LORA_FILE}"
     state_dir = state_dir_for(step_dir)
     try:
         header = json.loads((state_dir / HEADER).read_text())
@@ -80,9 +78,17 @@ def incomplete_reason(step_dir: Path) -> str | None:
             return f"{state_dir} lacks {name}"
         if file_sha256(state_dir / name) != digest:
             return f"{state_dir / name} is damaged (its sha256 is not the one recorded when it was saved)"
-    if file_sha256(step_dir / LORA_FILE) != header["lora_sha256"]:
-        return f"its {LORA_FILE} is not the one its training state was saved with (written over since?)"
+    weights = header["weights"]["file"]
+    if not (step_dir / weights).is_file():
+        return f"it has no {weights}"
+    if file_sha256(step_dir / weights) != header["weights"]["sha256"]:
+        return f"its {weights} is not the one its training state was saved with (written over since?)"
     return None
+
+
+def weights_path(step_dir: Path) -> Path:
+    """The trained weights of a complete checkpoint: the file upstream's script for its method writes."""
+    return Path(step_dir) / read_header(step_dir)["weights"]["file"]
 
 
 def read_header(step_dir: Path) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 from litgpt_seqlen.checkpoint.atomic import forget_training_states, remove_stale_temporaries
 from litgpt_seqlen.checkpoint.layout import BASE_WEIGHTS, sampled_difference, sampled_fingerprint
 from litgpt_seqlen.checkpoint.lookup import read_header
-from litgpt_seqlen.checkpoint.state import Resumption
+from litgpt_seqlen.checkpoint.state import RUN_LENGTH_FLAGS, Resumption
 from litgpt_seqlen.errors import UserInputError
 
 # --seq.* flags that do not change what is trained (every other, present or future, must match to resume)
@@ -20,8 +20,9 @@ SEQ_FLAGS_NOT_RUN_CHANGING = ("dry_run", "scan_workers", "rehearse")
 SAMPLE_DIGEST = 4  # bytes of each sample's sha256 kept in state.json, to name the first changed sample
 
 
-def run_flags(train, seq, seed: int, world_size: int, optimizer, precision, config) -> dict:
-    """The flags that change the trained weights, keyed by flag name (so a mismatch reads ``--seed was 1, now 2``)."""
+def run_flags(method, train, seq, seed: int, world_size: int, optimizer, precision, config) -> dict:
+    """The flags that change the trained weights, keyed by flag name (so a mismatch reads ``--seed was 1, now 2``):
+    the method's own among them (``method.config_flags``, read back from the config they went into)."""
     flags = {
         f"train.{name}": getattr(train, name)
         for name in (
@@ -33,12 +34,11 @@ def run_flags(train, seq, seed: int, world_size: int, optimizer, precision, conf
             "lr_warmup_steps",
         )
     }
-    flags.update(seed=seed, devices=world_size, optimizer=optimizer, precision=precision)
+    flags.update(method=method.command, seed=seed, devices=world_size, optimizer=optimizer, precision=precision)
     flags.update(
         {f"seq.{name}": value for name, value in asdict(seq).items() if name not in SEQ_FLAGS_NOT_RUN_CHANGING}
     )
-    lora = ("lora_r", "lora_alpha", "lora_dropout", "lora_query", "lora_key", "lora_value", "lora_projection")
-    flags.update({name: getattr(config, name) for name in (*lora, "lora_mlp", "lora_head")})
+    flags.update({name: getattr(config, name) for name in method.config_flags})
     return normalized(flags)
 
 
@@ -118,8 +118,13 @@ def check_same_run(saved: dict, current: dict, checkpoint: str = "the checkpoint
     in the user's file (or None)."""
     problems = []
     for name, was in saved.get("run", {}).items():
-        if name in current.get("run", {}) and normalized(current["run"][name]) != normalized(was):
-            problems.append(f"--{name} was {was!r}, now {current['run'][name]!r}")
+        if name in RUN_LENGTH_FLAGS or name not in current.get("run", {}):
+            continue
+        now = current["run"][name]
+        if normalized(now) != normalized(was):
+            problems.append(
+                f"it was trained by {was}, not {now}" if name == "method" else f"--{name} was {was!r}, now {now!r}"
+            )
     for split, was in saved.get("data", {}).items():
         problem = split_problem(split, was, current.get("data", {}).get(split), where or (lambda split, index: None))
         if problem:
@@ -210,7 +215,7 @@ def plan_as_saved(fabric, plan, record: dict):
     raise UserInputError(
         f"cannot resume: the checkpoint trained with max_seq_length {record['max_seq_length']}, this run decides"
         f" {plan.decision.max_seq_length} from the same data and flags{(' (' + '; '.join(changed) + ')') if changed else ''}"
-        " (was finetune_lora.py updated in between?). Resume with the version that saved it, or start a new run."
+        " (was litgpt-seqlen updated in between?). Resume with the version that saved it, or start a new run."
     )
 
 

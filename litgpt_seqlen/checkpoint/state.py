@@ -15,21 +15,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from litgpt.lora import lora_filter
 
 from litgpt_seqlen.checkpoint.atomic import drop_training_state, write_checkpoint_dir_atomically
 from litgpt_seqlen.checkpoint.layout import (
     FORMAT,
     HEADER,
-    LORA_FILE,
     STATE_FILE,
     file_sha256,
     files_sha256,
     state_dir_for,
 )
+from litgpt_seqlen.errors import UserInputError
 from litgpt_seqlen.training.loss import RunningLoss
 from litgpt_seqlen.training.rng import capture_rng
 
+# how long the run goes on: may change on resume (the steps already taken stay what they were)
+RUN_LENGTH_FLAGS = ("train.epochs", "train.max_steps")
 PROGRESS = ("step", "iteration", "epoch", "position", "elapsed_seconds")
 TOKEN_COUNTS = (  # litgpt's names (create_finetuning_performance_report), plus packed rows and samples
     "raw_tokens",
@@ -53,10 +54,13 @@ def new_state(model, optimizer, scheduler, accumulation: int, device: torch.devi
     }
 
 
-def save(fabric, step_dir: Path, state: dict, write_step_files, header_parts: dict) -> None:
-    """A resumable checkpoint: ``write_step_files(directory)`` writes upstream's files into ``step_dir``, then the
-    training state is written beside it with a header (``header_parts``: run flags, data fingerprint, decision) that
-    records the sha256 of every file. Every rank calls it."""
+def save(
+    fabric, step_dir: Path, state: dict, write_step_files, header_parts: dict, weights_file: str, trainable
+) -> None:
+    """A resumable checkpoint: ``write_step_files(directory)`` writes upstream's files into ``step_dir`` (the trained
+    weights in ``weights_file``), then the training state is written beside it, with the model's ``trainable``
+    parameters only, and a header (``header_parts``: run flags, data fingerprint, decision) that records the sha256 of
+    every file. Every rank calls it."""
     step_dir = Path(step_dir)
     writer = fabric.global_rank == 0
     if writer:
@@ -71,7 +75,7 @@ def save(fabric, step_dir: Path, state: dict, write_step_files, header_parts: di
     saved["ranks"] = gather_from_ranks(fabric, mine)
 
     def write_state(directory: Path) -> None:
-        fabric.save(directory / STATE_FILE, saved, filter={"model": lora_filter})
+        fabric.save(directory / STATE_FILE, saved, filter={"model": trainable})
         if writer:
             header = {
                 "format": FORMAT,
@@ -79,7 +83,7 @@ def save(fabric, step_dir: Path, state: dict, write_step_files, header_parts: di
                 "world_size": fabric.world_size,
                 "progress": {key: state[key] for key in PROGRESS},
                 **header_parts,
-                "lora_sha256": file_sha256(step_dir / LORA_FILE),
+                "weights": {"file": weights_file, "sha256": file_sha256(step_dir / weights_file)},
                 "files": files_sha256(directory),
             }
             (directory / HEADER).write_text(json.dumps(header) + "\n")
@@ -88,15 +92,17 @@ def save(fabric, step_dir: Path, state: dict, write_step_files, header_parts: di
 
 
 def load(fabric, step_dir: Path, state: dict) -> None:
-    """Puts a checkpoint's training state into ``state``: the LoRA weights, optimizer and scheduler in place, the
+    """Puts a checkpoint's training state into ``state``: the trained weights, optimizer and scheduler in place, the
     progress and this rank's counts and running loss as values, its random states in ``state["rng"]`` (for fit to
     restore last, when nothing else draws before the loop)."""
     loaded = {key: state[key] for key in ("model", "optimizer", "scheduler", *PROGRESS)}
     loaded["ranks"] = None
     path = state_dir_for(step_dir) / STATE_FILE
     fabric.load(path, loaded, strict=False)  # strict=False: the base weights are not in it
-    if fabric.world_size > 1:  # Lightning puts a sharded model's LoRA back one parameter at a time, not exactly
-        load_sharded_lora(state["model"], torch.load(path, map_location="cpu", weights_only=True, mmap=True)["model"])
+    if fabric.world_size > 1:  # Lightning puts a sharded model's weights back one parameter at a time, not exactly
+        load_sharded_weights(
+            state["model"], torch.load(path, map_location="cpu", weights_only=True, mmap=True)["model"]
+        )
     mine = loaded["ranks"][fabric.global_rank]
     state.update({key: loaded[key] for key in PROGRESS})
     for key, value in mine["token_counts"].items():
@@ -105,12 +111,12 @@ def load(fabric, step_dir: Path, state: dict) -> None:
     state["rng"] = mine["rng"]
 
 
-def load_sharded_lora(model, lora: dict) -> None:
-    """The saved LoRA tensors (full, unsharded) into a model sharded over the ranks, each rank taking its shard."""
+def load_sharded_weights(model, weights: dict) -> None:
+    """The saved tensors (full, unsharded) into a model sharded over the ranks, each rank taking its shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     module = getattr(model, "module", model)  # Fabric's wrapper holds the sharded module
-    set_model_state_dict(module, lora, options=StateDictOptions(full_state_dict=True, strict=False))
+    set_model_state_dict(module, weights, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def gather_from_ranks(fabric, mine: dict) -> list[dict]:
@@ -129,6 +135,35 @@ class Resumption:
     step_dir: Path | None
     saved: dict | None  # the checkpoint's state.json
     header_parts: dict  # run flags, data fingerprint, length decision: written into every checkpoint of this run
+
+    def length_changed(self, run: dict) -> list[str]:
+        """The run-length flags (``--train.epochs``, ``--train.max_steps``) this run sets otherwise than the
+        checkpoint's, as ``--flag was A, now B``; empty for a fresh run or the same length."""
+        if self.saved is None:
+            return []
+        was = self.saved["run"]
+        return [
+            f"--{name} was {was.get(name)}, now {run[name]}" for name in RUN_LENGTH_FLAGS if was.get(name) != run[name]
+        ]
+
+    def check_run_length(self, run: dict, total: int, log) -> None:
+        """A resumed run may go on for more steps than it was planned with (``--train.max_steps`` or
+        ``--train.epochs`` raised); ``log`` says what that changes. Fewer steps than the checkpoint took: refused."""
+        changed = self.length_changed(run)
+        if not changed:
+            return
+        step = self.saved["progress"]["step"]
+        if total < step:
+            raise UserInputError(
+                f"cannot resume from {self.step_dir}: {'; '.join(changed)}, which makes a run of {total} optimizer"
+                f" steps, but the checkpoint is at step {step}. Go on from an earlier step-* directory (--resume"
+                " PATH), or give a length of at least that many steps."
+            )
+        log(
+            f"{'; '.join(changed)}: the run goes on from step {step} to step {total}. Its learning-rate schedule from"
+            f" here is that of a run planned for {total} steps, while the steps so far followed the shorter plan, so"
+            f" the result is not bit-identical to a run of {total} steps from the start."
+        )
 
     def report(self) -> dict | None:
         """For seq_lengths.json: ``{"step_dir", "step"}``, or None for a fresh run."""

@@ -1,4 +1,5 @@
-"""The command line: litgpt finetune_lora's flags plus ``--seq.*`` and ``--resume``, checked before any class is built."""
+"""The command line: the flags of litgpt's own script for the method (``finetune_lora``, ``finetune_full``, ...) plus
+``--seq.*`` and ``--resume``, checked before any class is built."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 from litgpt.finetune.full import setup as litgpt_finetune_full
-from litgpt.finetune.lora import setup as litgpt_finetune_lora
 
 from litgpt_seqlen.args import SeqArgs
 from litgpt_seqlen.data.files import check_json_paths
 from litgpt_seqlen.errors import UserInputError
+from litgpt_seqlen.methods import COMMANDS, LORA, Method
 
 HELP = {
     "train.max_seq_length": (
@@ -57,8 +58,8 @@ def check_parsed(cfg) -> None:
     train = cfg.get("train")
     if train is not None and train.get("lr_warmup_fraction") is not None:
         raise UserInputError(
-            f"--train.lr_warmup_fraction {train.get('lr_warmup_fraction')} is not supported by finetune_lora (nor by"
-            " litgpt's): give the warmup in optimizer steps with --train.lr_warmup_steps N (0 for no warmup)."
+            f"--train.lr_warmup_fraction {train.get('lr_warmup_fraction')} is not supported here (nor by"
+            " litgpt's fine-tuning scripts): give the warmup in optimizer steps with --train.lr_warmup_steps N (0 for no warmup)."
         )
 
 
@@ -101,15 +102,26 @@ def instantiation_error_message(problem: Exception) -> str:
     return "\n".join(reasons) or text
 
 
-def build_parser(description: str) -> FlowParser:
-    """The command line: litgpt finetune_lora's own flags, defaults and help (read from its function), plus --seq.*
-    and finetune_full's --resume. ``FlowParser`` checks the data paths before the data module is built."""
+def build_parser(method: Method, description: str | None = None) -> FlowParser:
+    """The command line: the method's upstream flags, defaults and help (read from litgpt's own ``setup`` for it), plus
+    --seq.* and finetune_full's --resume. ``FlowParser`` checks the data paths before the data module is built."""
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # help text from the dataclasses' docstrings
+    description = description or method.upstream.setup.__doc__.partition("\n")[0]
     parser = FlowParser(default_meta=False, description=description)
     parser.add_argument("--config", action=ActionConfigFile, help="Path to a configuration file (yaml).")
-    parser.add_function_arguments(litgpt_finetune_lora, as_group=False, as_positional=True, sub_configs=True)
+    upstream = method.upstream.setup
+    parser.add_function_arguments(upstream, as_group=False, as_positional=True, sub_configs=True, skip={"resume"})
     parser.add_class_arguments(SeqArgs, "seq", sub_configs=True)
     not_resume = set(inspect.signature(litgpt_finetune_full).parameters) - {"resume"}
     parser.add_function_arguments(litgpt_finetune_full, as_group=False, skip=not_resume)  # --resume, as upstream's
     use_flow_help(parser)
     return parser
+
+
+def split_command(args: list[str]) -> tuple[Method, list[str]]:
+    """The method a command line names with litgpt's command word (``finetune_lora``, ``finetune_adapter``,
+    ``finetune_adapter_v2``, ``finetune_full``, or ``finetune`` for LoRA, as litgpt's alias), and the rest of it.
+    Without a command word: LoRA, as ``python finetune_lora.py ...``."""
+    if args and args[0] in COMMANDS:
+        return COMMANDS[args[0]], list(args[1:])
+    return LORA, list(args)

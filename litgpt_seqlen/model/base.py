@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import yaml
 from litgpt import utils as litgpt_utils
-from litgpt.lora import Config
+from litgpt.config import Config
 from litgpt.tokenizer import Tokenizer
 
 from litgpt_seqlen.errors import UserInputError
@@ -43,9 +43,9 @@ def find_checkpoint_dir(checkpoint_dir: Path, access_token: str | None, need_wei
     return checkpoint_dir
 
 
-def load_config(checkpoint_dir: Path, **lora_settings) -> Config:
-    """litgpt's ``Config.from_file`` of ``model_config.yaml`` with the LoRA flags, or a ``UserInputError`` naming the
-    file and what is wrong with it (not YAML, not a mapping, keys the installed litgpt does not know)."""
+def load_config(checkpoint_dir: Path, config_class: type = Config, **method_settings) -> Config:
+    """``config_class`` (the method's litgpt Config) from ``model_config.yaml`` with the method's flags, or a
+    ``UserInputError`` naming the file and what is wrong with it (not YAML, not a mapping, keys litgpt does not know)."""
     path = checkpoint_dir / "model_config.yaml"
     try:
         settings = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -54,7 +54,7 @@ def load_config(checkpoint_dir: Path, **lora_settings) -> Config:
         raise UserInputError(f"{path} is not valid YAML ({reason}). Restore it from the model's checkpoint.") from None
     if not isinstance(settings, dict) or not settings:
         raise UserInputError(f"{path} holds no model settings (a mapping of Config fields). Restore it.")
-    known = {field.name for field in dataclasses.fields(Config)}
+    known = {field.name for field in dataclasses.fields(config_class)}
     unknown = sorted(str(key) for key in settings if key not in known)
     if unknown:
         from importlib.metadata import version
@@ -64,7 +64,7 @@ def load_config(checkpoint_dir: Path, **lora_settings) -> Config:
             " them, or install the litgpt version that wrote the checkpoint (or convert it again with this one)."
         )
     try:
-        return Config(**{**settings, **lora_settings})
+        return config_class(**{**settings, **method_settings})
     except (TypeError, ValueError) as problem:  # a value of the wrong kind, met in Config.__post_init__
         raise UserInputError(f"{path} holds a setting litgpt cannot use: {problem}. Fix or restore it.") from None
 

@@ -1,4 +1,4 @@
-"""The GPT this run trains: litgpt's LoRA ``GPT``, whose forward also takes packed rows.
+"""The GPT this run trains: the method's litgpt ``GPT``, whose forward also takes packed rows (``packed_gpt``).
 
 litgpt's ``GPT.forward`` gives every token the rotary position of its place in the row and lets it attend to every
 token before it. ``GPT.forward(idx, position_ids=..., segment_lengths=...)`` runs litgpt's own modules in the same
@@ -8,31 +8,31 @@ Nothing of litgpt's is copied or replaced; the class is the model from the start
 module), so Fabric's precision context and the strategy's hooks (FSDP's gathering of parameters, activation
 checkpointing) apply to a packed call as to ``model(idx)``.
 
-``check_packable(config)`` refuses, from the config alone (before a weight is read), the models this cannot run
+``check_packable(config, block_class)`` refuses, from the config alone (before a weight is read), the models this cannot run
 exactly: those with sliding-window layers, whose attention replaces any mask it is given by its own window mask.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from importlib.metadata import version
 
 import torch
-from litgpt.lora import GPT as LitGPT
-from litgpt.lora import Block
 from litgpt.model import do_softcapping
 
 from litgpt_seqlen.errors import UserInputError
 from litgpt_seqlen.model.packed_attention import TESTED_LITGPT, SegmentMask, block_causal_mask, choose_attention
 
 
-def check_packable(config) -> None:
+def check_packable(config, block_class) -> None:
     """Raises ``UserInputError`` when ``--seq.pack true`` cannot train ``config`` exactly as the samples one by one:
-    from the config alone, before a weight is read (the attention is tried on the meta device: no memory, no work)."""
+    from the config alone, before a weight is read (the attention of the method's ``block_class`` is tried on the meta
+    device: no memory, no work)."""
     refuse_sliding_windows(config)
     if choose_attention(config, torch.device("cpu"), None) == "dense":
         return  # the dense path hands litgpt an ordinary mask
     with torch.device("meta"):
-        attention = Block(config, block_idx=0).attn
+        attention = block_class(config, block_idx=0).attn
         tokens = torch.empty(1, 8, config.n_embd)
         cos = torch.empty(1, 8, config.rope_n_elem)
         mask = SegmentMask([[3, 5]], 8, "segments")
@@ -61,9 +61,16 @@ def attention_not_handed_over(calls: int, layers: int) -> UserInputError:
     )
 
 
-class GPT(LitGPT):
-    """litgpt's LoRA ``GPT``. ``packed_attention`` is the path packed rows take (``varlen``, ``segments`` or
-    ``dense``, as ``packed_attention.choose_attention`` picks it for the run's device; by default the one for CPU)."""
+@cache
+def packed_gpt(gpt_class: type) -> type:
+    """``gpt_class`` (a litgpt ``GPT``: the base model's, LoRA's, an adapter's) whose forward also takes packed rows."""
+    return type(gpt_class.__name__, (PackedForward, gpt_class), {"__module__": __name__})
+
+
+class PackedForward:
+    """Put before a litgpt ``GPT`` class (``packed_gpt``). ``packed_attention`` is the path packed rows take
+    (``varlen``, ``segments`` or ``dense``, as ``packed_attention.choose_attention`` picks it for the run's device;
+    by default the one for CPU)."""
 
     def __init__(self, config, packed_attention: str | None = None) -> None:
         super().__init__(config)

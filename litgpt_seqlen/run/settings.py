@@ -21,6 +21,7 @@ def _problems_to_error(problems: Sequence[str]) -> None:
 
 
 def check_settings(
+    method,
     train,
     eval,
     seq,
@@ -38,7 +39,7 @@ def check_settings(
     problems = [*_train_problems(train, devices, num_nodes), *_eval_problems(eval), *_seq_problems(seq, train)]
     problems += _data_module_problems(data) + _logger_problems(logger_name)
     problems += _hardware_problems(devices, num_nodes, quantize, precision)
-    problems += _upstream_problems(train, eval)
+    problems += _upstream_problems(method, train, eval)
     _problems_to_error(problems)
     if out_dir is not None:
         check_out_dir(Path(out_dir))
@@ -202,28 +203,27 @@ def _known_precisions() -> tuple[str, ...]:
     return tuple(dict.fromkeys(str(value) for value in flat))  # the same value can come from two literals
 
 
-def _upstream_problems(train, eval) -> list[str]:
-    """litgpt's own ``validate_args`` (what finetune_lora does not support, what it requires), with its messages
-    turned into flag names: its list of arguments stays litgpt's."""
+def _upstream_problems(method, train, eval) -> list[str]:
+    """litgpt's own ``validate_args`` for the method (what its script does not support, what it requires), with its
+    messages turned into flag names: its list of arguments stays litgpt's."""
     import re
 
-    from litgpt.finetune.lora import validate_args
-
+    command = method.command
     try:
-        validate_args(train, eval)
+        method.upstream.validate_args(train, eval)
     except ValueError as problem:
         problems = []
         for line in str(problem).splitlines():
             named = re.search(r"(doesn't support|requires) the '(\w+)' argument", line)
             if named is None:
                 if "epochs or max_steps" in line:
-                    problems.append("finetune_lora needs --train.epochs or --train.max_steps.")
+                    problems.append(f"{command} needs --train.epochs or --train.max_steps.")
                 continue
             group = "train" if hasattr(train, named[2]) else "eval"
             if named[1] == "requires":
-                problems.append(f"finetune_lora needs --{group}.{named[2]}; it is unset.")
+                problems.append(f"{command} needs --{group}.{named[2]}; it is unset.")
             else:
-                problems.append(f"finetune_lora does not support --{group}.{named[2]} (litgpt's neither): remove it.")
+                problems.append(f"{command} does not support --{group}.{named[2]} (litgpt's neither): remove it.")
         return problems or [str(problem)]
     return []
 

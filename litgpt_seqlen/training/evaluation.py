@@ -15,7 +15,7 @@ import time
 
 import torch
 from litgpt.args import EvalArgs
-from litgpt.finetune.lora import generate_example, validate
+from litgpt.finetune.full import generate_example, validate
 
 from litgpt_seqlen.training.rng import preserved_rng
 

@@ -11,7 +11,7 @@ import time
 import lightning as L
 import torch
 from litgpt.args import EvalArgs, TrainArgs
-from litgpt.finetune.lora import validate
+from litgpt.finetune.full import validate
 from torch.utils.data import DataLoader
 
 import data_utils
@@ -36,6 +36,15 @@ def rehearsal_batches(
             items = data_utils.longest_batch(lengths[name], batch_size)
         batches[name] = loader.collate_fn([loader.dataset[i] for i in items])
     return batches
+
+
+def rehearse_worst_case(fabric: L.Fabric, model, optimizer, loaders: dict[str, DataLoader], plan, train) -> dict:
+    """The rehearsal of a run: the largest micro-batch of each loader (``rehearsal_batches``, from the ``LengthPlan``'s
+    kept lengths), run by ``rehearse``."""
+    lengths = {name: plan.kept_lengths(name) for name in loaders}
+    max_seq_length = plan.decision.max_seq_length
+    batches = rehearsal_batches(loaders, lengths, train.micro_batch_size, max_seq_length)
+    return rehearse(fabric, model, optimizer, batches, train, plan.decision)
 
 
 def rehearse(

@@ -9,10 +9,11 @@ schedule, unchanged. ``check_schedule`` refuses a warmup not below the run's ste
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
-from litgpt.finetune.lora import get_lr_scheduler as litgpt_lr_scheduler
+from litgpt.finetune.full import get_lr_scheduler as litgpt_lr_scheduler
 
 from litgpt_seqlen.errors import UserInputError
 
@@ -21,6 +22,19 @@ def get_lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int | None,
     if not warmup_steps:
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_steps)
     return litgpt_lr_scheduler(optimizer, warmup_steps=warmup_steps, max_steps=max_steps)
+
+
+def replanned_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int | None, max_steps: int, step: int):
+    """The schedule of a run planned for ``max_steps`` from the start, at ``step``: for a resumed run that goes on for
+    more steps than it was planned with (its steps so far followed the shorter plan)."""
+    for group in optimizer.param_groups:  # from the base rate, as a new schedule starts
+        group["lr"] = group["initial_lr"]
+    scheduler = get_lr_scheduler(optimizer, warmup_steps, max_steps)
+    with warnings.catch_warnings():  # the steps already taken: no optimizer step to pair with them here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(step):
+            scheduler.step()
+    return scheduler
 
 
 @dataclass(frozen=True)
