@@ -47,6 +47,7 @@ from litgpt_seqlen.methods import Method, method_named
 from litgpt_seqlen.model import packed_attention
 from litgpt_seqlen.model.base import check_tokenizer, find_checkpoint_dir, load_config, swap_in_stable_embedding
 from litgpt_seqlen.model.packed_forward import check_packable, packed_gpt
+from litgpt_seqlen.model.sharded import load_full_weights_file
 from litgpt_seqlen.report import build as report_build
 from litgpt_seqlen.report.outcomes import plan_warnings
 from litgpt_seqlen.run import devices as devices_and_precision
@@ -237,7 +238,9 @@ def build_training_state(
     fabric.print(f"Number of non-trainable parameters: {litgpt_utils.num_parameters(model, requires_grad=False):,}")
     model = fabric.setup_module(model)
     # The weights before the optimizer: loading a sharded model may put new parameter objects in place.
-    load_checkpoint(fabric, model, checkpoint_dir / "lit_model.pth", strict=method.strict_base_load)
+    # litgpt's loader on one device; on several, torch's state-dict API (litgpt's there knows LoRA's layers only)
+    load_base = load_checkpoint if fabric.world_size == 1 else load_full_weights_file
+    load_base(fabric, model, checkpoint_dir / "lit_model.pth", strict=method.strict_base_load)
     if isinstance(fabric.strategy.precision, BitsandbytesPrecision):
         optimizer = litgpt_utils.instantiate_bnb_optimizer(optimizer, model.parameters())
         swap_in_stable_embedding(model)

@@ -63,16 +63,31 @@ def test_the_command_line_is_litgpts_plus_seq():
     assert ours["--resume"] == full_resume and full_resume[0] is False and "auto" in full_resume[1]
 
 
+# litgpt 0.5.13's own script tests (tests/test_lora.py::test_lora_script, test_adapter.py::test_adapter_script,
+# test_adapter_v2.py::test_adapter_v2_script, test_full.py::test_full_script): per method, its weights file, the
+# model_config.yaml it writes and the trainable parameters it expects.
+UPSTREAM_SCRIPT_TESTS = {
+    "lora": ("lit_model.pth.lora", {}, "512"),
+    "adapter": ("lit_model.pth.adapter", {"adapter_start_layer": 0}, "168"),
+    "adapter_v2": ("lit_model.pth.adapter_v2", {"adapter_start_layer": 0}, "552"),
+    "full": ("lit_model.pth", {}, "1,888"),
+}
+
+
 @pytest.mark.e2e
-def test_litgpts_own_lora_script_test(tmp_path, monkeypatch):
-    """litgpt 0.5.13's tests/test_lora.py::test_lora_script, with finetune_lora in place of litgpt.finetune.lora:
-    the same patched module attributes, the same calls and the same assertions on the output and the log."""
+@pytest.mark.parametrize("method", UPSTREAM_SCRIPT_TESTS)
+def test_litgpts_own_script_tests(tmp_path, monkeypatch, method):
+    """litgpt's own test of each fine-tuning script, with this entry in place of litgpt's module: the same patched
+    module attributes (``load_checkpoint``, ``Tokenizer``; LoRA's ``merge_lora`` where the LoRA method merges), the
+    same calls and the same assertions on the output and the log; for full fine-tuning also its resume for 2 more
+    steps."""
+    weights_file, config_extra, trainable = UPSTREAM_SCRIPT_TESTS[method]
     monkeypatch.chdir(tmp_path)
     checkpoint_dir = tmp_path / "checkpoints" / "tmp"
     checkpoint_dir.mkdir(parents=True)
     for name in ("lit_model.pth", "tokenizer.json", "tokenizer_config.json"):
         (checkpoint_dir / name).touch()
-    model_config = dict(block_size=128, n_layer=2, n_embd=8, n_head=4, padded_vocab_size=8)
+    model_config = dict(block_size=128, n_layer=2, n_embd=8, n_head=4, padded_vocab_size=8, **config_extra)
     (checkpoint_dir / "model_config.yaml").write_text(yaml.dump(model_config))
     alpaca_path = tmp_path / "alpaca.json"
     samples = [{"instruction": f"Say {i} things.", "input": "", "output": f"Here are {i} things."} for i in range(24)]
@@ -85,22 +100,22 @@ def test_litgpts_own_lora_script_test(tmp_path, monkeypatch):
     monkeypatch.setattr(finetune_lora, "Tokenizer", tokenizer)
 
     out_dir = tmp_path / "out"
+    setup_kwargs = dict(
+        data=Alpaca(download_dir=tmp_path, file_name=alpaca_path.name, val_split_fraction=0.5, num_workers=0),
+        out_dir=out_dir,
+        precision="32-true",
+        train=TrainArgs(global_batch_size=1, save_interval=2, epochs=1, max_steps=6, micro_batch_size=1),
+        eval=EvalArgs(interval=2, max_iters=2, max_new_tokens=1),
+    )
     stdout = StringIO()
-    with redirect_stdout(stdout), mock.patch("sys.argv", ["lora.py", str(checkpoint_dir)]):
-        finetune_lora.setup(
-            checkpoint_dir,
-            data=Alpaca(download_dir=tmp_path, file_name=alpaca_path.name, val_split_fraction=0.5, num_workers=0),
-            out_dir=out_dir,
-            precision="32-true",
-            train=TrainArgs(global_batch_size=1, save_interval=2, epochs=1, max_steps=6, micro_batch_size=1),
-            eval=EvalArgs(interval=2, max_iters=2, max_new_tokens=1),
-        )
+    with redirect_stdout(stdout), mock.patch("sys.argv", [f"{method}.py", str(checkpoint_dir)]):
+        finetune_lora.setup(checkpoint_dir, method=method, **setup_kwargs)
 
     checkpoint_dirs = {"step-000002", "step-000004", "step-000006", "final"}
     assert checkpoint_dirs.issubset(set(os.listdir(out_dir)))
     for name in checkpoint_dirs:
         assert {p.name for p in (out_dir / name).iterdir()} == {
-            "lit_model.pth.lora",
+            weights_file,
             "model_config.yaml",
             "tokenizer_config.json",
             "tokenizer.json",
@@ -112,7 +127,20 @@ def test_litgpts_own_lora_script_test(tmp_path, monkeypatch):
     assert logs.count("(step)") == 6
     assert logs.count("val loss") == 4  # 3 validations + 1 final validation
     assert logs.count("Final evaluation") == 1
-    assert "of trainable parameters: 512" in logs
+    assert f"of trainable parameters: {trainable}" in logs
+    if method != "full":
+        return
+
+    # Resume training and do 2 steps more
+    setup_kwargs["train"].max_steps = 8
+    setup_kwargs["resume"] = True
+    stdout = StringIO()
+    with redirect_stdout(stdout), mock.patch("sys.argv", ["full.py", str(checkpoint_dir)]):
+        finetune_lora.setup(checkpoint_dir, method=method, **setup_kwargs)
+    logs = stdout.getvalue()
+    assert f"Resuming training from {out_dir / 'step-000006' / 'lit_model.pth'}" in logs
+    assert logs.count("(step)") == 2
+    assert out_dir / "step-000008" in set(out_dir.iterdir())
 
 
 def test_a_test_split_is_scanned_and_decides(tiny_checkpoint, make_data):

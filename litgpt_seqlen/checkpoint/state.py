@@ -26,6 +26,7 @@ from litgpt_seqlen.checkpoint.layout import (
     state_dir_for,
 )
 from litgpt_seqlen.errors import UserInputError
+from litgpt_seqlen.model.sharded import load_full_weights
 from litgpt_seqlen.training.loss import RunningLoss
 from litgpt_seqlen.training.rng import capture_rng
 
@@ -100,23 +101,13 @@ def load(fabric, step_dir: Path, state: dict) -> None:
     path = state_dir_for(step_dir) / STATE_FILE
     fabric.load(path, loaded, strict=False)  # strict=False: the base weights are not in it
     if fabric.world_size > 1:  # Lightning puts a sharded model's weights back one parameter at a time, not exactly
-        load_sharded_weights(
-            state["model"], torch.load(path, map_location="cpu", weights_only=True, mmap=True)["model"]
-        )
+        load_full_weights(state["model"], torch.load(path, map_location="cpu", weights_only=True, mmap=True)["model"])
     mine = loaded["ranks"][fabric.global_rank]
     state.update({key: loaded[key] for key in PROGRESS})
     for key, value in mine["token_counts"].items():
         state["token_counts"][key].fill_(value)
     state["running_loss"].load_state_dict(mine["running_loss"])
     state["rng"] = mine["rng"]
-
-
-def load_sharded_weights(model, weights: dict) -> None:
-    """The saved tensors (full, unsharded) into a model sharded over the ranks, each rank taking its shard."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    module = getattr(model, "module", model)  # Fabric's wrapper holds the sharded module
-    set_model_state_dict(module, weights, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def gather_from_ranks(fabric, mine: dict) -> list[dict]:
