@@ -7,7 +7,6 @@ import sys
 import torch
 from lightning.fabric.plugins import BitsandbytesPrecision
 from lightning.fabric.strategies import ModelParallelStrategy
-from litgpt.finetune.lora import parallelize_fn
 
 from litgpt_seqlen.ranks import launched_as_rank_zero
 
@@ -28,13 +27,28 @@ def precision_plugins(quantize: str | None, precision: str) -> tuple[list | None
 
 
 def strategy_for(devices: int, num_nodes: int):
-    """Upstream's FSDP-style strategy on several devices, saving each training state as one file (not a sharded
-    folder), so that it can hold only the LoRA part of the model."""
+    """FSDP2 on several devices (``shard_blocks``), saving each training state as one file (not a sharded folder), so
+    that it can hold only the trained part of the model."""
     if devices * num_nodes == 1:
         return "auto"
     return ModelParallelStrategy(
-        parallelize_fn=parallelize_fn,
+        parallelize_fn=shard_blocks,
         data_parallel_size=devices * num_nodes,
         tensor_parallel_size=1,
         save_distributed_checkpoint=False,
     )
+
+
+def shard_blocks(model, device_mesh):
+    """Every transformer block in an activation-checkpointing wrapper and sharded on its own (FSDP2), the rest of the
+    model with the root: litgpt's own layout for its GPT, for any method (frozen and trained parameters alike)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = device_mesh["data_parallel"]
+    blocks = [checkpoint_wrapper(block, preserve_rng_state=False) for block in model.transformer.h]
+    model.transformer.h = torch.nn.ModuleList(blocks)
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
