@@ -232,6 +232,15 @@ def percentile(sorted_lengths: Sequence[int], p: float) -> int:
     return sorted_lengths[rank - 1]
 
 
+def tail_start(lengths: Sequence[int]) -> int:
+    """The length beyond which a sample lies far from the rest (the tail a length picture must show): the larger of
+    Tukey's far-out fence, Q3 + 3 × (Q3 - Q1), and twice the median, with nearest-rank quantiles. ``lengths``: not
+    empty."""
+    ordered = sorted(lengths)
+    q1, median, q3 = (percentile(ordered, p) for p in (25, 50, 75))
+    return max(q3 + 3 * (q3 - q1), 2 * median)
+
+
 def split_stats(lengths: Sequence[int], limit: int) -> dict:
     """Count, spread, and what ``limit`` does to one split (an empty split has only its count)."""
     if not lengths:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,15 @@ def tiny_config(**overrides):
             **overrides,
         }
     )
+
+
+OUTLIERS = (950, 1500, 2200, 3050)
+
+
+def long_tailed_lengths() -> dict[str, list[int]]:
+    """190 train samples of 50-250 tokens with 4 far longer ones among them, and a val split without a tail."""
+    rng = random.Random(7)
+    train = [rng.randint(50, 250) for _ in range(190)]
+    for position, length in zip((17, 60, 111, 170), OUTLIERS):
+        train.insert(position, length)
+    return {"train": train, "val": [rng.randint(50, 250) for _ in range(20)]}

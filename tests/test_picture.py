@@ -1,13 +1,17 @@
-"""The length picture: one histogram per split and a what-if panel, the decision marked; checked from the figure's
-data (axes, line positions, bar heights), never from pixels."""
+"""The length picture, ``seq_lengths.png``: one histogram per split and a what-if panel, the decision marked. A length
+picture exists to show the tail, so it is checked on a long-tailed set too. Checked from the figure's objects (axes,
+scales, line positions, bar heights, text extents), never from pixels."""
 
+import itertools
 import random
+import re
 import struct
 import sys
 
 import pytest
 
 import data_utils
+from helpers import OUTLIERS, long_tailed_lengths
 from litgpt_seqlen.report import picture
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -118,11 +122,12 @@ def test_write_length_picture_writes_a_png(tmp_path):
 
 def test_without_matplotlib_nothing_is_written_and_the_hint_says_how(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    path = tmp_path / "seq_lengths.png"
+    path = tmp_path / "seq_lengths.dry_run.png"
 
     hint = picture.write_length_picture(path, {"train": [10, 20], "val": [15]}, 22, 64, [])
 
-    assert hint == "pip install 'litgpt-seqlen[plot]' (matplotlib) to get seq_lengths.png"
+    assert "pip install matplotlib" in hint  # works from a clone as from an installed package
+    assert hint.endswith("to get seq_lengths.dry_run.png")  # the file this run would have written
     assert "\n" not in hint
     assert not any(tmp_path.iterdir())
 
@@ -185,3 +190,128 @@ def test_a_run_draws_its_own_report(cli_here, make_data, tmp_path):
     for axes, lengths in zip(histograms, (train, val)):
         assert sum(patch.get_height() for patch in axes.patches) == len(lengths)
         assert report["max_seq_length"] in [line.get_xdata()[0] for line in axes.get_lines()]
+
+
+def long_tailed_figure(block_size: int):
+    lengths = long_tailed_lengths()
+    decision = data_utils.decide_max_seq_length(lengths, block_size=block_size, headroom=0.1)
+    figure = picture.length_figure(lengths, decision.max_seq_length, block_size, rows_for(lengths, decision))
+    figure.canvas.draw()  # runs the layout
+    return lengths, decision, figure
+
+
+def drawn_tick_labels(axis) -> list:
+    """The tick labels drawn on an axis: visible, not empty, at a tick inside the view."""
+    low, high = sorted(axis.get_view_interval())
+    ticks = zip(axis.get_major_ticks(len(axis.get_majorticklocs())), axis.get_majorticklocs())
+    return [
+        label
+        for tick, location in ticks
+        if low <= location <= high
+        for label in (tick.label1, tick.label2)
+        if label.get_visible() and label.get_text().strip()
+    ]
+
+
+def labelled_axes(figure) -> list:
+    """Every axis drawn with ticks: both of each panel's, and the one of each secondary axis."""
+    return [axis for ax in figure.axes for axis in (ax.xaxis, ax.yaxis, *(child.xaxis for child in ax.child_axes))]
+
+
+def test_the_long_tail_is_visible_each_outlier_marked_and_the_quantiles_named():
+    pytest.importorskip("matplotlib")
+    lengths, _, figure = long_tailed_figure(block_size=4096)
+
+    train = figure.axes[0]
+    assert train.get_yscale() == "log" and train.get_ylim()[0] < 1  # a bin of one sample has a bar of its own
+    for length in OUTLIERS:
+        (bar,) = [bar for bar in train.patches if bar.get_x() <= length < bar.get_x() + bar.get_width()]
+        assert bar.get_height() == 1
+        assert str(length) in train.get_title(loc="left")
+    markers = [line for line in train.get_lines() if line.get_linestyle() == "None"]
+    assert sorted(x for line in markers for x in line.get_xdata()) == list(OUTLIERS)
+    stats = data_utils.split_stats(lengths["train"], 4096)
+    quantiles = " ".join(label.get_text() for label in drawn_tick_labels(train.child_axes[0].xaxis))
+    for name in ("p50", "p90", "p99", "max"):
+        assert re.search(rf"{name}\b[/a-z0-9]* {stats[name]}\b", quantiles), (name, quantiles)
+    assert not re.search(r"\d", figure.axes[1].get_title(loc="left").partition("\n")[2])  # val: no tail listed
+
+
+LIMITS = pytest.mark.parametrize("block_size", [4096, 3500, 3072], ids=["block_size_beyond", "close", "equal"])
+
+
+@LIMITS
+def test_every_axis_of_the_long_tailed_picture_has_tick_labels_and_none_collide(block_size):
+    pytest.importorskip("matplotlib")
+    _, _, figure = long_tailed_figure(block_size)
+    renderer = figure.canvas.get_renderer()
+
+    for axis in labelled_axes(figure):
+        labels = drawn_tick_labels(axis)
+        assert labels, f"an axis of {axis.axes.get_title(loc='left')!r} has no tick label"
+        boxes = [label.get_window_extent(renderer) for label in labels]
+        assert not any(a.overlaps(b) for a, b in itertools.combinations(boxes, 2)), [x.get_text() for x in labels]
+    (curve, *_) = figure.axes[-1].get_lines()
+    what_if = [label.get_text() for label in drawn_tick_labels(figure.axes[-1].xaxis)]
+    assert str(max(curve.get_xdata())) in what_if  # the curve's last candidate is named
+
+
+@LIMITS
+def test_every_text_of_the_long_tailed_picture_lies_inside_the_figure(block_size):
+    pytest.importorskip("matplotlib")
+    from matplotlib.text import Text
+
+    _, _, figure = long_tailed_figure(block_size)
+    renderer = figure.canvas.get_renderer()
+
+    axes = labelled_axes(figure)
+    tick_labels = {
+        id(label) for axis in axes for tick in axis.get_major_ticks() for label in (tick.label1, tick.label2)
+    }
+    drawn = {id(label) for axis in axes for label in drawn_tick_labels(axis)}
+    texts = [text for text in figure.findobj(Text) if text.get_visible() and text.get_text().strip()]
+    page = figure.bbox.padded(1)
+    for text in texts:
+        if id(text) not in tick_labels or id(text) in drawn:
+            box = text.get_window_extent(renderer)
+            assert page.contains(box.x0, box.y0) and page.contains(box.x1, box.y1), text.get_text()
+
+
+@LIMITS
+def test_the_legend_of_the_long_tailed_picture_hides_no_bar_marker_or_point(block_size):
+    pytest.importorskip("matplotlib")
+    _, _, figure = long_tailed_figure(block_size)
+    renderer = figure.canvas.get_renderer()
+
+    legends = [*figure.legends, *(ax.get_legend() for ax in figure.axes if ax.get_legend())]
+    bars = [bar.get_window_extent(renderer) for ax in figure.axes for bar in ax.patches if bar.get_height() > 0]
+    points = [
+        xy for ax in figure.axes for line in ax.get_lines() for xy in line.get_transform().transform(line.get_xydata())
+    ]
+    assert legends and bars and points
+    for legend in legends:
+        box = legend.get_window_extent(renderer)
+        assert not any(box.overlaps(bar) for bar in bars)
+        assert not any(box.contains(x, y) for x, y in points)
+
+
+@pytest.mark.parametrize("block_size", [3500, 3072], ids=["close", "equal"])
+def test_max_seq_length_and_block_size_are_drawn_apart_and_each_labelled(block_size):
+    pytest.importorskip("matplotlib")
+    _, decision, figure = long_tailed_figure(block_size)
+    renderer = figure.canvas.get_renderer()
+
+    for ax in figure.axes[:2]:
+        (decided,) = lines_labelled(ax, f"max_seq_length {decision.max_seq_length}")
+        (block,) = lines_labelled(ax, f"block_size {block_size}")
+        assert (decided.get_color(), decided.get_linestyle()) != (block.get_color(), block.get_linestyle())
+        for line, name, value in (
+            (decided, "max_seq_length", decision.max_seq_length),
+            (block, "block_size", block_size),
+        ):
+            x = line.get_transform().transform((line.get_xdata()[0], 0))[0]
+            named = [text for text in ax.texts if name in text.get_text() and str(value) in text.get_text()]
+            boxes = [text.get_window_extent(renderer) for text in named]
+            assert any(min(abs(box.x0 - x), abs(box.x1 - x)) < 10 for box in boxes), name  # beside its line
+        labels = [text.get_window_extent(renderer) for text in ax.texts]
+        assert not any(a.overlaps(b) for a, b in itertools.combinations(labels, 2))
