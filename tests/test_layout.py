@@ -1,6 +1,7 @@
 """The house: what is installed, who imports whom (imports inside functions included), and how large the rooms are."""
 
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -180,3 +181,70 @@ def test_the_console_command_runs_beside_a_users_own_data_utils(tmp_path):
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert (tmp_path / "out" / "final" / "lit_model.pth").is_file()
     assert (tmp_path / "out" / "seq_lengths.json").is_file()
+
+
+def room_table() -> dict[str, set[str]]:
+    """docs/architecture.md's room table: each room's path -> the rooms (by short name) it may import."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    table = text.partition("## The rooms")[2].partition("Rules that keep it so")[0]
+    rooms = {}
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`"):
+            allowed = set(re.findall(r"`([\w.]+)`", cells[2]))
+            rooms[cells[0].strip("`")] = {"*"} if cells[2] == "every room" else allowed
+    return rooms
+
+
+def room_of(module: str, rooms: dict) -> str | None:
+    """The room (a path of the table) a dotted module lies in."""
+    path = module.replace(".", "/")
+    for room in rooms:
+        if room.endswith("/") and (path + "/").startswith(room):
+            return room
+        if room == f"{path}.py":
+            return room
+    return None
+
+
+def short_name(room: str) -> str:
+    return room.removeprefix(f"{PACKAGE}/").removesuffix("/").removesuffix(".py")
+
+
+def test_the_architecture_page_holds_the_rooms_and_their_imports():
+    rooms = room_table()
+    assert len(rooms) >= 10 and "finetune_lora.py" in rooms and f"{PACKAGE}/methods/" in rooms
+    for room in rooms:  # every room listed exists
+        assert (ROOT / room).exists(), f"docs/architecture.md lists {room}, which does not exist"
+    for name in rooms.values():  # every room it allows exists as a room
+        assert name <= {"*"} | {short_name(room) for room in rooms}, name
+    graph = import_graph()
+    homeless = [module for module in graph if module != PACKAGE and room_of(module, rooms) is None]
+    assert not homeless, f"modules in no room of docs/architecture.md: {homeless}"
+    broken = []
+    for module, imported in graph.items():
+        if module == PACKAGE:
+            continue
+        home = room_of(module, rooms)
+        for other in imported:
+            there = room_of(other, rooms) if other != PACKAGE else None
+            if there in (None, home) or "*" in rooms[home]:
+                continue
+            if short_name(there) not in rooms[home]:
+                broken.append(f"{module} imports {other} ({short_name(home)} may not import {short_name(there)})")
+    assert not broken, broken
+
+
+def test_no_method_name_outside_its_method():
+    """What is LoRA's lives in the LoRA method: outside it, the package names LoRA only where it lists the methods.
+    (The entry point's file name and litgpt's own module names are not structure.)"""
+    allowed = {ROOT / PACKAGE / "methods" / "lora.py", ROOT / PACKAGE / "methods" / "__init__.py"}
+    found = []
+    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
+        if path in allowed:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            if re.search(r"lora", code, re.IGNORECASE) and not re.search(r"finetune_lora|LoRA\b", code):
+                found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not found, found

@@ -112,6 +112,7 @@ def test_lock_held_by_another_process_and_released_when_it_is_killed(tmp_path):
 def make_trained_run(out, report=None):
     (out / "final").mkdir(parents=True)
     (out / "final" / "lit_model.pth.lora").write_bytes(b"weights")
+    (out / "final" / "hyperparameters.yaml").write_text("{}")  # litgpt's scripts write it for every method
     (out / "seq_lengths.json").write_text(json.dumps(report or {"max_seq_length": 521}))
 
 
@@ -168,7 +169,8 @@ def test_earlier_checkpoints(tmp_path):
     out = tmp_path / "out"
     make_trained_run(out)
     (out / "step-000002").mkdir()
-    (out / "step-000002" / "lit_model.pth.lora").write_bytes(b"w")
+    (out / "step-000002" / "lit_model.pth").write_bytes(b"w")  # a full fine-tuning's checkpoint
+    (out / "step-000002" / "hyperparameters.yaml").write_text("{}")
     (out / "step-000004").mkdir()  # empty: not a checkpoint
     assert outputs.earlier_checkpoints(out) == ["final", "step-000002"]
 

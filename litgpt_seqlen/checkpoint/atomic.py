@@ -30,7 +30,7 @@ def write_checkpoint_dir_atomically(
     """Runs ``write_fn(temporary_dir)``, then renames the temporary directory to ``final_path`` (replacing an older
     one). Killed at any moment, ``final_path`` is either absent, the old one, or the new one whole.
 
-    Several ranks: all call it (``write_fn`` may hold collectives, like ``save_lora_checkpoint``); only the rank with
+    Several ranks: all call it (``write_fn`` may hold collectives, like the methods' weight writers); only the rank with
     ``is_writer`` creates, syncs and renames, so ``write_fn`` must write files on that rank only. ``barrier`` keeps
     the others from touching the temporary directory before it exists or after it is renamed.
     """

@@ -12,7 +12,7 @@ from litgpt.finetune.full import setup as litgpt_finetune_full
 from litgpt_seqlen.args import SeqArgs
 from litgpt_seqlen.data.files import check_json_paths
 from litgpt_seqlen.errors import UserInputError
-from litgpt_seqlen.methods import COMMANDS, LORA, Method
+from litgpt_seqlen.methods import COMMANDS, DEFAULT, Method
 
 HELP = {
     "train.max_seq_length": (
@@ -121,7 +121,7 @@ def build_parser(method: Method, description: str | None = None) -> FlowParser:
 def split_command(args: list[str]) -> tuple[Method, list[str]]:
     """The method a command line names with litgpt's command word (``finetune_lora``, ``finetune_adapter``,
     ``finetune_adapter_v2``, ``finetune_full``, or ``finetune`` for LoRA, as litgpt's alias), and the rest of it.
-    Without a command word: LoRA, as ``python finetune_lora.py ...``."""
+    Without a command word: ``methods.DEFAULT``."""
     if args and args[0] in COMMANDS:
         return COMMANDS[args[0]], list(args[1:])
-    return LORA, list(args)
+    return DEFAULT, list(args)

@@ -9,6 +9,7 @@ from litgpt_seqlen.methods.full import FULL
 from litgpt_seqlen.methods.lora import LORA
 
 METHODS: dict[str, Method] = {method.name: method for method in (LORA, ADAPTER, ADAPTER_V2, FULL)}
+DEFAULT = LORA  # without a command word, as `python finetune_lora.py ...`
 COMMANDS: dict[str, Method] = {method.command: method for method in METHODS.values()} | {"finetune": LORA}
 
 

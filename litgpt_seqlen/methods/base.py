@@ -29,14 +29,14 @@ def nothing_to_prepare(model: torch.nn.Module) -> None:
 
 @dataclass(frozen=True)
 class Method:
-    name: str  # "lora"
+    name: str  # "adapter_v2": its command is finetune_adapter_v2
     upstream: (
         ModuleType  # litgpt.finetune.<name>: its setup's signature is the command line, its validate_args the rules
     )
     config_class: type  # litgpt's Config for the method (LoRA's takes the lora_* flags)
     gpt_class: type  # litgpt's GPT for the method
     block_class: type  # its Block, tried on the meta device before packing
-    weights_file: str  # what upstream writes in final/ and every step-*/ ("lit_model.pth.lora")
+    weights_file: str  # what upstream writes in final/ and every step-*/ ("lit_model.pth.adapter")
     trainable: Callable[[str, object], bool] = everything  # (parameter name, value) -> trained; saved in checkpoints
     config_flags: tuple[str, ...] = ()  # upstream flags that go into Config (and must match to resume)
     save_weights: Callable | None = None  # (fabric, model, path): the trained weights as upstream writes them

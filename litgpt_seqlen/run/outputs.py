@@ -26,6 +26,7 @@ from pathlib import Path
 from litgpt_seqlen.errors import UserInputError
 
 LOCK_NAME = ".lock"
+UPSTREAM_MARK = "hyperparameters.yaml"  # in every final/ and step-*/ litgpt's scripts write, whatever the method
 
 
 REPORT = "seq_lengths.json"
@@ -144,8 +145,8 @@ class ReportFiles:
 
 
 def trained_run_in(out_dir: Path) -> bool:
-    """Whether ``out_dir`` holds a trained run: LoRA weights in final/ or step-*/, or a report not marked dry run."""
-    if any(out_dir.glob("final/lit_model.pth.lora")) or any(out_dir.glob("step-*/lit_model.pth.lora")):
+    """Whether ``out_dir`` holds a trained run: checkpoints in final/ or step-*/ (any method's), or a report not marked dry run."""
+    if earlier_checkpoints(out_dir):
         return True
     report = out_dir / REPORT
     if report.is_file():
@@ -187,7 +188,7 @@ def report_files(out_dir: Path, dry_run: bool, drop: bool) -> ReportFiles:
 def earlier_checkpoints(out_dir: Path) -> list[str]:
     """The checkpoint directories (final/, step-*/) an earlier run left in ``out_dir``, for a warning before a
     training run replaces them (final/ at the end, step-* as it reaches them)."""
-    return sorted(p.name for p in [*out_dir.glob("step-*"), out_dir / "final"] if (p / "lit_model.pth.lora").is_file())
+    return sorted(p.name for p in [*out_dir.glob("step-*"), out_dir / "final"] if (p / UPSTREAM_MARK).is_file())
 
 
 def earlier_run_warning(out_dir: Path) -> str | None:
