@@ -93,6 +93,7 @@ def setup(
         checkpoint_dir = find_checkpoint_dir(Path(checkpoint_dir), flags["access_token"], need_weights=not seq.dry_run)
         config = load_config(checkpoint_dir, method.config_class, **{name: flags[name] for name in method.config_flags})
         check_tokenizer(checkpoint_dir, config, Tokenizer)  # it loads, and its ids fit the model's vocabulary
+        method.check_trainable(config)
         if seq.pack:
             check_packable(config, method.block_class)  # from the config alone: before any weight is read
         logger = litgpt_utils.choose_logger(

@@ -156,3 +156,16 @@ def test_two_ranks_sigterm_and_resume_bit_identical(method, checkpoints, tmp_pat
     assert "Resumed at step" in resumed.stdout
     expected, got = trained_weights(tmp_path / "whole", method), trained_weights(interrupted, method)
     assert expected.keys() == got.keys() and all(torch.equal(expected[key], got[key]) for key in expected)
+
+
+def test_adapters_with_nothing_to_train_are_refused_before_any_weight(checkpoints, cli_argv, tmp_path):
+    """litgpt's default adapter_start_layer (2) on a 2-layer model: no adapter anywhere. Refused from the config, with
+    the setting to change, before lit_model.pth is read (here it is not even a model)."""
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(checkpoints["full"], checkpoint)  # no adapter_start_layer: litgpt's default
+    (checkpoint / "lit_model.pth").write_bytes(b"not a model")
+    data = tmp_path / "data"
+    assets.build_data(data, checkpoint, [60, 80], [70])
+    result = cli_argv(["litgpt-seqlen", "finetune_adapter", str(checkpoint), *cli_args(data, tmp_path / "out")])
+    assert result.returncode == 2
+    assert "finetune_adapter would train no parameter" in result.stderr and "adapter_start_layer 2" in result.stderr

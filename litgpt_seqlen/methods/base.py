@@ -14,6 +14,8 @@ from types import ModuleType
 
 import torch
 
+from litgpt_seqlen.errors import UserInputError
+
 
 def everything(name: str, value: object) -> bool:
     return True
@@ -47,6 +49,25 @@ class Method:
     @property
     def command(self) -> str:
         return f"finetune_{self.name}"
+
+    def check_trainable(self, config) -> None:
+        """Refuses a config that leaves this method nothing to train (adapters starting past the last layer), from the
+        config alone: the model is built on the meta device (no memory, no weights)."""
+        with torch.device("meta"):
+            model = self.gpt_class(config)
+        self.mark_trainable(model)
+        if any(parameter.requires_grad for parameter in model.parameters()):
+            return
+        start = getattr(config, "adapter_start_layer", None)
+        fix = (
+            ""
+            if start is None
+            else (
+                f" (adapters start at layer adapter_start_layer {start}; the model has n_layer {config.n_layer}). Set"
+                " adapter_start_layer below n_layer in model_config.yaml, or use another method"
+            )
+        )
+        raise UserInputError(f"{self.command} would train no parameter of this model{fix}.")
 
     def mark_trainable(self, model: torch.nn.Module) -> None:
         for name, parameter in model.named_parameters():
