@@ -736,3 +736,42 @@ def test_sampled_fingerprint_of_an_empty_and_a_small_file(tmp_path):
         sampled_difference(sampled_fingerprint(tmp_path / "small"), json.loads(json.dumps(sampled_fingerprint(small))))
         is None
     )
+
+
+def test_a_resumed_run_may_go_on_for_more_steps_never_fewer(tmp_path):
+    saved = {"run": {"train.max_steps": 6, "train.epochs": 1, "seed": 1}, "progress": {"step": 6}}
+    resumption = training_state.Resumption(tmp_path / "step-000006", saved, {})
+    said = []
+    resumption.check_run_length({"train.max_steps": 6, "train.epochs": 1, "seed": 1}, 6, said.append)
+    assert said == []
+    resumption.check_run_length({"train.max_steps": 8, "train.epochs": 1, "seed": 1}, 8, said.append)
+    assert "--train.max_steps was 6, now 8" in said[0] and "not bit-identical" in said[0]
+    with pytest.raises(UserInputError, match="checkpoint is at step 6"):
+        resumption.check_run_length({"train.max_steps": 4, "train.epochs": 1, "seed": 1}, 4, said.append)
+    # every other setting must still match
+    with pytest.raises(UserInputError, match="--seed was 1, now 2"):
+        same_run.check_same_run(saved, {"run": {"train.max_steps": 8, "train.epochs": 1, "seed": 2}})
+
+
+def test_a_lengthened_schedule_goes_on_as_one_planned_for_the_new_length():
+    from litgpt_seqlen.training.schedule import get_lr_scheduler, replanned_schedule
+
+    def optimizer():
+        return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+
+    short = optimizer()
+    scheduler = get_lr_scheduler(short, warmup_steps=2, max_steps=6)
+    for _ in range(6):
+        short.step()
+        scheduler.step()
+    long = optimizer()  # the reference: planned for 8 steps from the start
+    reference = get_lr_scheduler(long, warmup_steps=2, max_steps=8)
+    for _ in range(6):
+        long.step()
+        reference.step()
+    replanned = replanned_schedule(short, warmup_steps=2, max_steps=8, step=6)
+    for _ in range(2):
+        assert replanned.get_last_lr() == pytest.approx(reference.get_last_lr())
+        short.step(), long.step()
+        replanned.step(), reference.step()
+    assert replanned.get_last_lr() == pytest.approx(reference.get_last_lr())
