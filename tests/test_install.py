@@ -15,7 +15,9 @@ from packaging.version import Version
 
 from helpers import ROOT
 
-tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11's tomllib; run on 3.11+")
+tomllib = pytest.importorskip(
+    "tomllib", reason="the dependency checks read pyproject.toml with tomllib (Python 3.11+); run them on 3.11 or later"
+)
 
 
 def pyproject() -> dict:
