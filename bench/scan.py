@@ -99,7 +99,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if not (SHARED / "data").is_dir():
-        print(f"{SHARED} is absent: nothing to benchmark.")
+        print(
+            f"skipped: this bench reads {SHARED}/data and {SHARED}/tokenizers, the project's shared assets beside the clone"
+        )
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
