@@ -1,6 +1,7 @@
 """Padding with random, length-grouped (--seq.group_by_length) and packed (--seq.pack) micro-batches, on real data.
 
     python bench/padding.py [--time-samples 64] [--epochs 5] [--time-sizes 4] [--long-factor 20] [--repeats 3]
+                            [--threads 1]
 
 For ../shared/data/alpaca_{en,zh}_demo.json, tokenized with the Llama 2 SentencePiece model and the Alpaca prompt
 style, at micro_batch_size 4, 8 and 16 and max_seq_length as the flow decides it (longest + 10%):
@@ -18,6 +19,11 @@ style, at micro_batch_size 4, 8 and 16 and max_seq_length as the flow decides it
 * a long-tailed case: the same subset plus one sample ``--long-factor`` times the subset's median length (Alpaca
   samples joined into one), each way trained in a process of its own, with its wall time and its peak memory (the
   process's peak resident set above what it held before the first step).
+
+Every timing runs on ``--threads`` torch threads (default 1, printed: the same on a machine of any size; more threads
+than free cores make the timings swing).
+Each ratio is computed per round (the ways timed one after another), and printed with every round's value and the
+spread (min / median / max); where the rounds disagree on which way is faster, it says "within noise".
 
 Prints markdown tables. Timings vary with the machine; nothing here fails on one.
 """
@@ -105,6 +111,9 @@ def collated(dataset, cut: dict) -> dict[str, list[dict]]:
 # The ways timed: how the samples are cut, and the attention path of packed rows.
 WAYS = {"random": ("random", None), "grouped": ("grouped", None)}
 WAYS.update({f"packed {path}": ("packed", path) for path in ("dense", "segments")})
+# The wall-time ratios whose spread is printed (numerator, denominator: above 1, the denominator is faster).
+RATIOS = [("random", way) for way in WAYS if way != "random"]
+RATIOS += [("grouped", "packed segments"), ("packed dense", "packed segments")]
 
 
 def tiny_model(block_size: int = 1024) -> GPT:
@@ -146,12 +155,12 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, batch: dict, path: 
     return time.perf_counter() - started
 
 
-def timed_runs(model: GPT, runs: dict[str, tuple[list[dict], str | None]], repeats: int = 1) -> dict[str, float]:
+def timed_runs(model: GPT, runs: dict[str, tuple[list[dict], str | None]], repeats: int = 1) -> dict[str, list[float]]:
     """Training seconds of one epoch of each run (``runs``: label -> (micro-batches, packed attention path)): each
-    run's whole epoch in turn, ``repeats`` times with the order rotated, and the median of each. Whole epochs, not
-    one step of each in turn: the packed epoch has a third of the steps, so in turn it would run only in the first
-    third of the time, and what the machine does then (its allocator and caches first meeting the large shapes)
-    would fall on it alone."""
+    run's whole epoch in turn, ``repeats`` rounds with the order rotated; per run, a list of one value a round. Whole
+    epochs, not one step of each in turn: the packed epoch has a third of the steps, so in turn it would run only in
+    the first third of the time, and what the machine does then (its allocator and caches first meeting the large
+    shapes) would fall on it alone."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     seconds = {label: [] for label in runs}
     labels = list(runs)
@@ -159,7 +168,21 @@ def timed_runs(model: GPT, runs: dict[str, tuple[list[dict], str | None]], repea
         for label in labels[repeat % len(labels) :] + labels[: repeat % len(labels)]:
             batches, path = runs[label]
             seconds[label].append(sum(train_step(model, optimizer, batch, path) for batch in batches))
-    return {label: statistics.median(values) for label, values in seconds.items()}
+    return seconds
+
+
+def spread(ratios: list[float], numerator: str, denominator: str) -> dict:
+    """Min, median and max of the seconds of ``numerator`` ÷ those of ``denominator``, measured once per round, and
+    what they say: which is faster when every round agrees, "within noise" when the range reaches or crosses 1."""
+    low, high = min(ratios), max(ratios)
+    verdict = "within noise" if low <= 1.0 <= high else f"{denominator if low > 1.0 else numerator} faster"
+    return {"rounds": list(ratios), "min": low, "median": statistics.median(ratios), "max": high, "verdict": verdict}
+
+
+def per_round(seconds: dict[str, list[float]], numerator: str, denominator: str) -> dict:
+    """The spread of ``numerator`` ÷ ``denominator``, round by round (both timed in the same rounds)."""
+    ratios = [a / b for a, b in zip(seconds[numerator], seconds[denominator], strict=True)]
+    return spread(ratios, numerator, denominator)
 
 
 def warm_up(model: GPT) -> None:
@@ -216,7 +239,7 @@ def one_way_in_this_process(way: str, time_samples: int, factor: int) -> None:
     cut, path = WAYS[way]
     batches = collated(dataset, {cut: cut_three_ways(lengths, chosen, 4, max_seq_length)[cut]})[cut]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    seconds = timed_runs(model, {way: (batches, path)})[way]
+    (seconds,) = timed_runs(model, {way: (batches, path)})[way]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     processed = sum(b["input_ids"].numel() for b in batches)
     print(
@@ -234,13 +257,14 @@ def one_way_in_this_process(way: str, time_samples: int, factor: int) -> None:
     )
 
 
-def long_tail(time_samples: int, factor: int, repeats: int) -> dict[str, dict]:
-    """Each way's run on the long-tailed data, ``repeats`` times (the ways in turn); the median seconds and the
-    largest peak memory of each."""
+def long_tail(time_samples: int, factor: int, repeats: int, threads: int) -> dict[str, dict]:
+    """Each way's run on the long-tailed data, ``repeats`` times (the ways in turn); the median seconds, the
+    seconds of every round and the largest peak memory of each."""
     runs = {way: [] for way in WAYS}
     for _ in range(repeats):
         for way in WAYS:
             command = [sys.executable, __file__, "--one-way", way, "--time-samples", str(time_samples)]
+            command += ["--threads", str(threads)]
             done = subprocess.run(command + ["--long-factor", str(factor)], capture_output=True, text=True, check=True)
             runs[way].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(
@@ -251,15 +275,16 @@ def long_tail(time_samples: int, factor: int, repeats: int) -> dict[str, dict]:
         way: {
             **results[0],
             "seconds": statistics.median(r["seconds"] for r in results),
+            "rounds": [r["seconds"] for r in results],
             "peak_mib": max(r["peak_mib"] for r in results),
         }
         for way, results in runs.items()
     }
 
 
-def attention_alone(batches: list[dict], repeats: int) -> dict[str, float]:
+def attention_alone(batches: list[dict], repeats: int) -> dict[str, list[float]]:
     """Milliseconds of one attention product (forward and backward, 4 heads of 16, float32) over the rows of each
-    packed micro-batch, summed over the micro-batches: per path, the median of ``repeats``."""
+    packed micro-batch, summed over the micro-batches: per path, one value for each of ``repeats`` rounds."""
     milliseconds = {path: [] for path in ("dense", "segments")}
     generator = torch.Generator().manual_seed(SEED)
     for _ in range(repeats):
@@ -276,7 +301,7 @@ def attention_alone(batches: list[dict], repeats: int) -> dict[str, float]:
                 F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
                 total += time.perf_counter() - started
             milliseconds[path].append(total * 1000)
-    return {path: statistics.median(values) for path, values in milliseconds.items()}
+    return milliseconds
 
 
 def main() -> None:
@@ -288,20 +313,24 @@ def main() -> None:
     parser.add_argument("--time", nargs="*", default=["alpaca_en_demo"], help="data sets to time training on")
     parser.add_argument("--time-sizes", type=int, nargs="*", default=[4], help="micro_batch_sizes to time training at")
     parser.add_argument("--long-factor", type=int, default=20, help="the long sample's length over the median; 0: skip")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each way; the median is shown")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds of each way; the median is shown")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads every timing runs on (at least 1)")
     parser.add_argument("--one-way", choices=list(WAYS), help=argparse.SUPPRESS)  # one long-tail run, in a child
     args = parser.parse_args()
-    if not (SHARED / "data").is_dir():
-        print(f"skipped: {SHARED} is absent")
+    if not ((SHARED / "data").is_dir() and (SHARED / "tokenizers").is_dir()):
+        print(
+            f"skipped: this bench reads {SHARED}/data and {SHARED}/tokenizers, the project's shared assets beside the clone"
+        )
         return
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(max(1, args.threads))
     if args.one_way:
         one_way_in_this_process(args.one_way, args.time_samples, args.long_factor)
         return
     tokenizer = Tokenizer(SHARED / "tokenizers" / "llama2-sentencepiece")
     model = tiny_model()
     warm_up(model)
-    rows, attention = [], {}
+    print(f"torch threads: {torch.get_num_threads()} (--threads)", file=sys.stderr)
+    rows, attention, spreads = [], {}, []
     for name in args.data:
         dataset, lengths = load(name, tokenizer)
         max_seq_length = math.ceil(max(lengths) * 1.1)  # the flow's decision with the default headroom
@@ -314,26 +343,38 @@ def main() -> None:
                 runs = {way: (batches[cut], path) for way, (cut, path) in WAYS.items()}
                 seconds = timed_runs(model, runs, args.repeats)
                 attention[name, micro_batch_size] = attention_alone(batches["packed"], args.repeats)
+                spreads += [
+                    (f"{name} mbs {micro_batch_size}, wall time", f"{a} ÷ {b}", per_round(seconds, a, b))
+                    for a, b in RATIOS
+                ]
                 steps = {way: len(batches[cut]) for way, (cut, _) in WAYS.items()}
                 processed = {way: sum(b["input_ids"].numel() for b in batches[cut]) for way, (cut, _) in WAYS.items()}
                 timed = (steps, processed, seconds)
                 print(
-                    f"  {name} mbs {micro_batch_size}: " + ", ".join(f"{seconds[w]:.1f} s {w}" for w in WAYS),
+                    f"  {name} mbs {micro_batch_size}: "
+                    + ", ".join(f"{statistics.median(seconds[w]):.1f} s {w}" for w in WAYS),
                     file=sys.stderr,
                 )
             rows.append((name, micro_batch_size, max_seq_length, measured, timed))
     print_efficiency(rows, args)
     tail = None
     if args.long_factor:
-        tail = long_tail(args.time_samples, args.long_factor, args.repeats)
+        tail = long_tail(args.time_samples, args.long_factor, args.repeats, torch.get_num_threads())
+        rounds = {way: r["rounds"] for way, r in tail.items()}
+        spreads += [("long tail, wall time", f"{a} ÷ {b}", per_round(rounds, a, b)) for a, b in RATIOS]
         dataset, lengths, order = long_tail_data(tokenizer, args.time_samples, args.long_factor)
         cut = cut_three_ways(lengths, order, 4, math.ceil(max(lengths) * 1.1))
         attention["long tail", 4] = attention_alone(
             collated(dataset, {"packed": cut["packed"]})["packed"], args.repeats
         )
+    spreads += [
+        (f"{name} mbs {size}, attention alone", "dense ÷ segments", per_round(ms, "dense", "segments"))
+        for (name, size), ms in attention.items()
+    ]
     print_attention(attention, args)
     if tail:
         print_long_tail(tail, args)
+    print_spreads(spreads, args)
 
 
 def print_efficiency(rows, args) -> None:
@@ -341,7 +382,8 @@ def print_efficiency(rows, args) -> None:
         f"\nPadding efficiency (real / processed tokens), Llama 2 SentencePiece tokenizer, Alpaca prompt style,"
         f" max_seq_length = longest + 10%; averaged over {args.epochs} epochs. Wall time: one epoch of the same"
         f" {args.time_samples} samples each way, tiny LoRA GPT (2 layers, n_embd 64, vocab 32000), CPU,"
-        f" {torch.get_num_threads()} threads; packed twice, with the dense and the segments attention.\n"
+        f" torch threads: {torch.get_num_threads()}; packed twice, with the dense and the segments attention. Times: the"
+        f" median of {args.repeats} rounds; ratios: the median of the per-round ratios (spread at the end).\n"
     )
     print(
         "| data | micro_batch_size | random | grouped | packed | samples per row | micro-batches r / g / p"
@@ -357,24 +399,24 @@ def print_efficiency(rows, args) -> None:
             continue
         steps, processed, seconds = timed
         ways = ("random", "grouped", "packed segments")
+        ratios = " | ".join(f"{per_round(seconds, 'random', w)['median']:.2f}x" for w in WAYS if w != "random")
         print(
             line + f" {' / '.join(str(steps[w]) for w in ways)} | {' / '.join(str(processed[w]) for w in ways)} |"
-            f" {' / '.join(f'{seconds[w]:.1f}' for w in WAYS)} | {seconds['random'] / seconds['grouped']:.2f}x |"
-            f" {seconds['random'] / seconds['packed dense']:.2f}x | {seconds['random'] / seconds['packed segments']:.2f}x |"
+            f" {' / '.join(f'{statistics.median(seconds[w]):.1f}' for w in WAYS)} | {ratios} |"
         )
 
 
 def print_attention(attention: dict, args) -> None:
     print(
         f"\nThe attention product alone over the timed packed micro-batches (forward and backward, 4 heads of 16,"
-        f" float32), summed; median of {args.repeats}:\n"
+        f" float32), summed; median of {args.repeats} rounds, ratio: the median of the per-round ratios:\n"
     )
     print("| data | micro_batch_size | dense (ms) | segments (ms) | dense ÷ segments |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for (name, micro_batch_size), ms in attention.items():
-        print(
-            f"| {name} | {micro_batch_size} | {ms['dense']:.0f} | {ms['segments']:.0f} | {ms['dense'] / ms['segments']:.2f}x |"
-        )
+        dense, segments = statistics.median(ms["dense"]), statistics.median(ms["segments"])
+        ratio = per_round(ms, "dense", "segments")["median"]
+        print(f"| {name} | {micro_batch_size} | {dense:.0f} | {segments:.0f} | {ratio:.2f}x |")
 
 
 def print_long_tail(results: dict[str, dict], args) -> None:
@@ -389,6 +431,20 @@ def print_long_tail(results: dict[str, dict], args) -> None:
     print("| --- | ---: | ---: | ---: | ---: |")
     for way, r in results.items():
         print(f"| {way} | {r['steps']} | {r['processed']:,} | {r['seconds']:.1f} | {r['peak_mib']:.0f} |")
+
+
+def print_spreads(spreads: list[tuple[str, str, dict]], args) -> None:
+    print(
+        f"\nEvery ratio round by round ({args.repeats} rounds, torch threads: {torch.get_num_threads()}) and its spread;"
+        ' "within noise" where the rounds disagree on which way is faster:\n'
+    )
+    print("| measured | ratio | each round | min | median | max | verdict |")
+    print("| --- | --- | --- | ---: | ---: | ---: | --- |")
+    for what, ratio, s in spreads:
+        rounds = " / ".join(f"{r:.2f}" for r in s["rounds"])
+        print(
+            f"| {what} | {ratio} | {rounds} | {s['min']:.2f}x | {s['median']:.2f}x | {s['max']:.2f}x | {s['verdict']} |"
+        )
 
 
 if __name__ == "__main__":

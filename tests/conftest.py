@@ -12,10 +12,12 @@ import assets
 from helpers import cli_args
 
 # The same examples on every run, so CI cannot pass or fail by chance; HYPOTHESIS_PROFILE=explore draws new ones.
-settings.register_profile("ci", derandomize=True)
-settings.register_profile("explore", derandomize=False)
+# No deadline in any profile, hypothesis's own "default" included: a test must not pass or fail by the machine's speed.
+settings.register_profile("default", deadline=None)
+settings.register_profile("ci", derandomize=True, deadline=None)
+settings.register_profile("explore", derandomize=False, deadline=None)
 settings.register_profile(
-    "fast", derandomize=True, max_examples=10
+    "fast", derandomize=True, max_examples=10, deadline=None
 )  # make test-fast: quick feedback; make test runs all
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 

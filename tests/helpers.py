@@ -63,10 +63,21 @@ def read_report(out_dir: Path) -> dict:
     return json.loads((out_dir / "seq_lengths.json").read_text())
 
 
-def requires_shared(test):
-    """For a test that reads the real data and tokenizers in ../shared: skipped cleanly without them, and end to end
-    (seconds), so `make test-fast` leaves it out."""
-    return pytest.mark.e2e(pytest.mark.skipif(not (SHARED / "data").is_dir(), reason="../shared is absent")(test))
+def shared_assets(what: str, shared: Path = SHARED) -> pytest.MarkDecorator:
+    """Skips ``what`` (tests that read the real data and tokenizers in ../shared) when either folder is missing, with a
+    reason that names the folder and what to do."""
+    missing = [name for name in ("data", "tokenizers") if not (shared / name).is_dir()]
+    return pytest.mark.skipif(
+        bool(missing),
+        reason=f"{what} need {' and '.join(str(shared / name) for name in missing)}: the project's shared assets, "
+        "a folder beside the clone; put them there to run these tests",
+    )
+
+
+def requires_shared(what: str):
+    """For a test of ``what`` on the real data and tokenizers in ../shared: skipped cleanly without them (see
+    ``shared_assets``), and end to end (seconds), so `make test-fast` leaves it out."""
+    return lambda test: pytest.mark.e2e(shared_assets(what)(test))
 
 
 def loaders_for(fabric, plan, micro_batch_size: int, how: str = "random", seed: int = 0):

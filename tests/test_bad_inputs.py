@@ -126,7 +126,9 @@ def test_quantize_without_bitsandbytes(run, data_dir, tmp_path):
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is not None:
-        pytest.skip("bitsandbytes is installed")
+        pytest.skip(
+            "tests the error --quantize gives without bitsandbytes, which is installed here; run it where it is not"
+        )
     result = run(data_dir, tmp_path / "out", "--quantize", "bnb.nf4", "--precision", "bf16-true")
     assert_clear_error(result, "--quantize bnb.nf4", "bitsandbytes")
 
@@ -445,7 +447,9 @@ def test_logger_without_its_package(run, data_dir, tmp_path, checkpoint, logger,
     import importlib.util
 
     if importlib.util.find_spec(package) is not None:
-        pytest.skip(f"{package} is installed")
+        pytest.skip(
+            f"tests the error --logger_name {logger} gives without {package}, which is installed here; run it where it is not"
+        )
     result = run(data_dir, tmp_path / "out", "--logger_name", logger, checkpoint=checkpoint)
     assert_clear_error(result, f"--logger_name {logger} needs the {package}", f"pip install {package}")
 

@@ -127,11 +127,13 @@ def test_seq_settings_come_from_data_utils():
 
 
 def test_quantize_without_bitsandbytes():
-    pytest.importorskip("torch")
+    pytest.importorskip("torch", reason="the --quantize check needs torch: pip install torch==2.13.0 (see the README)")
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is not None:
-        pytest.skip("bitsandbytes is installed here")
+        pytest.skip(
+            "tests the error --quantize gives without bitsandbytes, which is installed here; run it where it is not"
+        )
     message = settings_error(quantize="bnb.nf4", precision="bf16-true")
     assert "--quantize bnb.nf4" in message and "bitsandbytes" in message and "pip install bitsandbytes" in message
 

@@ -153,7 +153,10 @@ def test_bfloat16_paths_on_cpu(name):
     bfloat16_paths_against_one_by_one(name, torch.device("cpu"), ("segments", "dense"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen path needs CUDA")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="the varlen attention path (FlashAttention) runs on a CUDA GPU only; run this test on a machine with one",
+)
 @pytest.mark.parametrize("name", ["llama", "qwen2.5", "mixtral", "falcon"])
 def test_varlen_on_cuda_equals_one_by_one(name):
     """bfloat16 (FlashAttention has no float32 kernel): the varlen path, chosen for bf16-true runs on CUDA, against

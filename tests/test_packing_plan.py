@@ -143,7 +143,7 @@ def test_loader_of_packed_rows():
     assert plans[0] != plans[1]
 
 
-@requires_shared
+@requires_shared("the packing tests on the real Alpaca data")
 @pytest.mark.parametrize("name", ["alpaca_en_demo", "alpaca_zh_demo"])
 def test_alpaca_packs_to_at_least_98_percent(name):
     """The target on real data: Llama 2 SentencePiece, Alpaca prompt style, micro_batch_size 4 and

@@ -41,7 +41,7 @@ def bar_total(ax) -> float:
 
 
 def test_one_histogram_per_split_and_the_what_if_panel_with_the_decision_marked():
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="the picture tests need matplotlib: pip install '.[plot]'")
     lengths = realistic_lengths()
     decision = data_utils.decide_max_seq_length(lengths, block_size=2048, headroom=0.1)
     assert decision.max_seq_length == 1540  # 1400 + 10%
@@ -77,7 +77,7 @@ def test_one_histogram_per_split_and_the_what_if_panel_with_the_decision_marked(
 
 
 def test_a_capped_decision_marks_block_size_and_an_empty_split_gets_its_panel():
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="the picture tests need matplotlib: pip install '.[plot]'")
     lengths = {"train": [300, 500, 900, 1200], "val": [400, 700], "test": []}
     decision = data_utils.decide_max_seq_length(lengths, block_size=1024, headroom=0.1)
     assert decision.capped and decision.max_seq_length == 1024
@@ -104,7 +104,7 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 @pytest.mark.e2e
 def test_write_length_picture_writes_a_png(tmp_path):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="the picture tests need matplotlib: pip install '.[plot]'")
     lengths = realistic_lengths()
     decision = data_utils.decide_max_seq_length(lengths, block_size=2048, headroom=0.1)
     path = tmp_path / "seq_lengths.png"

@@ -99,7 +99,7 @@ def test_the_console_command_in_the_quickstart_is_the_installed_one():
     assert "name='litgpt-seqlen', value='finetune_lora:cli'" in command.stdout
 
 
-@requires_shared
+@requires_shared("the docs/benchmarks.md recipe tests")
 def test_the_benchmarks_recipe_on_the_real_data_runs_as_written(tmp_path):
     """docs/benchmarks.md's truncation recipe (real tokenizer, real data in ../shared), its /tmp paths moved aside."""
     page = (ROOT / "docs" / "benchmarks.md").read_text()

@@ -190,7 +190,7 @@ REAL_TOKENIZERS = ("llama2-hf", "llama2-sentencepiece")
 REAL_DATA = ("alpaca_en_demo.json", "alpaca_zh_demo.json")
 
 
-@requires_shared
+@requires_shared("the scan tests on the real data with real tokenizers")
 @pytest.mark.parametrize("data_file", REAL_DATA)
 @pytest.mark.parametrize("tokenizer_name", REAL_TOKENIZERS)
 def test_every_real_sample_with_both_real_tokenizers(tokenizer_name, data_file):

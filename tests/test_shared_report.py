@@ -8,9 +8,9 @@ from litgpt.data import JSON
 from litgpt.tokenizer import Tokenizer
 from litgpt.utils import save_config
 
-from helpers import SHARED, read_report, tiny_config
+from helpers import SHARED, read_report, shared_assets, tiny_config
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not (SHARED / "data").is_dir(), reason="../shared is absent")]
+pytestmark = [pytest.mark.e2e, shared_assets("the report tests on the real data with the Llama 2 tokenizer")]
 
 
 @pytest.fixture(scope="module")

@@ -362,7 +362,7 @@ def test_long_instructions_give_a_finite_loss_only_when_the_prompt_is_cut(tmp_pa
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@requires_shared
+@requires_shared("the truncation tests on the real data with real tokenizers")
 @pytest.mark.parametrize("tokenizer_name", ("llama2-hf", "llama2-sentencepiece"))
 def test_real_data_with_real_tokenizers(tokenizer_name):
     tokenizer = Tokenizer(SHARED / "tokenizers" / tokenizer_name)
