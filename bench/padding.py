@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from litgpt.data import SFTDataset
 from litgpt.data.base import get_sft_collate_fn
+from litgpt.lora import GPT as LoraGPT
 from litgpt.lora import Config, mark_only_lora_as_trainable
 from litgpt.prompts import Alpaca
 from litgpt.tokenizer import Tokenizer
@@ -51,12 +52,14 @@ import data_utils
 from litgpt_seqlen.data import packing
 from litgpt_seqlen.data.scan import scan_parts
 from litgpt_seqlen.model.packed_attention import SegmentMask, block_causal_mask
-from litgpt_seqlen.model.packed_forward import GPT
+from litgpt_seqlen.model.packed_forward import packed_gpt
 from litgpt_seqlen.training.loss import train_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 SEED = 42  # litgpt's data modules' default seed
+
+GPT = packed_gpt(LoraGPT)  # LoRA's GPT, whose forward also takes packed rows
 
 
 def load(name: str, tokenizer: Tokenizer) -> tuple[SFTDataset, list[int]]:

@@ -2,6 +2,7 @@
 files) with the length problems upstream's scripts die of, a dry run, litgpt's own generate scripts on final/, two
 ranks, and a run stopped by SIGTERM that resumes bit-identical to one never interrupted."""
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -122,7 +123,11 @@ def two_rank_command(method, checkpoint, data, out_dir, *flags) -> list[str]:
     return [sys.executable, str(ROOT / "finetune_lora.py"), f"finetune_{method}", str(checkpoint), *flags]
 
 
-@pytest.mark.parametrize("method", OTHER_METHODS)
+# Full fine-tuning in `make test` (the whole model sharded and saved); the adapters with `make test-slow`.
+TWO_RANK_CASES = [pytest.param(m, marks=[] if m == "full" else [pytest.mark.slow]) for m in OTHER_METHODS]
+
+
+@pytest.mark.parametrize("method", TWO_RANK_CASES)
 def test_two_ranks_sigterm_and_resume_bit_identical(method, checkpoints, tmp_path):
     checkpoint = checkpoints[method]
     data = tmp_path / "data"
@@ -169,3 +174,39 @@ def test_adapters_with_nothing_to_train_are_refused_before_any_weight(checkpoint
     result = cli_argv(["litgpt-seqlen", "finetune_adapter", str(checkpoint), *cli_args(data, tmp_path / "out")])
     assert result.returncode == 2
     assert "finetune_adapter would train no parameter" in result.stderr and "adapter_start_layer 2" in result.stderr
+
+
+@pytest.mark.parametrize("method", OTHER_METHODS)
+@pytest.mark.parametrize("path", ["segments", "dense"])
+def test_packed_rows_train_every_method_as_one_by_one(method, path):
+    """Packing under each method's own GPT (the adapters' prefix attention, adapter v2's scaled and biased linear
+    layers, full fine-tuning's every parameter): per-token losses and the gradients of every trained parameter equal
+    those of the samples run one by one through litgpt's forward."""
+    from test_packing import family_config, one_by_one, packed, samples_and_rows
+
+    from litgpt_seqlen.model.packed_forward import packed_gpt
+
+    chosen = METHODS[method]
+    llama = family_config("llama")  # a shrunk Llama 3.2 (GQA, llama3 rope scaling), as LoRA's packing tests use
+    names = [
+        field.name for field in dataclasses.fields(chosen.config_class) if field.init and hasattr(llama, field.name)
+    ]
+    settings = {name: getattr(llama, name) for name in names if name != "adapter_start_layer"}
+    config = chosen.config_class(**settings, **({"adapter_start_layer": 0} if method != "full" else {}))
+    torch.manual_seed(0)
+    model = packed_gpt(chosen.gpt_class)(config, path)
+    with torch.no_grad():  # the adapters' gates start at zero: random values everywhere make every gradient count
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.2)
+    chosen.prepare(model)
+    chosen.mark_trainable(model)
+    model.train()
+    items, rows = samples_and_rows()
+    reference_losses, reference_gradients = one_by_one(model, items)
+    losses, gradients, _ = packed(model, items, rows)
+    for reference, loss in zip(reference_losses, losses):
+        torch.testing.assert_close(loss, reference, atol=1e-5, rtol=0)
+    assert gradients.keys() == reference_gradients.keys() and gradients
+    for key, reference in reference_gradients.items():
+        assert reference.abs().sum() > 0, key
+        torch.testing.assert_close(gradients[key], reference, atol=1e-5, rtol=1e-5, msg=key)
