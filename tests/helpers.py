@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,18 @@ def long_tailed_lengths() -> dict[str, list[int]]:
     for position, length in zip((17, 60, 111, 170), OUTLIERS):
         train.insert(position, length)
     return {"train": train, "val": [rng.randint(50, 250) for _ in range(20)]}
+
+
+def stopped_by_sigterm_after_step_one(command: list[str]) -> subprocess.CompletedProcess:
+    """``command`` (a training run, any number of ranks) in its own process group, sent SIGTERM as a scheduler would
+    once its first optimizer step is printed; returns how it ended."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    for line in process.stdout:
+        if " step 1 " in line and "(step)" in line:
+            os.killpg(process.pid, signal.SIGTERM)
+            break
+    out, err = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(command, process.returncode, out, err)

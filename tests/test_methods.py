@@ -5,7 +5,6 @@ ranks, and a run stopped by SIGTERM that resumes bit-identical to one never inte
 import dataclasses
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 import yaml
 
 import assets
-from helpers import ROOT, cli_args, read_report
+from helpers import ROOT, cli_args, read_report, stopped_by_sigterm_after_step_one
 from litgpt_seqlen.methods import METHODS
 
 pytestmark = pytest.mark.e2e
@@ -140,20 +139,8 @@ def test_two_ranks_sigterm_and_resume_bit_identical(method, checkpoints, tmp_pat
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen(
-        two_rank_command(method, checkpoint, data, interrupted),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    for line in process.stdout:  # the first optimizer step is done: stop the run as a scheduler would
-        if " step 1 " in line and "(step)" in line:
-            os.killpg(process.pid, signal.SIGTERM)
-            break
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 143, err[-3000:]
+    stopped = stopped_by_sigterm_after_step_one(two_rank_command(method, checkpoint, data, interrupted))
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
     assert not (interrupted / "final").exists()
 
     resumed = run(interrupted, "--resume", "auto")

@@ -2,14 +2,13 @@
 checkpoints, a SIGTERM and a resume, ending bit-identical to an uninterrupted two-rank run."""
 
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from helpers import ROOT, cli_args
+from helpers import ROOT, cli_args, stopped_by_sigterm_after_step_one
 
 pytestmark = pytest.mark.e2e
 
@@ -62,21 +61,9 @@ def test_two_ranks_validate_generate_stop_on_sigterm_and_resume_bit_identical(ti
     assert len(periodic) == 3 and "Number of epochs 1 reached" in whole.stdout
 
     interrupted_dir = tmp_path / "interrupted"
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    process = subprocess.Popen(
-        command(tiny_checkpoint, data, interrupted_dir),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    for line in process.stdout:  # the first optimizer step is done: stop the run as a scheduler would
-        if " step 1 " in line and "(step)" in line:
-            os.killpg(process.pid, signal.SIGTERM)
-            break
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 143, err[-3000:]
+    stopped = stopped_by_sigterm_after_step_one(command(tiny_checkpoint, data, interrupted_dir))
+    out = stopped.stdout
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
     assert "Stopped at step" in out and not (interrupted_dir / "final").exists()
 
     resumed = run(tiny_checkpoint, data, interrupted_dir, "--resume", "auto")
