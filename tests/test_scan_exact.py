@@ -226,3 +226,32 @@ def test_a_signal_while_the_scan_pool_starts_is_raised_not_lost():
             scan.scan_parts(dataset, "train", workers=2)
     finally:
         armed[0] = False
+
+
+class _StuckInWorkers:
+    """A dataset of 600 three-token samples whose items never come in a forked worker: a stuck or lost scan worker."""
+
+    def __init__(self, parent: int) -> None:
+        self.parent = parent
+
+    def __len__(self) -> int:
+        return 600
+
+    def __getitem__(self, index: int) -> dict:
+        import os
+        import time
+
+        import torch
+
+        if os.getpid() != self.parent:
+            time.sleep(3600)
+        return {"input_ids": torch.ones(3, dtype=torch.long)}
+
+
+def test_a_stuck_scan_worker_costs_time_not_the_run(monkeypatch, capsys):
+    import os
+
+    monkeypatch.setattr(scan, "STALL_SECONDS", 1)
+    parts = scan.scan_parts(_StuckInWorkers(os.getpid()), "train", workers=2)
+    assert lengths_of(parts) == [3] * 600
+    assert "scanning the remaining" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import math
 import multiprocessing
 import os
 import signal
+import sys
 from collections.abc import Mapping
 
 import lightning as L
@@ -96,6 +97,8 @@ def _encoded(tokenizer, prompt: str) -> tuple[int, ...]:
     return tuple(tokenizer.encode(prompt).tolist())
 
 
+STALL_SECONDS = 60  # a range takes about a second; a worker this late is stuck or gone
+
 # The dataset a forked scan worker reads; set just before the pool forks, so nothing is pickled.
 _scan_target: tuple = ()
 
@@ -125,11 +128,10 @@ def scan_parts(
     parts: list[SampleParts] = []
     _scan_target = (dataset, split)
     try:
-        if workers == 1:
-            parts = _collect(map(_scan_range, bounds), bar)
-        else:
-            with start_pool(workers) as pool:
-                parts = _collect(pool.imap(_scan_range, bounds), bar)
+        for piece in _pieces(bounds, workers, split):
+            parts.extend(piece)
+            if bar is not None:
+                bar.update(len(piece))
     finally:
         _scan_target = ()
         if bar is not None:
@@ -137,13 +139,27 @@ def scan_parts(
     return parts
 
 
-def _collect(pieces, bar) -> list[SampleParts]:
-    parts: list[SampleParts] = []
-    for piece in pieces:
-        parts.extend(piece)
-        if bar is not None:
-            bar.update(len(piece))
-    return parts
+def _pieces(bounds: list[tuple[int, int]], workers: int, split: str):
+    """The parts of each range of ``bounds``, in order: from a pool of ``workers`` forked processes, and in this
+    process for whatever the pool has not delivered when a worker stalls or dies (a forked worker inherits the locks
+    of threads it does not have, e.g. a distributed run's communication threads, so this is rare but possible)."""
+    delivered = 0
+    if workers > 1:
+        with start_pool(workers) as pool:
+            results = pool.imap(_scan_range, bounds)
+            try:
+                for delivered in range(1, len(bounds) + 1):
+                    yield results.next(timeout=STALL_SECONDS)
+            except multiprocessing.TimeoutError:
+                delivered -= 1
+                print(
+                    f"warning: the {split} scan's worker processes gave nothing for {STALL_SECONDS} s; scanning the"
+                    f" remaining {len(bounds) - delivered} parts in this process (--seq.scan_workers 1 skips them).",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    for bound in bounds[delivered:]:
+        yield _scan_range(bound)
 
 
 def scan_split(fabric: L.Fabric, dataset, split: str, workers: int) -> list[SampleParts]:
