@@ -43,6 +43,7 @@ from litgpt_seqlen.cli.parser import build_parser, split_command
 from litgpt_seqlen.data import files, loaders, order
 from litgpt_seqlen.data.length_plan import plan_lengths
 from litgpt_seqlen.errors import UserInputError
+from litgpt_seqlen.memory import search as memory_search
 from litgpt_seqlen.methods import Method, method_named
 from litgpt_seqlen.model import packed_attention
 from litgpt_seqlen.model.base import check_tokenizer, find_checkpoint_dir, load_config, swap_in_stable_embedding
@@ -53,7 +54,7 @@ from litgpt_seqlen.report.outcomes import plan_warnings
 from litgpt_seqlen.run import devices as devices_and_precision
 from litgpt_seqlen.run import outputs, settings
 from litgpt_seqlen.run.signals import GracefulStop, resume_command
-from litgpt_seqlen.training import evaluation, rehearsal
+from litgpt_seqlen.training import evaluation
 from litgpt_seqlen.training.loss import FiniteLossWatch, StepLookahead, train_loss
 from litgpt_seqlen.training.progress import count_tokens, log_progress, performance_report
 from litgpt_seqlen.training.rng import restore_rng
@@ -159,9 +160,8 @@ def main(
     plan = plan_lengths(fabric, data, tokenizer, train, seq, config.block_size, located)
     run = same_run.run_flags(method, train, seq, seed, fabric.world_size, optimizer, precision, config)
     resumption, plan = same_run.begin(fabric, out_dir, resume_from, plan, run, not seq.dry_run, checkpoint_dir)
-    max_seq_length, placement = plan.decision.max_seq_length, (fabric.global_rank, fabric.world_size)
-    kept = plan.kept_lengths("train")
-    batches_for_epoch = order.train_batches(kept, max_seq_length, train.micro_batch_size, seq.order, seed, *placement)
+    train = resumption.trained_micro_batch(train)  # a checkpoint goes on at its size (the memory search's choice)
+    max_seq_length, batches_for_epoch = plan.decision.max_seq_length, train_order(fabric, plan, train, seq, seed)
     accumulation = train.gradient_accumulation_iters(fabric.world_size, 1)
     steps = Steps.count(len(batches_for_epoch(0)), accumulation, train.epochs, train.max_steps)  # the one count
     resumption.check_run_length(run, steps.total, log=fabric.print)  # going on for more steps is allowed
@@ -174,9 +174,8 @@ def main(
         return
     hyperparameters.train.max_seq_length = max_seq_length  # what the model trains with, for a rerun
     if fabric.global_rank == 0:
+        outputs.begin_training(out_dir, resumed=resume_from is not None, log=fabric.print)
         write_seq_config(out_dir / SEQ_CONFIG, hyperparameters)  # beside upstream's hyperparameters.yaml
-        if resume_from is None and (earlier := outputs.earlier_run_warning(out_dir)):
-            fabric.print(earlier)
 
     # 2. The loaders the plan allows; then the model, built with the decided length, its weights and its state.
     train_loader, val_loader = loaders.make_loaders(fabric, plan, batches_for_epoch, seed, pack=seq.pack)
@@ -191,11 +190,11 @@ def main(
         if resumption.length_changed(run):  # the schedule of a run planned for the new length, from this step on
             state["scheduler"] = replanned_schedule(optimizer, train.lr_warmup_steps, steps.total, state["step"])
 
-    # 3. Rehearse the worst case (the longest micro-batches), then train, validate, save.
+    # 3. Rehearse the worst case (the longest micro-batches) at the largest micro-batch that fits; train, validate, save.
     if seq.rehearse:
-        loaders_by_split = {"train": train_loader, "val": val_loader}
-        report.rehearsal = rehearsal.rehearse_worst_case(fabric, model, optimizer, loaders_by_split, plan, train)
-        report.write(fabric)
+        train, train_loader, val_loader = rehearse(
+            fabric, state, (train_loader, val_loader), plan, train, seq, seed, report
+        )
     checkpointer = Checkpointer(
         fabric, out_dir, method, checkpoint_dir, data.prompt_style, hyperparameters, resumption.header_parts
     )
@@ -223,6 +222,30 @@ def main(
     evaluation.final_validation(fabric, model, val_loader, eval)
     checkpointer.save_final(model, precision)
     fabric.print(plan.decision.summary())
+
+
+def train_order(fabric: L.Fabric, plan, train: TrainArgs, seq: SeqArgs, seed: int):
+    """This rank's train micro-batches as a function of the epoch (``order.train_batches``)."""
+    lengths, max_seq_length = plan.kept_lengths("train"), plan.decision.max_seq_length
+    placement = (seed, fabric.global_rank, fabric.world_size)
+    return order.train_batches(lengths, max_seq_length, train.micro_batch_size, seq.order, *placement)
+
+
+def rehearse(
+    fabric: L.Fabric, state: dict, run_loaders: tuple, plan, train: TrainArgs, seq: SeqArgs, seed: int, report
+):
+    """The rehearsal, at the largest micro-batch size that fits (``memory.search``), reported. Returns ``train`` and
+    the loaders at that size: new ones when it is smaller than ``train.micro_batch_size``."""
+    fitted = memory_search.rehearse_run(fabric, state, dict(zip(("train", "val"), run_loaders)), plan, train, seq)
+    report.rehearsal, report.memory = fitted.rehearsal, fitted.report
+    report.write(fabric)
+    if fitted.micro_batch_size == train.micro_batch_size:
+        return (train, *run_loaders)
+    train = dataclasses.replace(train, micro_batch_size=fitted.micro_batch_size)  # the same samples per step
+    run_loaders = loaders.make_loaders(
+        fabric, plan, train_order(fabric, plan, train, seq, seed), seed, seq.pack, train.micro_batch_size
+    )
+    return (train, *run_loaders)
 
 
 def build_training_state(

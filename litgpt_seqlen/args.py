@@ -43,6 +43,13 @@ class SeqArgs:
     rehearse: bool = True
     """Before the first step, run the longest train micro-batch (forward + backward; under --seq.pack the fullest
     rows) and the longest val micro-batch (forward), then undo everything (gradients, RNG), so a length or memory failure shows in the first minute."""
+    fit_micro_batch: bool = True
+    """With --seq.rehearse: when the worst batches run out of memory at --train.micro_batch_size, try smaller sizes
+    (keeping --train.global_batch_size and each step's samples: more accumulation) and train with the largest that
+    fits. false: stop at the first out-of-memory, as upstream."""
+    memory_margin: float = 0.1
+    """On CUDA, the share of the device's memory the rehearsal's peak must leave free (fragmentation, allocator
+    variance): a micro-batch size that leaves less counts as not fitting. CPU reports no total: out of memory decides."""
 
     @property
     def order(self) -> str:

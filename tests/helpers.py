@@ -140,3 +140,33 @@ def stopped_by_sigterm_after_step_one(command: list[str]) -> subprocess.Complete
             break
     out, err = process.communicate(timeout=300)
     return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+# Runs finetune_lora's command line in a process whose address space is limited (``ulimit -v``) once everything is
+# imported: BUDGET bytes above what it uses then. Only the rank named by LIMITED_RANK ("all": every rank, "none": no
+# rank, for a run to compare with in the same conditions) is limited;
+# Fabric's launcher starts rank 1 by running this same script with LOCAL_RANK=1.
+LIMITED_RUN = """
+import os, resource, sys
+sys.path.insert(0, sys.argv.pop(1))
+import finetune_lora
+from litgpt_seqlen.memory.limits import address_space_in_use
+
+if os.environ["LIMITED_RANK"] in ("all", os.environ.get("LOCAL_RANK", "0")):
+    limit = address_space_in_use() + int(os.environ["BUDGET"])
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+finetune_lora.cli()
+"""
+
+
+def run_with_memory_limit(
+    tmp: Path, budget: int, arguments: list[str], limited_rank: str = "all"
+) -> subprocess.CompletedProcess:
+    """``finetune_lora.py ARGUMENTS`` with at most ``budget`` bytes of address space more than the imports take."""
+    script = tmp / "limited_run.py"
+    script.write_text(LIMITED_RUN)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", BUDGET=str(budget), LIMITED_RANK=limited_rank)
+    env.update(OMP_NUM_THREADS="1", MALLOC_ARENA_MAX="2")  # fewer threads and arenas: a steadier address space
+    env = {k: v for k, v in env.items() if k not in ("LOCAL_RANK", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK")}
+    command = [sys.executable, str(script), str(ROOT), *arguments]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp, timeout=600)

@@ -238,7 +238,7 @@ def test_the_training_state_round_trips(fabric, tmp_path):
     state["model"].lora_A.grad = torch.ones(2)
     state["optimizer"].step()
     state["scheduler"].step()
-    state.update(iteration=6, epoch=1, position=1, elapsed_seconds=12.5)
+    state.update(iteration=6, epoch=1, position=1, elapsed_seconds=12.5, micro_batch_size=2)
     for loss in (3.0, 2.0, 1.0):
         state["running_loss"].update(torch.tensor(loss))
     state["token_counts"]["raw_tokens"] += 123
@@ -264,6 +264,7 @@ def test_the_training_state_round_trips(fabric, tmp_path):
         "epoch": 1,
         "position": 1,
         "elapsed_seconds": 12.5,
+        "micro_batch_size": 2,
     }
     assert loaded["token_counts"]["raw_tokens"].item() == 123
     assert loaded["running_loss"].compute() == torch.tensor(1.5)  # the last two (the window)
@@ -547,7 +548,7 @@ def test_run_flags_hold_every_flag_that_changes_the_weights():
     flags = same_run.run_flags(LORA, train, SeqArgs(), 7, 1, "AdamW", "32-true", config)
     seq_flags = {name.removeprefix("seq.") for name in flags if name.startswith("seq.")}
     every_seq_flag = {field.name for field in dataclasses.fields(SeqArgs)}
-    assert seq_flags == every_seq_flag - {"dry_run", "scan_workers", "rehearse"}
+    assert seq_flags == every_seq_flag - {"dry_run", "scan_workers", "rehearse", "fit_micro_batch", "memory_margin"}
     assert flags["seed"] == 7 and flags["devices"] == 1 and flags["lora_dropout"] == 0.1
     assert flags == json.loads(json.dumps(flags))  # as a header holds them
 

@@ -13,7 +13,6 @@ from litgpt.args import TrainArgs
 
 import data_utils
 from helpers import read_report, tiny_config
-from litgpt_seqlen import errors
 from litgpt_seqlen.data import length_plan
 from litgpt_seqlen.training import rehearsal
 
@@ -137,7 +136,7 @@ def test_rehearsal_leaves_weights_optimizer_and_rng_as_they_were(tiny_run):
     weights = copy.deepcopy(model.state_dict())
     optimizer_state = copy.deepcopy(optimizer.state_dict())
     states = rng_states()
-    result = rehearsal.rehearse(fabric, model, optimizer, batches, train_args, decision)
+    result = rehearsal.rehearse(fabric, model, optimizer, batches, train_args)
     after = rng_states()
 
     assert result["train_batch"] == [2, 40] and result["val_batch"] == [2, 48] and result["seconds"] >= 0
@@ -159,9 +158,10 @@ def test_rehearsal_out_of_memory_is_a_user_error(tiny_run, monkeypatch):
         raise torch.OutOfMemoryError("injected")
 
     monkeypatch.setattr(type(model.module), "forward", out_of_memory)
-    with pytest.raises(errors.UserInputError) as caught:
-        rehearsal.rehearse(fabric, model, optimizer, batches, train_args, decision)
-    message = str(caught.value)
+    with pytest.raises(rehearsal.OutOfMemory) as failed:
+        rehearsal.rehearse(fabric, model, optimizer, batches, train_args)
+    assert (failed.value.split, failed.value.shape, failed.value.detail) == ("train", [2, 40], "injected")
+    message = rehearsal.out_of_memory_message(fabric.device, "train", [2, 40], decision)
     assert "2 × 40" in message and "cpu" in message
     for flag in (
         "--train.micro_batch_size",
@@ -212,7 +212,7 @@ def test_out_of_memory_in_rehearsal_stops_with_a_clear_message(cli_here, make_da
 
     monkeypatch.setattr(litgpt.lora.GPT, "forward", out_of_memory)
     out_dir = tmp_path / "out"
-    done = cli_here(make_data([64, 90], [62, 70]), out_dir, steps=2)
+    done = cli_here(make_data([64, 90], [62, 70]), out_dir, "--seq.fit_micro_batch", "false", steps=2)
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     assert "error: out of memory" in done.stderr and "2 × 90" in done.stderr

@@ -16,7 +16,7 @@ from litgpt_seqlen.checkpoint.state import RUN_LENGTH_FLAGS, Resumption
 from litgpt_seqlen.errors import UserInputError
 
 # --seq.* flags that do not change what is trained (every other, present or future, must match to resume)
-SEQ_FLAGS_NOT_RUN_CHANGING = ("dry_run", "scan_workers", "rehearse")
+SEQ_FLAGS_NOT_RUN_CHANGING = ("dry_run", "scan_workers", "rehearse", "fit_micro_batch", "memory_margin")
 SAMPLE_DIGEST = 4  # bytes of each sample's sha256 kept in state.json, to name the first changed sample
 
 

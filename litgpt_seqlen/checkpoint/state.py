@@ -10,6 +10,7 @@ Under several ranks the per-rank parts are gathered into one list (``ranks``), s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from litgpt_seqlen.training.rng import capture_rng
 
 # how long the run goes on: may change on resume (the steps already taken stay what they were)
 RUN_LENGTH_FLAGS = ("train.epochs", "train.max_steps")
-PROGRESS = ("step", "iteration", "epoch", "position", "elapsed_seconds")
+PROGRESS = ("step", "iteration", "epoch", "position", "elapsed_seconds", "micro_batch_size")  # size: 0 = the flag's
 TOKEN_COUNTS = (  # litgpt's names (create_finetuning_performance_report), plus packed rows and samples
     "raw_tokens",
     "raw_tokens_plus_prompt_template",
@@ -155,6 +156,12 @@ class Resumption:
             f" here is that of a run planned for {total} steps, while the steps so far followed the shorter plan, so"
             f" the result is not bit-identical to a run of {total} steps from the start."
         )
+
+    def trained_micro_batch(self, train):
+        """``train`` at the micro-batch size the checkpoint trained with (the memory search may have chosen one below
+        --train.micro_batch_size); ``train`` itself for a fresh run."""
+        size = self.saved["progress"].get("micro_batch_size") if self.saved is not None else None
+        return dataclasses.replace(train, micro_batch_size=size) if size else train
 
     def report(self) -> dict | None:
         """For seq_lengths.json: ``{"step_dir", "step"}``, or None for a fresh run."""

@@ -12,14 +12,27 @@ from litgpt_seqlen.data.length_plan import LengthPlan
 
 
 def make_loaders(
-    fabric: L.Fabric, plan: LengthPlan, batches_for_epoch: Callable[[int], list], seed: int, pack: bool = False
+    fabric: L.Fabric,
+    plan: LengthPlan,
+    batches_for_epoch: Callable[[int], list],
+    seed: int,
+    pack: bool = False,
+    val_batch_size: int | None = None,
 ) -> tuple[DataLoader, DataLoader]:
     """Train and val loaders, set up by Fabric: the scanned loaders over only the kept samples, each cut as planned.
     Under ``pack`` the train loader gives packed micro-batches (``micro_batch_size`` rows each); validation is never
-    packed. The train order is ``batches_for_epoch`` (``order.train_batches``), so a run can resume at any micro-batch."""
+    packed. The train order is ``batches_for_epoch`` (``order.train_batches``), so a run can resume at any micro-batch.
+    ``val_batch_size``: other than the data module's (the memory search chose a smaller micro-batch)."""
     train_loader, val_loader = (
         keep_samples(plan.loaders[name], plan.kept[name], plan.cuts[name]) for name in ("train", "val")
     )
+    if val_batch_size is not None and val_batch_size != val_loader.batch_size:
+        val_loader = DataLoader(
+            val_loader.dataset,
+            batch_size=val_batch_size,
+            num_workers=val_loader.num_workers,
+            collate_fn=val_loader.collate_fn,
+        )
     if pack:  # items are rows of samples, collated packed (ignoring -100, as the loss does)
         rows = packing.PackedRows(train_loader.dataset)
         train_loader = DataLoader(rows, num_workers=train_loader.num_workers, collate_fn=packing.packed_collate)

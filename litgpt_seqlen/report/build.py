@@ -27,10 +27,16 @@ class RunReport:
     plan: dict
     resumed_from: dict | None = None
     rehearsal: dict | None = None
+    memory: dict | None = None
     batches: dict | None = None
 
     def as_dict(self) -> dict:
-        stages = {"resumed_from": self.resumed_from, "rehearsal": self.rehearsal, "batches": self.batches}
+        stages = {
+            "resumed_from": self.resumed_from,
+            "rehearsal": self.rehearsal,
+            "memory": self.memory,
+            "batches": self.batches,
+        }
         return {**self.plan, **{key: value for key, value in stages.items() if value is not None}}
 
     def write(self, fabric: L.Fabric) -> None:

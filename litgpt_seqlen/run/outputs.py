@@ -191,6 +191,12 @@ def earlier_checkpoints(out_dir: Path) -> list[str]:
     return sorted(p.name for p in [*out_dir.glob("step-*"), out_dir / "final"] if (p / UPSTREAM_MARK).is_file())
 
 
+def begin_training(out_dir: Path, resumed: bool, log) -> None:
+    """On rank 0 as training starts: a fresh run into an out_dir that holds an earlier run's checkpoints says so."""
+    if not resumed and (earlier := earlier_run_warning(out_dir)):
+        log(earlier)
+
+
 def earlier_run_warning(out_dir: Path) -> str | None:
     """The line a training run prints when ``out_dir`` holds checkpoints of an earlier run, or None."""
     earlier = earlier_checkpoints(out_dir)

@@ -125,6 +125,12 @@ def _seq_problems(seq, train) -> list[str]:
     except data_utils.LengthError as problem:
         problems = [str(problem)]
     problems += _at_least("--seq.scan_workers", seq.scan_workers, 1, "CPU processes for the length scan", optional=True)
+    margin = seq.memory_margin
+    if not (isinstance(margin, (int, float)) and 0 <= margin < 1):
+        problems.append(
+            f"--seq.memory_margin must be a share of the device's memory, >= 0 and < 1 (0.1 keeps 10% free), got"
+            f" {margin!r}."
+        )
     if seq.pack and seq.group_by_length:
         problems.append(
             "--seq.pack true and --seq.group_by_length true exclude each other (packing already fills the rows);"

@@ -6,10 +6,12 @@ up. The rehearsal trains with ``loss.train_loss`` and validates with litgpt's ``
 
 from __future__ import annotations
 
+import gc
 import time
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.memory import is_oom_error
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.finetune.full import validate
 from torch.utils.data import DataLoader
@@ -38,21 +40,41 @@ def rehearsal_batches(
     return batches
 
 
-def rehearse_worst_case(fabric: L.Fabric, model, optimizer, loaders: dict[str, DataLoader], plan, train) -> dict:
-    """The rehearsal of a run: the largest micro-batch of each loader (``rehearsal_batches``, from the ``LengthPlan``'s
-    kept lengths), run by ``rehearse``."""
+class OutOfMemory(Exception):
+    """A rehearsal batch did not fit: ``split`` ("train" or "val"), its ``shape`` and the device's words."""
+
+    def __init__(self, split: str, shape: list[int], detail: str) -> None:
+        super().__init__(f"{split} {shape}: {detail}")
+        self.split, self.shape, self.detail = split, shape, detail
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's CUDA error class, or Lightning's test (CUDA, cuDNN and CPU allocator failures)."""
+    return isinstance(error, torch.OutOfMemoryError) or is_oom_error(error)
+
+
+def worst_batches(loaders: dict[str, DataLoader], plan, micro_batch_size: int) -> dict[str, dict]:
+    """The largest micro-batch of ``micro_batch_size`` of each loader (``rehearsal_batches``), from the
+    ``LengthPlan``'s kept lengths."""
     lengths = {name: plan.kept_lengths(name) for name in loaders}
-    max_seq_length = plan.decision.max_seq_length
-    batches = rehearsal_batches(loaders, lengths, train.micro_batch_size, max_seq_length)
-    return rehearse(fabric, model, optimizer, batches, train, plan.decision)
+    return rehearsal_batches(loaders, lengths, micro_batch_size, plan.decision.max_seq_length)
 
 
-def rehearse(
-    fabric: L.Fabric, model, optimizer, batches: dict[str, dict], train: TrainArgs, decision: Decision
-) -> dict:
+def rehearse_worst_case(fabric: L.Fabric, model, optimizer, loaders: dict[str, DataLoader], plan, train) -> dict:
+    """The rehearsal of a run at the user's micro-batch size (``worst_batches``), run by ``rehearse``; out of memory
+    is a UserInputError."""
+    try:
+        return rehearse(fabric, model, optimizer, worst_batches(loaders, plan, train.micro_batch_size), train)
+    except OutOfMemory as failed:
+        message = out_of_memory_message(fabric.device, failed.split, failed.shape, plan.decision)
+    raise UserInputError(message)
+
+
+def rehearse(fabric: L.Fabric, model, optimizer, batches: dict[str, dict], train: TrainArgs) -> dict:
     """One forward + backward on ``batches["train"]`` and one validation batch on ``batches["val"]``, as fit and
     validate run them. Then it is undone: gradients dropped (as a fresh optimizer has them), no optimizer step, the RNG
-    states put back, the model in train mode. Returns what it measured; out of memory is a UserInputError."""
+    states put back, the model in train mode. Returns what it measured; out of memory raises ``OutOfMemory``, with
+    what the failed try held freed."""
     shapes = {name: list(batch["input_ids"].shape) for name, batch in batches.items()}
     shown = ", ".join(f"{name} {shape[0]} × {shape[1]}" for name, shape in shapes.items())
     fabric.print(f"Rehearsing the longest micro-batches ({shown} tokens) ...")
@@ -62,7 +84,7 @@ def rehearse(
         torch.cuda.reset_peak_memory_stats(fabric.device)
         allocated_before = torch.cuda.memory_allocated(fabric.device)
     started = time.perf_counter()
-    running = "train"
+    running, detail, loss = "train", None, None
     try:
         with preserved_rng():
             model.train()
@@ -75,13 +97,19 @@ def rehearse(
                 validate(fabric, model, [fabric.to_device(batches["val"])], EvalArgs(max_iters=1), verbose=False)
             if cuda:
                 torch.cuda.synchronize(fabric.device)
-    except torch.OutOfMemoryError:
-        optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.empty_cache()
-        raise UserInputError(out_of_memory_message(fabric.device, running, shapes[running], decision)) from None
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        detail = str(error).strip().splitlines()[0][:300]
     finally:
         model.train()
+    if detail is not None:  # out of the except block, so its traceback (and the tensors its frames hold) is gone
+        loss = None
+        optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        raise OutOfMemory(running, shapes[running], detail)
     result = {
         "train_batch": shapes["train"],
         "val_batch": shapes["val"],
