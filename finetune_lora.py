@@ -159,15 +159,15 @@ def main(
     plan = plan_lengths(fabric, data, tokenizer, train, seq, config.block_size, located)
     run = same_run.run_flags(method, train, seq, seed, fabric.world_size, optimizer, precision, config)
     resumption, plan = same_run.begin(fabric, out_dir, resume_from, plan, run, not seq.dry_run, checkpoint_dir)
-    max_seq_length, placement = plan.decision.max_seq_length, (fabric.global_rank, fabric.world_size)
-    kept = plan.kept_lengths("train")
-    batches_for_epoch = order.train_batches(kept, max_seq_length, train.micro_batch_size, seq.order, seed, *placement)
-    accumulation = train.gradient_accumulation_iters(fabric.world_size, 1)
+    max_seq_length, accumulation = plan.decision.max_seq_length, train.gradient_accumulation_iters(fabric.world_size, 1)
+    kept, step_size = plan.kept_lengths("train"), train.micro_batch_size * accumulation  # per rank and optimizer step
+    placement = {"rank": fabric.global_rank, "world_size": fabric.world_size, "step_size": step_size}
+    batches_for_epoch = order.train_batches(kept, max_seq_length, train.micro_batch_size, seq.order, seed, **placement)
     steps = Steps.count(len(batches_for_epoch(0)), accumulation, train.epochs, train.max_steps)  # the one count
     resumption.check_run_length(run, steps.total, log=fabric.print)  # going on for more steps is allowed
     found = plan_warnings(plan, data, tokenizer, seq.over_length) + settings.check_run(train, eval, plan.kept, steps)
     report = report_build.publish_plan(
-        fabric, out_dir, plan, seq, train.micro_batch_size, seed, found, resumed_from=resumption.report()
+        fabric, out_dir, plan, seq, train.micro_batch_size, seed, found, resumption.report(), step_size
     )
     if seq.dry_run:
         fabric.print("dry run: nothing trained (--seq.dry_run true).")

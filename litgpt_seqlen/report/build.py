@@ -47,19 +47,20 @@ def publish_plan(
     seed: int,
     warnings: Sequence[dict] = (),
     resumed_from: dict | None = None,
+    step_size: int | None = None,
 ) -> RunReport:
     """Print the decision and the warnings, write seq_lengths.json (and dropped_samples.jsonl, under drop or when a
     sample has no target), log the key figures. Files an earlier run left that this run does not rewrite are removed
-    first; a dry run into an out_dir with a trained run writes its own files beside it (``outputs.report_files``)."""
+    first; a dry run into an out_dir with a trained run writes its own files beside it (``outputs.report_files``).
+    ``step_size``: samples (packed: rows) per rank and optimizer step, as the train order takes it."""
     decision = plan.decision
     if decision.capped and decision.source == "override":
         fabric.print(
             f"warning: --train.max_seq_length {decision.wanted} is above the model's block_size {decision.block_size}; using {decision.block_size}."
         )
     content = build_report(plan, seq)
-    expected = order.expected_efficiency(
-        plan.kept_lengths("train"), decision.max_seq_length, micro_batch_size, seed, fabric.world_size
-    )
+    train_lengths, sizes = plan.kept_lengths("train"), {"world_size": fabric.world_size, "step_size": step_size}
+    expected = order.expected_efficiency(train_lengths, decision.max_seq_length, micro_batch_size, seed, **sizes)
     content["expected_efficiency"] = {how: estimate["efficiency"] for how, estimate in expected.items()}
     content["batches_estimate"] = {"packed": False, **expected[seq.order]}
     content["batches_estimate"].update(micro_batch_size=micro_batch_size, group_by_length=seq.group_by_length)
