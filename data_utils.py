@@ -300,8 +300,31 @@ def what_if(lengths: Sequence[int], block_size: int, chosen: int | None = None) 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Length-grouped batching (--seq.group_by_length)
+# Optimizer steps, and length-grouped batching (--seq.group_by_length)
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def rank_steps(order: Sequence, step_size: int, rank: int = 0, world_size: int = 1) -> list[list]:
+    """This rank's optimizer steps, ``step_size`` items each, from ``order``: one epoch's items of all ranks.
+
+    ``order`` is cut into steps of all ranks (``step_size x world_size`` items), the last one filled up by repeating
+    items from the start of ``order`` (as ``DistributedSampler`` repeats samples; cyclically when ``order`` is shorter),
+    and rank ``r`` takes the items ``r, r + world_size, ...`` of each. So every item is seen at least once, only the
+    epoch's last step repeats any, and the epoch holds a whole number of steps on every rank.
+    """
+    if step_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad step settings: {step_size=}, {rank=}, {world_size=}")
+    span = step_size * world_size
+    items = list(order) + [order[i % len(order)] for i in range(-len(order) % span)]
+    return [items[start + rank : start + span : world_size] for start in range(0, len(items), span)]
+
+
+def micro_batches(steps: Sequence[Sequence], micro_batch_size: int) -> list[list]:
+    """Each step cut into consecutive micro-batches of ``micro_batch_size`` (a step's last one is shorter when the
+    size does not divide the step): a micro-batch never holds samples of two steps."""
+    if micro_batch_size < 1:
+        raise ValueError(f"bad micro_batch_size: {micro_batch_size}")
+    return [list(step[j : j + micro_batch_size]) for step in steps for j in range(0, len(step), micro_batch_size)]
 
 
 def grouped_batches(
@@ -312,41 +335,39 @@ def grouped_batches(
     megabatch_size: int = 50,
     rank: int = 0,
     world_size: int = 1,
+    step_size: int | None = None,
 ) -> list[list[int]]:
-    """This rank's micro-batches (lists of sample indices) for one epoch, grouped by length.
+    """This rank's micro-batches (lists of sample indices) for one epoch, grouped by length at step granularity.
 
-    The samples are shuffled, cut into megabatches of ``megabatch_size`` micro-batches, each megabatch is sorted
-    by length (longest first) and cut into micro-batches, so a micro-batch holds samples of similar length. Then
-    the order of the micro-batches is shuffled. Everything depends only on ``(seed, epoch)``: every rank computes
-    the same global list and takes its own share.
-
-    Ranks: consecutive micro-batches of that list (similar lengths, so ranks wait little on each other at a step)
-    go to the ranks of one step, ``world_size`` at a time, and these steps are shuffled; ``megabatch_size`` is rounded
-    up to a multiple of ``world_size`` so that a step never straddles two megabatches. When the number of
-    micro-batches does not divide by ``world_size``, the last step is filled up by repeating micro-batches from
-    the start of the list (as ``DistributedSampler`` repeats samples), so every rank gets the same number of
-    micro-batches and every sample is seen at least once per epoch: exactly once when it divides, and always
-    exactly once with one rank. Only the last micro-batch of the epoch can be smaller than ``micro_batch_size``.
+    A step is ``step_size`` samples per rank (``micro_batch_size`` when not given). The samples are shuffled and cut
+    into megabatches of ``megabatch_size`` steps (rounded up to a multiple of ``world_size``), each megabatch is sorted
+    by length (longest first) and cut into steps of all ranks (``step_size x world_size`` samples), and these steps are
+    shuffled: a step holds samples of similar length, and rank ``r`` takes its samples ``r, r + world_size, ...`` (the
+    ranks of a step get alike shares). When the samples do not fill the last step, it is filled by repeating samples
+    from the start of the epoch's shuffled order, sorted again, and kept last: every sample is seen at least once,
+    and only that step repeats any. Each step is then cut into consecutive micro-batches (``micro_batches``), so a
+    micro-batch holds samples of similar length, longest first. Everything depends only on ``(seed, epoch)``: every
+    rank computes the same steps, and they are the same for every ``micro_batch_size``.
     """
-
-    if micro_batch_size < 1 or megabatch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"bad grouping settings: {micro_batch_size=}, {megabatch_size=}, {rank=}, {world_size=}")
-    if not lengths:
-        return []
+    step_size = step_size or micro_batch_size
+    if step_size < 1 or megabatch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad grouping settings: {step_size=}, {megabatch_size=}, {rank=}, {world_size=}")
     rng = random.Random(f"group_by_length/{seed}/{epoch}")
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    megabatch_size = math.ceil(megabatch_size / world_size) * world_size  # so no step straddles two megabatches
-    span = micro_batch_size * megabatch_size
-    batches: list[list[int]] = []
-    for start in range(0, len(order), span):
-        megabatch = sorted(order[start : start + span], key=lambda i: lengths[i], reverse=True)
-        batches.extend(megabatch[j : j + micro_batch_size] for j in range(0, len(megabatch), micro_batch_size))
-    steps = math.ceil(len(batches) / world_size)
-    batches += [batches[i % len(batches)] for i in range(steps * world_size - len(batches))]
-    step_order = list(range(steps))
-    rng.shuffle(step_order)
-    return [list(batches[step * world_size + rank]) for step in step_order]
+    span = step_size * world_size  # one step of every rank
+    megabatch = span * math.ceil(megabatch_size / world_size)  # so no step straddles two megabatches
+
+    def longest_first(indices: list[int]) -> list[int]:
+        return sorted(indices, key=lambda i: lengths[i], reverse=True)
+
+    ordered = [i for start in range(0, len(order), megabatch) for i in longest_first(order[start : start + megabatch])]
+    whole = len(order) - len(order) % span
+    steps = [ordered[start : start + span] for start in range(0, whole, span)]
+    rng.shuffle(steps)
+    if whole < len(order):
+        steps.append(longest_first(ordered[whole:] + [order[i % len(order)] for i in range(whole + span - len(order))]))
+    return micro_batches([step[rank::world_size] for step in steps], micro_batch_size)
 
 
 def padding_efficiency(

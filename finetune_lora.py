@@ -161,14 +161,12 @@ def main(
     run = same_run.run_flags(method, train, seq, seed, fabric.world_size, optimizer, precision, config)
     resumption, plan = same_run.begin(fabric, out_dir, resume_from, plan, run, not seq.dry_run, checkpoint_dir)
     train = resumption.trained_micro_batch(train)  # a checkpoint goes on at its size (the memory search's choice)
-    max_seq_length, batches_for_epoch = plan.decision.max_seq_length, train_order(fabric, plan, train, seq, seed)
+    max_seq_length, batches_for_epoch = plan.decision.max_seq_length, order.for_run(fabric, plan, train, seq, seed)
     accumulation = train.gradient_accumulation_iters(fabric.world_size, 1)
     steps = Steps.count(len(batches_for_epoch(0)), accumulation, train.epochs, train.max_steps)  # the one count
     resumption.check_run_length(run, steps.total, log=fabric.print)  # going on for more steps is allowed
     found = plan_warnings(plan, data, tokenizer, seq.over_length) + settings.check_run(train, eval, plan.kept, steps)
-    report = report_build.publish_plan(
-        fabric, out_dir, plan, seq, train.micro_batch_size, seed, found, resumed_from=resumption.report()
-    )
+    report = report_build.publish_plan(fabric, out_dir, plan, seq, train, seed, found, resumption.report())
     if seq.dry_run:
         fabric.print("dry run: nothing trained (--seq.dry_run true).")
         return
@@ -224,13 +222,6 @@ def main(
     fabric.print(plan.decision.summary())
 
 
-def train_order(fabric: L.Fabric, plan, train: TrainArgs, seq: SeqArgs, seed: int):
-    """This rank's train micro-batches as a function of the epoch (``order.train_batches``)."""
-    lengths, max_seq_length = plan.kept_lengths("train"), plan.decision.max_seq_length
-    placement = (seed, fabric.global_rank, fabric.world_size)
-    return order.train_batches(lengths, max_seq_length, train.micro_batch_size, seq.order, *placement)
-
-
 def rehearse(
     fabric: L.Fabric, state: dict, run_loaders: tuple, plan, train: TrainArgs, seq: SeqArgs, seed: int, report
 ):
@@ -243,7 +234,7 @@ def rehearse(
         return (train, *run_loaders)
     train = dataclasses.replace(train, micro_batch_size=fitted.micro_batch_size)  # the same samples per step
     run_loaders = loaders.make_loaders(
-        fabric, plan, train_order(fabric, plan, train, seq, seed), seed, seq.pack, train.micro_batch_size
+        fabric, plan, order.for_run(fabric, plan, train, seq, seed), seed, seq.pack, train.micro_batch_size
     )
     return (train, *run_loaders)
 

@@ -28,8 +28,9 @@ class SeqArgs:
     scan_workers: int | None = None
     """CPU processes for the length scan (>= 1). Default: the data module's num_workers (at least 1)."""
     group_by_length: bool = False
-    """Draw each train micro-batch from samples of similar length (megabatches of 50 micro-batches sorted by length,
-    in shuffled order; deterministic under --seed), so less of the compute goes to padding. Validation is unchanged."""
+    """Draw each train optimizer step, and so its micro-batches, from samples of similar length (megabatches of 50
+    steps sorted by length, steps in shuffled order; deterministic under --seed), so less of the compute goes to
+    padding. Validation is unchanged."""
     pack: bool = False
     """Pack whole train samples into rows of at most max_seq_length tokens (best fit within shuffled groups; rows in
     shuffled order, deterministic under --seed), each micro-batch being micro_batch_size rows. Positions restart and

@@ -174,7 +174,9 @@ def test_an_empty_test_split_is_reported_not_a_crash(tiny_checkpoint, make_data,
     fabric = L.Fabric(accelerator="cpu", devices=1)
     data = EmptyTest(json_path=make_data([100, 120], [90, 95]), num_workers=0)
     plan = length_plan.plan_lengths(fabric, data, Tokenizer(tiny_checkpoint), TrainArgs(), SeqArgs(), 512)
-    report = build.publish_plan(fabric, tmp_path, plan, SeqArgs(), micro_batch_size=1, seed=0).plan
+    report = build.publish_plan(
+        fabric, tmp_path, plan, SeqArgs(), TrainArgs(micro_batch_size=1, global_batch_size=1), seed=0
+    ).plan
     assert report["splits"]["test"]["count"] == 0 and report["longest"] == 120
     assert json.loads((tmp_path / "seq_lengths.json").read_text())["splits"]["test"]["max"] is None
 

@@ -47,15 +47,43 @@ def random_batches(n, micro_batch_size, seed):
 
 @settings(max_examples=150, deadline=None)
 @given(**settings_strategy)
-def test_every_sample_exactly_once_in_sorted_batches(lengths, micro_batch_size, megabatch_size, seed, epoch):
+def test_every_sample_once_but_what_fills_the_last_micro_batch(lengths, micro_batch_size, megabatch_size, seed, epoch):
     batches = grouped_batches(lengths, micro_batch_size, seed, epoch, megabatch_size)
-    assert sorted(flat(batches)) == list(range(len(lengths)))
+    seen = Counter(flat(batches))
+    assert set(seen) == set(range(len(lengths)))
     assert len(batches) == math.ceil(len(lengths) / micro_batch_size)
-    assert all(1 <= len(b) <= micro_batch_size for b in batches)
-    assert sum(len(b) < micro_batch_size for b in batches) <= 1  # only the epoch's last one can be short
+    assert all(len(b) == micro_batch_size for b in batches)  # a step is one micro-batch: the last one is filled
+    assert seen.total() - len(lengths) == -len(lengths) % micro_batch_size
+    assert set(Counter(flat(batches[:-1])).values()) <= {1}  # only the epoch's last one repeats samples
     for b in batches:  # longest first within a micro-batch
         assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
     assert batches == grouped_batches(lengths, micro_batch_size, seed, epoch, megabatch_size)  # deterministic
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    lengths=st.integers(1, 150).flatmap(lambda n: st.lists(st.integers(1, 2000), min_size=n, max_size=n)),
+    micro_batch_size=st.integers(1, 4),
+    megabatch_size=st.integers(1, 6),  # small: several megabatches in an epoch
+    seed=st.integers(0, 2**32),
+    epoch=st.integers(0, 100),
+    accumulation=st.integers(1, 4),
+    world_size=st.integers(1, 4),
+)
+def test_steps_are_the_same_for_every_micro_batch_size_that_divides_them(
+    lengths, micro_batch_size, megabatch_size, seed, epoch, accumulation, world_size
+):
+    """Megabatches, sorting, the shuffle and the filled last step all work on steps: shrinking the micro-batches
+    leaves every rank's steps (as multisets of samples) as they were."""
+    step_size = micro_batch_size * accumulation
+    for rank in range(world_size):
+        steps = {}
+        for size in (m for m in range(1, step_size + 1) if step_size % m == 0):
+            batches = grouped_batches(lengths, size, seed, epoch, megabatch_size, rank, world_size, step_size)
+            per_step = step_size // size
+            steps[size] = [Counter(flat(batches[j : j + per_step])) for j in range(0, len(batches), per_step)]
+        assert all(value == steps[step_size] for value in steps.values())
+        assert len(steps[1]) == math.ceil(len(lengths) / (step_size * world_size))
 
 
 @settings(max_examples=100, deadline=None)
@@ -104,15 +132,15 @@ def test_simulated_ranks_are_disjoint_and_equal(lengths, micro_batch_size, megab
         grouped_batches(lengths, micro_batch_size, seed, epoch, megabatch_size, rank, world_size)
         for rank in range(world_size)
     ]
-    total = math.ceil(len(lengths) / micro_batch_size)
-    assert {len(r) for r in ranks} == {math.ceil(total / world_size)}  # every rank the same number of steps
+    steps = math.ceil(len(lengths) / (micro_batch_size * world_size))
+    assert {len(r) for r in ranks} == {steps}  # every rank the same number of steps
     seen = Counter(flat(flat(ranks)))
     assert set(seen) == set(range(len(lengths)))  # every sample at least once
-    repeated = [tuple(b) for b in flat(ranks)]
-    if total % world_size == 0:
+    if len(lengths) % (micro_batch_size * world_size) == 0:
         assert all(count == 1 for count in seen.values())  # disjoint
-    # what is repeated is whole micro-batches, only to fill the last step, fewer than world_size of them
-    assert len(repeated) - len(set(repeated)) == len(ranks[0]) * world_size - total < world_size
+    # what is repeated are samples filling the epoch's last step, and only there
+    assert seen.total() - len(lengths) == steps * micro_batch_size * world_size - len(lengths)
+    assert set(Counter(flat(flat(r[:-1] for r in ranks))).values()) <= {1}
 
 
 def test_ranks_at_one_step_hold_similar_lengths():
@@ -170,7 +198,9 @@ def test_sampler_in_a_dataloader_pads_as_measured():
     assert len(first) == len(loader) == 51
     measured = padding_efficiency(sampler.batches(0), lengths, cap)
     assert sum(ids.numel() for ids in first) == measured["padded_tokens"]
-    assert sum(min(n, cap) for n in lengths) == measured["real_tokens"]
+    epoch = flat(sampler.batches(0))  # 203 samples and one repeated, to fill the last micro-batch of 4
+    assert len(epoch) == 204 and set(epoch) == set(range(203))
+    assert sum(min(lengths[i], cap) for i in epoch) == measured["real_tokens"]
     assert sampler.epoch == 1
     second = list(sampler)  # each pass is the next epoch
     assert second == grouped_batches(lengths, 4, 11, 1) != sampler.batches(0)
@@ -252,6 +282,6 @@ def test_expected_random_padding_covers_every_sample_as_the_ranks_deal_them(leng
     per_rank = math.ceil(len(lengths) / world_size)  # each rank gets as many samples, the first ones repeated
     assert estimate["count"] == world_size * math.ceil(per_rank / micro_batch_size)
     assert estimate["real_tokens"] >= sum(min(n, 1000) for n in lengths)
-    if len(lengths) % world_size == 0:
+    if len(lengths) % (world_size * micro_batch_size) == 0:  # nothing repeated to fill the last step
         assert estimate["real_tokens"] == sum(min(n, 1000) for n in lengths)
     assert estimate["real_tokens"] <= estimate["padded_tokens"] <= estimate["count"] * micro_batch_size * 1000

@@ -253,11 +253,11 @@ def test_warmup_schedule_is_litgpts():
 @pytest.mark.parametrize(
     "order_flags, epochs, steps",
     [
-        ((), 1, 2),  # 9 samples, 2 per micro-batch: 5 micro-batches, 2 per step
-        ((), 3, 7),  # 15 micro-batches in 3 epochs, 2 per step: steps take micro-batches from two epochs
-        (("--seq.group_by_length", "true"), 1, 2),
-        (("--seq.pack", "true"), 1, 1),  # packed at 198: [180] [160] [140] [120 70] [100 80] [60 60]: 3 micro-batches
-        (("--seq.pack", "true"), 2, 3),
+        ((), 1, 3),  # 9 samples in steps of 4: 3 steps, the last filled with 3 repeated samples; 6 micro-batches
+        ((), 3, 9),  # every epoch a whole number of steps: no step takes micro-batches from two epochs
+        (("--seq.group_by_length", "true"), 1, 3),
+        (("--seq.pack", "true"), 1, 2),  # packed at 198: [180] [160] [140] [120 70] [100 80] [60 60]: 6 rows, 2 steps
+        (("--seq.pack", "true"), 2, 4),
     ],
 )
 def test_the_epochs_train_the_counted_steps_and_the_warmup_check_counts_the_same(

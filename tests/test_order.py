@@ -1,7 +1,8 @@
 """The train data order and what a resumed run needs to go on exactly: the batch order of every kind (random, grouped by
-length, packed) as a function of (seed, epoch, rank), the resumable sampler and loader, random states, the running
-loss."""
+length, packed) as a function of (seed, epoch, rank), its optimizer steps the same samples whatever the micro-batch
+size; the resumable sampler and loader, random states, the running loss."""
 
+import math
 import random
 from collections import Counter
 
@@ -9,10 +10,10 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from litgpt.data.base import get_sft_collate_fn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from litgpt_seqlen.data import order, packing
 from litgpt_seqlen.training.loss import RunningLoss
@@ -36,35 +37,123 @@ def epoch_samples(batches) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def items_of(batch) -> list:
+    """What a step is made of: sample indices, or for a packed micro-batch its rows (as tuples)."""
+    return [tuple(item) if isinstance(item, list) else item for item in batch]
+
+
+def steps_of(batches, micro_batch_size: int, step_size: int) -> list[Counter]:
+    """A rank's epoch of micro-batches as its optimizer steps: ceil(step_size / micro_batch_size) micro-batches each,
+    every step the multiset of its items."""
+    per_step = math.ceil(step_size / micro_batch_size)
+    assert len(batches) % per_step == 0  # the epoch ends on a step boundary
+    return [Counter(items_of(sum(batches[j : j + per_step], []))) for j in range(0, len(batches), per_step)]
+
+
+def epoch_items(lengths, how: str, seed: int, epoch: int) -> list:
+    """The items one epoch deals out before any repeat: every sample, or every packed row."""
+    if how == "packed":
+        return [tuple(row) for row in packing.pack_rows(lengths, MAX_SEQ_LENGTH, seed, epoch)]
+    return list(range(len(lengths)))
+
+
+orders = {
+    "lengths": st.integers(1, 40).flatmap(
+        lambda n: st.lists(st.integers(1, 2 * MAX_SEQ_LENGTH), min_size=n, max_size=n)
+    ),
+    "step_size": st.integers(1, 8),
+    "world_size": st.integers(1, 3),
+    "seed": st.integers(0, 2**16),
+}
+
+
 @pytest.mark.parametrize("how", ORDERS)
-@given(
-    lengths=st.lists(st.integers(1, 2 * MAX_SEQ_LENGTH), min_size=1, max_size=40),
-    micro_batch_size=st.integers(1, 4),
-    world_size=st.integers(1, 3),
-    seed=st.integers(0, 2**16),
-    epoch=st.integers(0, 5),
-)
-def test_every_rank_gets_its_own_share_of_every_sample_and_as_many_micro_batches(
-    how, lengths, micro_batch_size, world_size, seed, epoch
+@given(**orders)
+@example(lengths=[5, 20, 3], step_size=8, world_size=1, seed=0)  # fewer samples than one step
+@example(lengths=[5, 20, 3], step_size=4, world_size=3, seed=0)  # fewer samples than one step of every rank
+@example(lengths=[7] * 10, step_size=4, world_size=2, seed=1)  # an epoch of 1.25 steps
+def test_every_step_holds_the_same_samples_whatever_the_micro_batch_size(how, lengths, step_size, world_size, seed):
+    """On every rank, in every epoch, the steps (the multisets of samples, packed: of rows) are the same for every
+    micro_batch_size: cut into full micro-batches when it divides the step, a step's last one shorter otherwise."""
+    for rank in range(world_size):
+        reference = None
+        for micro_batch_size in range(1, step_size + 2):
+            plan = order.train_batches(
+                lengths, MAX_SEQ_LENGTH, micro_batch_size, how, seed, rank, world_size, step_size=step_size
+            )
+            epochs = [plan(epoch) for epoch in range(3)]
+            if step_size % micro_batch_size == 0:
+                assert all(len(batch) == micro_batch_size for batches in epochs for batch in batches)
+            steps = [steps_of(batches, micro_batch_size, step_size) for batches in epochs]
+            reference = reference or steps
+            assert steps == reference, f"rank {rank}, micro_batch_size {micro_batch_size}"
+
+
+@pytest.mark.parametrize("how", ORDERS)
+@given(**orders, micro_batch_size=st.integers(1, 4), epoch=st.integers(0, 5))
+def test_an_epoch_is_whole_steps_of_every_sample_and_only_its_last_step_repeats(
+    how, lengths, step_size, world_size, seed, micro_batch_size, epoch
 ):
+    step_size *= micro_batch_size  # micro_batch_size x accumulation, as a run takes it
     shares = [
-        order.train_batches(lengths, MAX_SEQ_LENGTH, micro_batch_size, how, seed, rank, world_size)(epoch)
+        order.train_batches(
+            lengths, MAX_SEQ_LENGTH, micro_batch_size, how, seed, rank, world_size, step_size=step_size
+        )(epoch)
         for rank in range(world_size)
     ]
-    assert len({len(share) for share in shares}) == 1  # the same number of steps on every rank: no rank waits forever
-    assert all(0 < len(batch) <= micro_batch_size for share in shares for batch in share)
-    seen = Counter(i for share in shares for i in epoch_samples(share))
-    assert set(seen) == set(range(len(lengths)))  # every sample, on some rank
-    if how == "random":  # DistributedSampler: the same number of samples per rank, a few repeated to even them out
-        assert len({len(epoch_samples(share)) for share in shares}) == 1
-        assert sum(seen.values()) - len(lengths) == -len(lengths) % world_size
-    else:  # whole micro-batches repeated to even out the last step (a packed row holds up to MAX_SEQ_LENGTH samples)
-        per_batch = micro_batch_size * (MAX_SEQ_LENGTH if how == "packed" else 1)
-        assert sum(seen.values()) - len(lengths) <= (world_size - 1) * per_batch
-    if world_size == 1 or (how == "random" and len(lengths) % world_size == 0):
-        assert set(seen.values()) == {1}  # exactly once: the ranks are disjoint
-    again = order.train_batches(lengths, MAX_SEQ_LENGTH, micro_batch_size, how, seed, 0, world_size)(epoch)
-    assert again == shares[0]  # a function of (seed, epoch, rank): a resumed run computes the same
+    items = epoch_items(lengths, how, seed, epoch)
+    steps = [steps_of(share, micro_batch_size, step_size) for share in shares]
+    per_rank = math.ceil(len(items) / (step_size * world_size))
+    assert [len(rank_steps) for rank_steps in steps] == [per_rank] * world_size  # no rank waits on another
+    assert all(sum(step.values()) == step_size for rank_steps in steps for step in rank_steps)
+    seen = sum((step for rank_steps in steps for step in rank_steps), Counter())
+    assert set(seen) == set(items)  # every sample (packed: row), on some rank
+    before_last = sum((step for rank_steps in steps for step in rank_steps[:-1]), Counter())
+    assert set(before_last.values()) <= {1}  # no repeat before the epoch's last step
+    assert seen.total() - len(items) == per_rank * step_size * world_size - len(items)  # what fills the last step
+    if len(items) % (step_size * world_size) == 0:
+        assert set(seen.values()) == {1}  # whole steps: exactly once, the ranks disjoint
+    again = order.train_batches(
+        lengths, MAX_SEQ_LENGTH, micro_batch_size, how, seed, 0, world_size, step_size=step_size
+    )
+    assert again(epoch) == shares[0]  # a function of (seed, epoch, rank): a resumed run computes the same
+
+
+@pytest.mark.parametrize("how", ORDERS)
+@given(**orders)
+def test_a_step_of_one_micro_batch_is_the_default(how, lengths, step_size, world_size, seed):
+    """Without a step size, a step is one micro-batch: every micro-batch full, the epoch's last one filled."""
+    micro_batch_size = step_size
+    for rank in range(world_size):
+        default = order.train_batches(lengths, MAX_SEQ_LENGTH, micro_batch_size, how, seed, rank, world_size)
+        explicit = order.train_batches(
+            lengths, MAX_SEQ_LENGTH, micro_batch_size, how, seed, rank, world_size, step_size=micro_batch_size
+        )
+        assert default(1) == explicit(1)
+        assert all(len(batch) == micro_batch_size for batch in default(1))
+
+
+@given(
+    num_samples=st.integers(1, 40), step_size=st.integers(1, 8), world_size=st.integers(1, 4), seed=st.integers(0, 99)
+)
+def test_random_steps_follow_the_distributed_samplers_order(num_samples, step_size, world_size, seed):
+    """Each rank's samples are DistributedSampler's for it, in its order, then what fills the last step."""
+    for rank in range(world_size):
+        sampler = DistributedSampler(range(num_samples), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        sampler.set_epoch(3)
+        ours = order.random_batches(num_samples, 1, seed, 3, rank, world_size, step_size=step_size)
+        assert epoch_samples(ours)[: len(sampler)] == list(sampler)
+
+
+def test_grouped_steps_hold_similar_lengths_and_shrinking_micro_batches_keep_them_sorted():
+    lengths = [random.Random(i).randint(1, 500) for i in range(300)]
+    plan = order.train_batches(lengths, 500, 2, "grouped", 0, step_size=8)
+    spreads = []
+    for batches in (plan(0)[j : j + 4] for j in range(0, len(plan(0)), 4)):
+        step = [lengths[i] for i in epoch_samples(batches)]
+        assert step == sorted(step, reverse=True)  # longest first within the step, so within its micro-batches
+        spreads.append(step[0] - step[-1])
+    assert sorted(spreads)[len(spreads) // 2] < 100  # random steps of 8 would spread over most of 1..500
 
 
 @pytest.mark.parametrize("how", ORDERS)
@@ -72,20 +161,21 @@ def test_each_epoch_and_each_seed_has_its_own_order(how):
     lengths = [random.Random(i).randint(1, MAX_SEQ_LENGTH) for i in range(30)]
     epochs = [tuple(epoch_samples(order.train_batches(lengths, MAX_SEQ_LENGTH, 2, how, 1)(e))) for e in range(4)]
     assert len(set(epochs)) == 4
-    assert all(sorted(samples) == list(range(30)) for samples in epochs)
+    assert all(set(samples) == set(range(30)) for samples in epochs)
     other_seed = tuple(epoch_samples(order.train_batches(lengths, MAX_SEQ_LENGTH, 2, how, 2)(0)))
     assert other_seed != epochs[0]
 
 
-def test_random_batches_are_full_but_the_last_and_the_ranks_disjoint():
+def test_random_batches_are_full_and_repeat_only_to_fill_the_last_step():
     for world_size in (1, 2, 4):
         shares = [
             order.random_batches(20, 3, seed=5, epoch=1, rank=r, world_size=world_size) for r in range(world_size)
         ]
-        for share in shares:
-            assert [len(batch) for batch in share[:-1]] == [3] * (len(share) - 1)
-        everyone = [i for share in shares for i in epoch_samples(share)]
-        assert sorted(everyone) == list(range(20))
+        assert all(len(batch) == 3 for share in shares for batch in share)
+        everyone = Counter(i for share in shares for i in epoch_samples(share))
+        assert set(everyone) == set(range(20)) and everyone.total() == 20 + -20 % (3 * world_size)
+        before_last = [i for share in shares for i in epoch_samples(share[:-1])]
+        assert len(before_last) == len(set(before_last))
 
 
 def test_grouping_pads_less_than_random_order_and_the_figures_count_every_rank():

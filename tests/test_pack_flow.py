@@ -53,8 +53,8 @@ def test_token_weighting_is_packings_default_and_batch_is_refused(tiny_checkpoin
 
 def test_packed_train_loader_and_its_rehearsal_batch(tiny_checkpoint, make_data):
     """Through the length plan and the loaders: over-length samples dropped (a Subset), the rest packed into rows of at most max_seq_length,
-    every kept sample exactly once per epoch and each one whole; validation unpacked; the rehearsal takes the fullest
-    rows through the loader's own collate."""
+    every kept sample in every epoch (those of the row that fills the last step twice), each one whole; validation
+    unpacked; the rehearsal takes the fullest rows through the loader's own collate."""
     train = [60, 70, 65, 120, 62, 100, 200, 64, 66, 110, 61]  # 200 is over the limit: dropped
     val = [90, 75]
     fabric = L.Fabric(accelerator="cpu", devices=1)
@@ -76,7 +76,8 @@ def test_packed_train_loader_and_its_rehearsal_batch(tiny_checkpoint, make_data)
                 pieces = row_ids.split([*row_lengths, len(row_ids) - sum(row_lengths)])
                 seen += [piece.tolist() for piece in pieces[:-1]]
         expected = [train_loader.dataset.dataset[i]["input_ids"].tolist() for i in range(len(plan.kept["train"]))]
-        assert sorted(seen) == sorted(expected)
+        # 7 rows (below): the epoch's last micro-batch of 2 rows is filled with its first row, repeated
+        assert {tuple(piece) for piece in seen} == {tuple(piece) for piece in expected} and len(seen) > len(expected)
 
     assert isinstance(train_loader.dataset, PackedRows)
     lengths = {"train": plan.kept_lengths("train"), "val": plan.kept_lengths("val")}

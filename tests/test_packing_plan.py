@@ -17,6 +17,7 @@ from litgpt_seqlen.data import scan
 from litgpt_seqlen.data.order import ResumableBatchSampler, expected_efficiency
 from litgpt_seqlen.data.packing import (
     PackedRows,
+    all_ranks_batches,
     best_fit_decreasing,
     fullest_rows,
     pack_rows,
@@ -48,12 +49,13 @@ def tokens(row, lengths, limit):
 @settings(max_examples=150, deadline=None)
 @given(**plans)
 def test_every_sample_once_in_rows_that_fit(lengths, max_seq_length, micro_batch_size, seed, epoch, group_size):
-    batches = packed_batches(lengths, max_seq_length, micro_batch_size, seed, epoch, group_size=group_size)
-    rows = rows_of(batches)
+    rows = pack_rows(lengths, max_seq_length, seed, epoch, group_size)
     assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
     assert all(row and tokens(row, lengths, max_seq_length) <= max_seq_length for row in rows)
-    assert all(1 <= len(batch) <= micro_batch_size for batch in batches)
-    assert sum(len(batch) < micro_batch_size for batch in batches) <= 1  # only the last one can be short
+    batches = packed_batches(lengths, max_seq_length, micro_batch_size, seed, epoch, group_size=group_size)
+    filled = math.ceil(len(rows) / micro_batch_size) * micro_batch_size  # the last micro-batch filled from the start
+    assert rows_of(batches) == (rows * micro_batch_size)[:filled]
+    assert all(len(batch) == micro_batch_size for batch in batches)
     assert batches == packed_batches(lengths, max_seq_length, micro_batch_size, seed, epoch, group_size=group_size)
 
 
@@ -70,23 +72,27 @@ def test_no_two_rows_of_a_group_could_be_merged(lengths, max_seq_length):
 
 
 @settings(max_examples=100, deadline=None)
-@given(**plans, world_size=st.integers(1, 5))
-def test_ranks_take_equal_shares_of_one_plan(
-    lengths, max_seq_length, micro_batch_size, seed, epoch, group_size, world_size
+@given(**plans, world_size=st.integers(1, 5), accumulation=st.integers(1, 3))
+def test_ranks_take_equal_shares_of_one_packing_in_whole_steps(
+    lengths, max_seq_length, micro_batch_size, seed, epoch, group_size, world_size, accumulation
 ):
-    everyone = packed_batches(lengths, max_seq_length, micro_batch_size, seed, epoch, group_size=group_size)
+    rows = [tuple(row) for row in pack_rows(lengths, max_seq_length, seed, epoch, group_size)]
+    step_size = micro_batch_size * accumulation
+    sizes = {"group_size": group_size, "step_size": step_size}
     shares = [
-        packed_batches(lengths, max_seq_length, micro_batch_size, seed, epoch, r, world_size, group_size)
+        packed_batches(lengths, max_seq_length, micro_batch_size, seed, epoch, r, world_size, **sizes)
         for r in range(world_size)
     ]
-    assert len({len(share) for share in shares}) == 1
-    assert len(shares[0]) == math.ceil(len(everyone) / world_size)
-    taken = Counter(tuple(map(tuple, batch)) for share in shares for batch in share)
-    assert set(taken) == {tuple(map(tuple, batch)) for batch in everyone}  # every micro-batch, on some rank
-    repeats = sum(taken.values()) - len(everyone)
-    assert repeats == (-len(everyone)) % world_size  # only to even out the last step
-    if repeats == 0:
-        assert all(count == 1 for count in taken.values())
+    steps = math.ceil(len(rows) / (step_size * world_size))
+    assert {len(share) for share in shares} == {steps * accumulation}  # every rank as many steps, all whole
+    taken = Counter(tuple(row) for share in shares for batch in share for row in batch)
+    assert set(taken) == set(rows)  # every row of the one packing, on some rank
+    repeats = taken.total() - len(rows)
+    assert repeats == steps * step_size * world_size - len(rows)  # only to fill the last step
+    before_last = Counter(tuple(row) for share in shares for batch in share[:-accumulation] for row in batch)
+    assert set(before_last.values()) <= {1}
+    everyone = all_ranks_batches(lengths, max_seq_length, micro_batch_size, seed, epoch, world_size, **sizes)
+    assert [everyone[r::world_size] for r in range(world_size)] == shares
 
 
 def test_seeds_and_epochs_pack_differently():
@@ -159,7 +165,8 @@ def test_alpaca_packs_to_at_least_98_percent(name):
     limit = math.ceil(max(lengths) * 1.1)
     estimates = expected_efficiency(lengths, limit, micro_batch_size=4, seed=42)
     assert estimates["packed"]["efficiency"] >= 0.98
-    assert estimates["packed"]["real_tokens"] == estimates["random"]["real_tokens"] == sum(lengths)
+    # every sample, and those repeated to fill the epoch's last micro-batch
+    assert estimates["packed"]["real_tokens"] >= sum(lengths) and estimates["random"]["real_tokens"] >= sum(lengths)
     assert estimates["random"]["efficiency"] < estimates["packed"]["efficiency"]
 
 

@@ -164,7 +164,7 @@ def test_the_lengths_go_to_a_logger_that_draws_histograms(tiny_checkpoint, make_
     fabric = L.Fabric(accelerator="cpu", devices=1, loggers=logger)
     data = JSON(json_path=make_data([100, 120, 90], [110, 95]), num_workers=0)
     plan = plan_lengths(fabric, data, Tokenizer(tiny_checkpoint), TrainArgs(), SeqArgs(), 512)
-    publish_plan(fabric, tmp_path / "out", plan, SeqArgs(), micro_batch_size=1, seed=0)
+    publish_plan(fabric, tmp_path / "out", plan, SeqArgs(), TrainArgs(micro_batch_size=1, global_batch_size=1), seed=0)
     assert logger.experiment.histograms == {
         "seq/train_lengths": ([90, 100, 120], 0),
         "seq/val_lengths": ([95, 110], 0),

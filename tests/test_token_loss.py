@@ -10,7 +10,7 @@ from litgpt.utils import CycleIterator, chunked_cross_entropy
 from test_packing import lora_gradients, sample, tiny_lora_gpt
 
 from data_utils import grouped_batches
-from litgpt_seqlen.data.packing import packed_batches, packed_collate
+from litgpt_seqlen.data.packing import pack_rows, packed_collate
 from litgpt_seqlen.training.loss import StepLookahead, micro_batch_loss_sum, step_supervised_tokens, train_loss
 
 
@@ -25,7 +25,8 @@ def micro_batches(items, how: str) -> tuple[list[dict], list[list[int]]]:
     """The micro-batches of ``items`` and, for each, the indices of the items it holds."""
     lengths = [len(item["input_ids"]) for item in items]
     if how == "packed":
-        plan = packed_batches(lengths, max_seq_length=26, micro_batch_size=2, seed=0, epoch=0)
+        rows = pack_rows(lengths, max_seq_length=26, seed=0, epoch=0)  # every sample once, nothing filled
+        plan = [rows[i : i + 2] for i in range(0, len(rows), 2)]
         batches = [packed_collate([[items[i] for i in row] for row in rows]) for rows in plan]
         return batches, [[i for row in rows for i in row] for rows in plan]
     plan = grouped_batches(lengths, 2, seed=0, epoch=0) if how == "grouped" else [[5, 0], [3, 6], [2, 7], [1, 4]]

@@ -83,7 +83,9 @@ def test_prompt_first_keeps_every_answer_whole(tiny_checkpoint, mixed_data, tmp_
     fabric, plan, seq = planned(tiny_checkpoint, data_dir, mask_prompt=True, truncate_from="prompt")
     assert plan.decision.max_seq_length == LIMIT
     assert plan.kept == {"train": list(range(6)), "val": list(range(4))} and plan.dropped == {"train": {}, "val": {}}
-    report = build.publish_plan(fabric, tmp_path / "out", plan, seq, micro_batch_size=2, seed=0).plan
+    report = build.publish_plan(
+        fabric, tmp_path / "out", plan, seq, TrainArgs(micro_batch_size=2, global_batch_size=2), seed=0
+    ).plan
     assert not (tmp_path / "out" / "dropped_samples.jsonl").exists()
     tokenizer = Tokenizer(tiny_checkpoint)
     lengths = {n: [len(item["input_ids"]) for item in upstream(s, tiny_checkpoint, True)] for n, s in samples.items()}
@@ -126,7 +128,9 @@ def test_end_is_upstreams_cut_and_drops_what_has_no_target(tiny_checkpoint, mixe
         assert plan.dropped == {"train": {2: "unsupervised"}, "val": dict.fromkeys([0, 1, 2], "unsupervised")}
     else:
         assert plan.dropped == {"train": {}, "val": {}}
-    report = build.publish_plan(fabric, tmp_path / "out", plan, seq, micro_batch_size=2, seed=0).plan
+    report = build.publish_plan(
+        fabric, tmp_path / "out", plan, seq, TrainArgs(micro_batch_size=2, global_batch_size=2), seed=0
+    ).plan
     assert report["splits"]["val"]["unsupervised_dropped"] == (3 if mask_prompt else 0)
     path = tmp_path / "out" / "dropped_samples.jsonl"
     if mask_prompt:

@@ -1,8 +1,14 @@
 """The train data order: this rank's micro-batches as a function of ``(seed, epoch)``.
 
-Random (``DistributedSampler`` + ``BatchSampler``), grouped by length (``data_utils.grouped_batches``) or packed
+Random (``DistributedSampler``'s order), grouped by length (``data_utils.grouped_batches``) or packed
 (``packing.packed_plan``): because the order is a function, the run's step count and its padding are known before a
 loader exists, and a resumed run skips to any micro-batch by handing out index lists only (nothing is read).
+
+Every order first forms this rank's optimizer steps of exactly ``step_size`` samples (packed: rows) per epoch, the
+epoch's last step filled up by repeating samples from the start of the epoch's order, and then cuts each step into
+consecutive micro-batches of ``micro_batch_size``. So an epoch ends on a step boundary, and the samples of every
+step are the same whatever the micro-batch size: a run whose micro-batches are smaller (with more of them per step)
+trains on the same samples per optimizer step.
 """
 
 from __future__ import annotations
@@ -11,20 +17,30 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 import data_utils
 from litgpt_seqlen.data import packing
 
 
 def random_batches(
-    num_samples: int, micro_batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+    num_samples: int,
+    micro_batch_size: int,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    *,
+    step_size: int | None = None,
 ) -> list[list[int]]:
-    """This rank's micro-batches for one epoch of shuffled samples, as torch deals them to ranks (the last may be
-    smaller)."""
-    sampler = DistributedSampler(range(num_samples), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    sampler.set_epoch(epoch)
-    return [list(batch) for batch in BatchSampler(sampler, micro_batch_size, drop_last=False)]
+    """This rank's micro-batches for one epoch of shuffled samples: ``DistributedSampler``'s order for this rank (the
+    epoch's permutation, ``rank::world_size``) cut into steps of ``step_size`` samples (``micro_batch_size`` when not
+    given), the last one filled from the start of the permutation (``data_utils.rank_steps``), each step cut into
+    micro-batches of ``micro_batch_size``."""
+    sampler = DistributedSampler(range(num_samples), num_replicas=1, rank=0, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)  # one replica: the epoch's whole permutation, which rank_steps deals as torch does
+    steps = data_utils.rank_steps(list(sampler), step_size or micro_batch_size, rank, world_size)
+    return data_utils.micro_batches(steps, micro_batch_size)
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
@@ -117,10 +133,14 @@ def train_batches(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
+    *,
+    step_size: int | None = None,
 ) -> Callable[[int], list[list]]:
     """This rank's train micro-batches (indices into ``lengths``; packed: rows of them) as a function of the epoch.
-    ``how``: "random", "grouped" or "packed"."""
-    placement = {"rank": rank, "world_size": world_size}
+    ``how``: "random", "grouped" or "packed". ``step_size``: samples (packed: rows) per rank and optimizer step,
+    ``micro_batch_size`` x accumulation (``micro_batch_size`` when not given); an epoch is a whole number of such steps,
+    each cut into consecutive micro-batches, and the steps do not depend on ``micro_batch_size``."""
+    placement = {"rank": rank, "world_size": world_size, "step_size": step_size}
     if how == "packed":
         return packing.packed_plan(lengths, max_seq_length, micro_batch_size, seed, **placement)
     if how == "grouped":
@@ -129,16 +149,29 @@ def train_batches(
 
 
 def expected_efficiency(
-    lengths: Sequence[int], max_seq_length: int, micro_batch_size: int, seed: int, world_size: int = 1
+    lengths: Sequence[int],
+    max_seq_length: int,
+    micro_batch_size: int,
+    seed: int,
+    world_size: int = 1,
+    *,
+    step_size: int | None = None,
 ) -> dict[str, dict]:
     """The padding of the first epoch over all ranks, for each order (exact: each order is a function of the seed)."""
-    figures = {"packed": packing.plan_report(lengths, max_seq_length, micro_batch_size, seed, world_size)}
+    report = packing.plan_report(lengths, max_seq_length, micro_batch_size, seed, world_size, step_size=step_size)
+    figures = {"packed": report}
     for how in ("random", "grouped"):
-        everyone = [
-            batch
-            for rank in range(world_size)
-            for batch in train_batches(lengths, max_seq_length, micro_batch_size, how, seed, rank, world_size)(0)
-        ]
+        plan = partial(train_batches, lengths, max_seq_length, micro_batch_size, how, seed, step_size=step_size)
+        everyone = [batch for rank in range(world_size) for batch in plan(rank=rank, world_size=world_size)(0)]
         figures[how] = data_utils.padding_efficiency(everyone, lengths, max_seq_length)
         figures[how]["efficiency"] = round(figures[how]["efficiency"], 6)
     return {how: figures[how] for how in ("random", "grouped", "packed")}
+
+
+def for_run(fabric, plan, train, seq, seed: int) -> Callable[[int], list[list]]:
+    """This rank's train micro-batches of ``train.micro_batch_size`` as a function of the epoch (``train_batches``), in
+    whole optimizer steps of ``train``'s global batch (so a smaller micro-batch size keeps every step's samples)."""
+    lengths, max_seq_length = plan.kept_lengths("train"), plan.decision.max_seq_length
+    step_size = train.micro_batch_size * train.gradient_accumulation_iters(fabric.world_size, 1)  # per rank
+    placement = {"rank": fabric.global_rank, "world_size": fabric.world_size, "step_size": step_size}
+    return train_batches(lengths, max_seq_length, train.micro_batch_size, seq.order, seed, **placement)

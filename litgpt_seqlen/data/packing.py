@@ -5,7 +5,9 @@ go to which rank) is made from the sample lengths, ``--seed`` and the epoch, so 
 dry run. ``packed_collate`` turns a micro-batch of rows into what the packed forward
 (``litgpt_seqlen.model.packed_forward.GPT``) reads.
 
-A row holds whole samples, never a part of one; a micro-batch is ``micro_batch_size`` rows, padded to its longest row.
+A row holds whole samples, never a part of one; the rows are packed whatever the micro-batch and step sizes, then
+dealt into optimizer steps of ``step_size`` rows per rank (``data_utils.rank_steps``), each cut into micro-batches of
+``micro_batch_size`` rows, padded to its longest row.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
+
+import data_utils
 
 IGNORE_INDEX = -100
 
@@ -79,18 +83,19 @@ def packed_batches(
     rank: int = 0,
     world_size: int = 1,
     group_size: int = DEFAULT_GROUP_SIZE,
+    *,
+    step_size: int | None = None,
 ) -> list[list[list[int]]]:
     """This rank's micro-batches for one epoch: each a list of up to ``micro_batch_size`` rows (``pack_rows``).
 
-    The rows are cut into micro-batches in order (only the last can hold fewer rows) and micro-batch ``j`` goes to
-    rank ``j % world_size``. When the count does not divide by ``world_size``, micro-batches from the start of the
-    list are repeated to fill the last step (as ``DistributedSampler`` repeats samples), so every rank takes the same
-    number of steps; every sample is then seen at least once, and exactly once when it divides or with one rank.
+    The epoch's rows are dealt into this rank's steps of ``step_size`` rows (``micro_batch_size`` when not given) by
+    ``data_utils.rank_steps``: the last step of all ranks is filled up by repeating rows from the start of the epoch's
+    rows (as ``DistributedSampler`` repeats samples), so every rank takes the same number of steps and every sample is
+    seen at least once (exactly once when the rows fill whole steps). Each step is cut into consecutive micro-batches
+    of ``micro_batch_size`` rows; the steps do not depend on ``micro_batch_size``.
     """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"bad packing settings: {rank=}, {world_size=}")
-    everyone = all_ranks_batches(lengths, max_seq_length, micro_batch_size, seed, epoch, world_size, group_size)
-    return everyone[rank::world_size]
+    rows = pack_rows(lengths, max_seq_length, seed, epoch, group_size)
+    return _rank_batches(rows, micro_batch_size, step_size, rank, world_size)
 
 
 def all_ranks_batches(
@@ -101,16 +106,19 @@ def all_ranks_batches(
     epoch: int,
     world_size: int = 1,
     group_size: int = DEFAULT_GROUP_SIZE,
+    *,
+    step_size: int | None = None,
 ) -> list[list[list[int]]]:
     """The micro-batches of all ranks for one epoch (those of rank ``r`` at ``r::world_size``), with the repeats that
-    even out the last step: what the report measures."""
-    if micro_batch_size < 1 or world_size < 1:
-        raise ValueError(f"bad packing settings: {micro_batch_size=}, {world_size=}")
+    fill the last step: what the report measures."""
     rows = pack_rows(lengths, max_seq_length, seed, epoch, group_size)
-    batches = [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
-    if batches:
-        batches += [batches[i % len(batches)] for i in range(-len(batches) % world_size)]
-    return [[list(row) for row in batch] for batch in batches]
+    shares = [_rank_batches(rows, micro_batch_size, step_size, rank, world_size) for rank in range(world_size)]
+    return [batch for batches in zip(*shares) for batch in batches]
+
+
+def _rank_batches(rows, micro_batch_size: int, step_size: int | None, rank: int, world_size: int) -> list:
+    steps = data_utils.rank_steps(rows, step_size or micro_batch_size, rank, world_size)
+    return [[list(row) for row in batch] for batch in data_utils.micro_batches(steps, micro_batch_size)]
 
 
 def fullest_rows(lengths: Sequence[int], max_seq_length: int, micro_batch_size: int) -> list[list[int]]:
@@ -209,9 +217,11 @@ def packed_plan(
     rank: int = 0,
     world_size: int = 1,
     group_size: int = DEFAULT_GROUP_SIZE,
+    *,
+    step_size: int | None = None,
 ) -> Callable[[int], list[list[list[int]]]]:
     """``epoch -> this rank's micro-batches`` (``packed_batches``), each a list of rows of sample indices."""
-    placement = {"rank": rank, "world_size": world_size, "group_size": group_size}
+    placement = {"rank": rank, "world_size": world_size, "group_size": group_size, "step_size": step_size}
     return partial(packed_batches, list(lengths), max_seq_length, micro_batch_size, seed, **placement)
 
 
@@ -222,10 +232,13 @@ def plan_report(
     seed: int,
     world_size: int = 1,
     group_size: int = DEFAULT_GROUP_SIZE,
+    *,
+    step_size: int | None = None,
 ) -> dict:
     """The packed micro-batches of the first epoch, all ranks together, measured (``packing_efficiency``): exact,
-    since the plan depends only on the lengths, the seed and the epoch."""
-    everyone = all_ranks_batches(lengths, max_seq_length, micro_batch_size, seed, 0, world_size, group_size)
+    since the plan depends only on the lengths, the seed and the epoch (and the step and micro-batch sizes)."""
+    sizes = {"world_size": world_size, "group_size": group_size, "step_size": step_size}
+    everyone = all_ranks_batches(lengths, max_seq_length, micro_batch_size, seed, 0, **sizes)
     measured = packing_efficiency(everyone, lengths, max_seq_length)
     measured["efficiency"] = round(measured["efficiency"], 6)
     return {**measured, "packed": True, "micro_batch_size": micro_batch_size, "group_size": group_size}

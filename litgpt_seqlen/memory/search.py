@@ -213,8 +213,8 @@ def no_fit_message(device, plan, last: dict, shorter: int | None, over_length: s
     return head + (
         f"\nWhat fits, by the same rehearsal: --train.max_seq_length {shorter}, which cuts {cut} of"
         f" {len(plans)} train samples ({cut / len(plans):.1%}) and {response_cut:.1%} of their response tokens (with"
-        " --seq.over_length truncate; drop leaves them out). Or --seq.pack true (rows of similar cost), a lighter"
-        " --precision (bf16-true), or --quantize bnb.nf4."
+        " --seq.over_length truncate; drop leaves them out; with --seq.pack true the shorter samples still fill whole"
+        " rows). Or a lighter --precision (bf16-true), or --quantize bnb.nf4."
     )
 
 

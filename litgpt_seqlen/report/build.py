@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+from litgpt.args import TrainArgs
 
 import data_utils
 from litgpt_seqlen.args import SeqArgs
@@ -49,23 +50,25 @@ def publish_plan(
     out_dir: Path,
     plan: LengthPlan,
     seq: SeqArgs,
-    micro_batch_size: int,
+    train: TrainArgs,
     seed: int,
     warnings: Sequence[dict] = (),
     resumed_from: dict | None = None,
 ) -> RunReport:
     """Print the decision and the warnings, write seq_lengths.json (and dropped_samples.jsonl, under drop or when a
     sample has no target), log the key figures. Files an earlier run left that this run does not rewrite are removed
-    first; a dry run into an out_dir with a trained run writes its own files beside it (``outputs.report_files``)."""
+    first; a dry run into an out_dir with a trained run writes its own files beside it (``outputs.report_files``).
+    ``train``: the micro-batch size and the optimizer step, as the train order takes them."""
     decision = plan.decision
     if decision.capped and decision.source == "override":
         fabric.print(
             f"warning: --train.max_seq_length {decision.wanted} is above the model's block_size {decision.block_size}; using {decision.block_size}."
         )
     content = build_report(plan, seq)
-    expected = order.expected_efficiency(
-        plan.kept_lengths("train"), decision.max_seq_length, micro_batch_size, seed, fabric.world_size
-    )
+    micro_batch_size, accumulation = train.micro_batch_size, train.gradient_accumulation_iters(fabric.world_size, 1)
+    sizes = {"world_size": fabric.world_size, "step_size": micro_batch_size * accumulation}
+    train_lengths = plan.kept_lengths("train")
+    expected = order.expected_efficiency(train_lengths, decision.max_seq_length, micro_batch_size, seed, **sizes)
     content["expected_efficiency"] = {how: estimate["efficiency"] for how, estimate in expected.items()}
     content["batches_estimate"] = {"packed": False, **expected[seq.order]}
     content["batches_estimate"].update(micro_batch_size=micro_batch_size, group_by_length=seq.group_by_length)

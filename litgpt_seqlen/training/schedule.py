@@ -47,8 +47,9 @@ class Steps:
 
     @classmethod
     def count(cls, micro_batches_per_epoch: int, accumulation: int, epochs: int | None, max_steps: int | None):
-        """The loop steps every ``accumulation`` micro-batches and runs through its epochs back to back (a step may
-        take micro-batches from two epochs), until the epochs are used up or ``max_steps`` is reached."""
+        """The loop steps every ``accumulation`` micro-batches and runs through its epochs back to back, until the
+        epochs are used up or ``max_steps`` is reached. The train order of a run holds a whole number of steps per
+        epoch (``order.train_batches`` with its step size), so no step takes micro-batches from two epochs."""
         total = micro_batches_per_epoch * epochs // accumulation if epochs else math.inf
         return cls(micro_batches_per_epoch, accumulation, int(min(total, max_steps or math.inf)))
 
