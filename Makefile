@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo_run
 
-.PHONY: venv test test-fast test-slow lint demo bench clean
+.PHONY: venv test test-fast test-slow lint demo bench gpu-check clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ venv: $(VENV)/.installed
 test: venv lint  # everything, in two processes of one thread each (pytest-xdist): the two cores, not oversubscribed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal -m "not slow"
 
-test-slow: venv  # what make test leaves out: the adapters' two-rank SIGTERM and resume runs
+test-slow: venv  # what make test leaves out: the adapters' two-rank SIGTERM and resume runs, gpu-check's CPU run
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal -m slow
 
 test-fast: venv  # the quick tests only: no command line run, no model, fewer hypothesis examples (seconds)
@@ -41,6 +41,9 @@ demo: venv
 bench: venv
 	$(PY) bench/scan.py
 	$(PY) bench/padding.py
+
+gpu-check: venv  # on a CUDA machine (under 5 min on one H100): CUDA tests, train orders' tokens/s -> gpu_check.json
+	$(PY) bench/gpu_check.py $(GPU_CHECK_FLAGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .hypothesis build *.egg-info

@@ -153,6 +153,7 @@ def test_bfloat16_paths_on_cpu(name):
     bfloat16_paths_against_one_by_one(name, torch.device("cpu"), ("segments", "dense"))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(
     not torch.cuda.is_available(),
     reason="the varlen attention path (FlashAttention) runs on a CUDA GPU only; run this test on a machine with one",
