@@ -148,7 +148,7 @@ def stopped_by_sigterm_after_step_one(command: list[str]) -> subprocess.Complete
 # Fabric's launcher starts rank 1 by running this same script with LOCAL_RANK=1.
 LIMITED_RUN = """
 import os, resource, sys
-sys.path.insert(0, sys.argv.pop(1))
+sys.path.insert(0, os.environ["PROJECT_ROOT"])
 import finetune_lora
 from litgpt_seqlen.memory.limits import address_space_in_use
 
@@ -160,13 +160,15 @@ finetune_lora.cli()
 
 
 def run_with_memory_limit(
-    tmp: Path, budget: int, arguments: list[str], limited_rank: str = "all"
+    tmp: Path, budget: int, arguments: list[str], limited_rank: str = "all", timeout: int = 600
 ) -> subprocess.CompletedProcess:
     """``finetune_lora.py ARGUMENTS`` with at most ``budget`` bytes of address space more than the imports take."""
     script = tmp / "limited_run.py"
     script.write_text(LIMITED_RUN)
-    env = dict(os.environ, PYTHONWARNINGS="ignore", BUDGET=str(budget), LIMITED_RANK=limited_rank)
+    env = dict(
+        os.environ, PYTHONWARNINGS="ignore", BUDGET=str(budget), LIMITED_RANK=limited_rank, PROJECT_ROOT=str(ROOT)
+    )
     env.update(OMP_NUM_THREADS="1", MALLOC_ARENA_MAX="2")  # fewer threads and arenas: a steadier address space
     env = {k: v for k, v in env.items() if k not in ("LOCAL_RANK", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK")}
-    command = [sys.executable, str(script), str(ROOT), *arguments]
-    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp, timeout=600)
+    command = [sys.executable, str(script), *arguments]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp, timeout=timeout)

@@ -98,6 +98,7 @@ def test_a_loaded_optimizer_state_is_left_as_it_is():
 # runs out of memory and one of 2 fits, the whole run included (measured: 2 is chosen and trains from about 450 to
 # 560 MiB, 4 fits from about 600 MiB); GENEROUS fits 4.
 BUDGET, GENEROUS = 500 * MiB, 2048 * MiB
+TWO_RANKS_BUDGET = 590 * MiB  # on two ranks each process holds more (gloo, the sharding): 2 is chosen from 540 to 640
 TRAIN, VAL = [400, 380, 390, 410, 300, 420, 405, 395], [400, 410]
 
 
@@ -202,3 +203,51 @@ def test_when_not_even_one_sample_fits_the_run_stops_naming_a_length_that_would(
     written = {path.name for path in out_dir.rglob("*")}  # the report, nothing that looks like a trained run
     assert "seq_lengths.json" in written and not written & {"final", "resume", "hyperparameters.yaml"}
     assert not [name for name in written if name.startswith("step-") or name.startswith("lit_model")]
+
+
+@pytest.mark.e2e
+def test_one_rank_out_of_memory_shrinks_both(wide_vocabulary, tmp_path):
+    """Only rank 1 is limited; rank 0 has room for 4. Both agree on 2 (a rank at 4 and one at 2 would not meet in
+    the same collectives: the run would hang or fail), and nothing waits for good."""
+    checkpoint, data = wide_vocabulary
+    out_dir = tmp_path / "out"
+    flags = arguments(checkpoint, data, out_dir, 4, "--devices", "2")
+    done = run_with_memory_limit(tmp_path, TWO_RANKS_BUDGET, flags, limited_rank="1", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        "Memory: micro-batch 4 does not fit on cpu; training with micro-batch 2 and 2 accumulation steps" in done.stdout
+    )
+    report = read_report(out_dir)
+    assert [(t["micro_batch_size"], t["fits"]) for t in report["memory"]["tried"]] == [(4, False), (2, True)]
+    assert report["batches"]["micro_batch_size"] == 2 and report["batches"]["count"] == 2 * 2 * 2  # steps, accum, ranks
+
+
+@pytest.mark.e2e
+def test_a_resume_where_the_saved_size_no_longer_fits_goes_on_smaller_and_says_so(wide_vocabulary, tmp_path):
+    checkpoint, data = wide_vocabulary
+    out_dir = tmp_path / "out"
+    flags = arguments(checkpoint, data, out_dir, 4, "--train.save_interval", "1", global_batch_size=4)
+    done = run_with_memory_limit(tmp_path, GENEROUS, flags)
+    assert done.returncode == 0, done.stderr[-3000:]
+    uninterrupted = lora(out_dir)
+    resumed = run_with_memory_limit(tmp_path, BUDGET, [*flags, "--resume", str(out_dir / "step-000001")])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (
+        "The checkpoint trained with micro-batch 4, which does not fit here: going on with 2 from step 1"
+        in resumed.stdout
+    )
+    assert "not bit-identical" in resumed.stdout
+    assert read_report(out_dir)["batches"]["micro_batch_size"] == 2
+    again = lora(out_dir)  # the same samples in the same steps: equal up to float rounding
+    assert all(torch.allclose(again[name], value, rtol=1e-4, atol=1e-6) for name, value in uninterrupted.items())
+
+
+@pytest.mark.e2e
+def test_packed_rows_are_searched_the_same_way(wide_vocabulary, tmp_path):
+    checkpoint, data = wide_vocabulary
+    out_dir = tmp_path / "out"
+    done = run_with_memory_limit(tmp_path, BUDGET, arguments(checkpoint, data, out_dir, 4, "--seq.pack", "true"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = read_report(out_dir)
+    assert report["batches"]["packed"] and report["memory"]["micro_batch_size"] == 2
+    assert report["rehearsal"]["train_batch"][0] == 2  # rows
