@@ -5,7 +5,7 @@
 Four parts, each guarded (a part that fails is recorded with its error and the others still run):
 
 * ``cuda_tests``: the suite's tests marked ``cuda`` (skipped without a CUDA device), run with pytest in a subprocess;
-* ``memory_search``: the hook of the memory-search check (``memory_search_check``);
+* ``memory_search``: the micro-batch search under a CUDA memory cap (``bench/gpu_memory.py``);
 * ``train_orders``: tokens per second of the three train orders (random, grouped, packed) through ``finetune_lora.py``
   on a random-weight model of about 1B parameters (``bench/gpu_orders.py``; ``--tiny``: a 2-layer one);
 * ``device``: the device, its memory, and the torch, CUDA and litgpt versions.
@@ -119,24 +119,18 @@ def cuda_tests(env: dict, timeout: float, cuda: bool) -> dict:
     return {"status": "ok" if ok else "failed", **result}
 
 
-def memory_search_check(out: dict) -> dict:
-    """The memory-search check's hook: records into ``out`` (and returns) its result.
+def memory_search_check(work_dir: Path | None, cuda: bool) -> dict:
+    """The memory search under a CUDA memory cap (``bench/gpu_memory.py``): micro-batch 8 uncapped, then capped at
+    60% of its peak, where a smaller size must be chosen."""
+    import gpu_memory
 
-    Until this checkout holds a module ``litgpt_seqlen/memory`` (looked up as a file: an editable install elsewhere
-    may resolve the import to another checkout), the check is not built and says so. Once it exists, this is where
-    it will run: finetune_lora.py on a tiny generated checkpoint under ``torch.cuda.set_per_process_memory_fraction``,
-    reading what the search decided from the run's output."""
-    package = ROOT / "litgpt_seqlen"
-    present = (package / "memory" / "__init__.py").is_file() or (package / "memory.py").is_file()
-    out["module_present"] = present
-    if not present:
-        out["status"] = "not built yet"
-        return out
-    # TODO: run the memory search under a memory fraction once its interface (flags, report keys) is settled. Until
-    # then nothing is measured, and this part says so rather than report a result.
-    out["status"] = "not built yet"
-    out["note"] = "litgpt_seqlen.memory is present; its check in bench/gpu_check.py is still a TODO"
-    return out
+    work = Path(tempfile.mkdtemp(prefix="gpu_memory_")) if work_dir is None else work_dir / "memory"
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        return gpu_memory.memory_search(work, cuda)
+    finally:
+        if work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def train_orders(work_dir: Path | None, tiny: bool, cuda: bool, deadline: float) -> dict:
@@ -172,7 +166,7 @@ def run_parts(args, cuda: bool) -> dict:
     parts: dict[str, dict] = {}
     guarded("device", device_info, parts)
     guarded("cuda_tests", lambda: cuda_tests(env, max(30.0, min(150.0, deadline - time.monotonic())), cuda), parts)
-    guarded("memory_search", lambda: memory_search_check({}), parts)
+    guarded("memory_search", lambda: memory_search_check(args.work_dir, cuda), parts)
     guarded("train_orders", lambda: train_orders(args.work_dir, args.tiny, cuda, deadline), parts)
     return parts
 
@@ -187,7 +181,9 @@ def summary(result: dict) -> list[str]:
     tests = parts["cuda_tests"]
     counts = ", ".join(f"{tests.get(key, 0)} {key}" for key in ("passed", "failed", "errors", "skipped"))
     lines.append(f"cuda tests: {tests['status']}: {counts}" + (f" ({tests['error']})" if "error" in tests else ""))
-    lines.append(f"memory search: {parts['memory_search']['status']}")
+    memory = parts["memory_search"]
+    capped = (memory.get("capped") or {}).get("printed") or memory.get("error", "")
+    lines.append(f"memory search: {memory['status']}" + (f": {capped}" if capped else ""))
     orders = parts["train_orders"]
     lines.append(f"train orders: {orders['status']}" + (f" ({orders['error']})" if "error" in orders else ""))
     if "model" in orders:

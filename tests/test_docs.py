@@ -25,7 +25,7 @@ FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 KEY_PATH = re.compile(r"^[a-z_][a-z0-9_]*(\[\])?(\.(<split>|[a-z_][a-z0-9_]*)(\[\])?)*$")
 # Documented keys that the dry runs below cannot write: what training, the rehearsal and a resume add, and the fields
 # of warning kinds those runs do not provoke.
-WRITTEN_BY_OTHER_RUNS = ("batches", "rehearsal", "resumed_from", "warnings[]")
+WRITTEN_BY_OTHER_RUNS = ("batches", "rehearsal", "memory", "resumed_from", "warnings[]")
 
 
 def prose(path: Path) -> str:

@@ -60,16 +60,6 @@ def test_junit_counts(tmp_path):
     assert gpu_check.junit_counts(report) == {"passed": 3, "failed": 1, "errors": 1, "skipped": 2}
 
 
-def test_the_memory_search_hook_reports_nothing_it_did_not_measure(monkeypatch, tmp_path):
-    monkeypatch.setattr(gpu_check, "ROOT", tmp_path)
-    assert gpu_check.memory_search_check({}) == {"module_present": False, "status": "not built yet"}
-    (tmp_path / "litgpt_seqlen" / "memory").mkdir(parents=True)
-    (tmp_path / "litgpt_seqlen" / "memory" / "__init__.py").write_text("")
-    out = {}
-    assert gpu_check.memory_search_check(out) is out
-    assert out["module_present"] is True and out["status"] == "not built yet"
-
-
 def test_a_failing_part_is_recorded_and_the_next_one_runs():
     parts = {}
     gpu_check.guarded("broken", lambda: 1 / 0, parts)
@@ -125,12 +115,14 @@ def test_every_part_runs_on_the_cpu_with_the_tiny_model(tmp_path):
     assert result["status"] == "ok" and result["failed_parts"] == [] and result["device_type"] == "cpu"
     parts = result["parts"]
     assert parts["cuda_tests"]["skipped"] == 4 and parts["cuda_tests"]["passed"] == 0
-    assert parts["memory_search"]["status"] == "not built yet"
+    memory = parts["memory_search"]  # on the CPU only the uncapped run: the cap is CUDA's
+    assert memory["status"] == "ok" and memory["uncapped"]["memory"]["micro_batch_size"] == 8
     orders = parts["train_orders"]
     runs = orders["runs"]
     assert list(runs) == ["random", "grouped", "packed"] and all(run["status"] == "ok" for run in runs.values())
-    assert {run["real_tokens"] for run in runs.values()} == {orders["data"]["train_tokens"]}  # the same epoch
-    assert {run["samples"] for run in runs.values()} == {orders["data"]["train_samples"]}
+    # the same epoch: every sample, and the few repeated to fill its last step (whole steps in every order)
+    assert all(run["real_tokens"] >= orders["data"]["train_tokens"] for run in runs.values())
+    assert all(0 <= run["samples"] - orders["data"]["train_samples"] < 16 for run in runs.values())
     assert (
         runs["packed"]["attention"] == "segments" and runs["packed"]["micro_batches"] < runs["random"]["micro_batches"]
     )
