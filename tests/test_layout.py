@@ -165,8 +165,6 @@ def test_the_console_command_runs_beside_a_users_own_data_utils(tmp_path):
     command = Path(sys.executable).parent / "litgpt-seqlen"  # installed by `make venv` (pip install -e .)
     assert command.is_file(), "the project is not installed in this environment: run `make venv`"
     (tmp_path / "data_utils.py").write_text("raise ImportError('the user module, not ours')\n")
-    helped = subprocess.run([str(command), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert helped.returncode == 0 and "--seq.headroom" in helped.stdout, helped.stderr[-2000:]
     assets.build_demo(tmp_path / "demo")
     flags = ["--data", "JSON", "--data.json_path", "demo/data", "--data.num_workers", "0", "--out_dir", "out"]
     ran = subprocess.run(

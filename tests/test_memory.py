@@ -3,6 +3,8 @@ state it allocates and drops, and real runs out of memory on this CPU: a process
 (``ulimit -v``) so that the user's micro-batch fails and a smaller one fits."""
 
 import json
+import resource
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from hypothesis import strategies as st
 import assets
 from helpers import cli_args, read_report, run_with_memory_limit
 from litgpt_seqlen.memory import search
+from litgpt_seqlen.memory.limits import address_space_in_use
 from litgpt_seqlen.memory.sizes import largest_that_fits, micro_batch_sizes
 
 MiB = 2**20
@@ -146,6 +149,17 @@ def lora(out_dir):
     return state.get("model", state)
 
 
+@contextmanager
+def address_space_limited(budget: int):
+    """This process may allocate ``budget`` bytes more address space than it holds now, while inside."""
+    previous = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (address_space_in_use() + budget, previous[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, previous)
+
+
 @pytest.fixture
 def one_thread():
     """Runs in this process with one thread, as the limited runs have (so their sums are the same, bit for bit)."""
@@ -171,12 +185,13 @@ def test_out_of_memory_at_the_users_size_trains_at_a_smaller_one_on_the_same_sam
     assert [(t["micro_batch_size"], t["fits"]) for t in memory["tried"]] == [(4, False), (2, True)]
     assert "can't allocate memory" in memory["tried"][0]["reason"] and 0 < memory["cpu_limit_bytes"] < BUDGET
     assert read_report(shrunk)["batches"]["micro_batch_size"] == 2
-    done = run_with_memory_limit(tmp_path, GENEROUS, arguments(checkpoint, data, roomy, 4))
+    with address_space_limited(GENEROUS):  # this process, for one run: it fits, and no size below is tried
+        done = cli_argv(["finetune_lora.py", *arguments(checkpoint, data, roomy, 4)])
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Memory: micro-batch 4 fits on cpu." in done.stdout
+    assert "Memory: micro-batch 4 fits on cpu." in done.stdout and read_report(roomy)["memory"]["cpu_limit_bytes"]
 
     # Shrunk: the same as a run started at 2 without the search, bit for bit, and the same steps as at 4 (other sums).
-    # Roomy: the same as a run at 4 without the search, bit for bit.
+    # Roomy (limited, in this process): the same as a run at 4 without the search, bit for bit.
     at_two, at_four = tmp_path / "two", tmp_path / "four"
     for out_dir, size in ((at_two, 2), (at_four, 4)):
         flags = arguments(checkpoint, data, out_dir, size, "--seq.fit_micro_batch", "false")
@@ -223,13 +238,13 @@ def test_one_rank_out_of_memory_shrinks_both(wide_vocabulary, tmp_path):
 
 
 @pytest.mark.e2e
-def test_a_resume_where_the_saved_size_no_longer_fits_goes_on_smaller_and_says_so(wide_vocabulary, tmp_path):
+def test_a_resume_where_the_saved_size_no_longer_fits_goes_on_smaller_and_says_so(wide_vocabulary, tmp_path, cli_argv):
     """Packed rows, whose search is the same over rows: a run at 4 rows per micro-batch, then a resume from its first
     step where only 2 fit."""
     checkpoint, data = wide_vocabulary
     out_dir = tmp_path / "out"
     flags = arguments(checkpoint, data, out_dir, 4, "--seq.pack", "true", "--train.save_interval", "1")
-    done = run_with_memory_limit(tmp_path, GENEROUS, [*flags, "--train.global_batch_size", "4"])
+    done = cli_argv(["finetune_lora.py", *flags, "--train.global_batch_size", "4"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert read_report(out_dir)["memory"]["micro_batch_size"] == 4
     uninterrupted = lora(out_dir)

@@ -122,8 +122,9 @@ def two_rank_command(method, checkpoint, data, out_dir, *flags) -> list[str]:
     return [sys.executable, str(ROOT / "finetune_lora.py"), f"finetune_{method}", str(checkpoint), *flags]
 
 
-# Full fine-tuning in `make test` (the whole model sharded and saved); the adapters with `make test-slow`.
-TWO_RANK_CASES = [pytest.param(m, marks=[] if m == "full" else [pytest.mark.slow]) for m in OTHER_METHODS]
+# With `make test-slow`: each takes ~25 s of the 2.5 minutes `make test` may take; LoRA's two-rank SIGTERM and resume
+# (tests/test_two_ranks.py) runs in `make test`, through the same sharding, checkpointer and resume code.
+TWO_RANK_CASES = [pytest.param(m, marks=[pytest.mark.slow]) for m in OTHER_METHODS]
 
 
 @pytest.mark.parametrize("method", TWO_RANK_CASES)
