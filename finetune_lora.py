@@ -165,6 +165,8 @@ def main(
     accumulation = train.gradient_accumulation_iters(fabric.world_size, 1)
     steps = Steps.count(len(batches_for_epoch(0)), accumulation, train.epochs, train.max_steps)  # the one count
     resumption.check_run_length(run, steps.total, log=fabric.print)  # going on for more steps is allowed
+    if resumption.finished(steps.total, out_dir / "final", method, log=fabric.print):
+        return  # the run's files as they are
     found = plan_warnings(plan, data, tokenizer, seq.over_length) + settings.check_run(train, eval, plan.kept, steps)
     report = report_build.publish_plan(fabric, out_dir, plan, seq, train, seed, found, resumption.report())
     if seq.dry_run:

@@ -38,6 +38,14 @@ def test_a_signal_during_the_final_validation_leaves_the_trained_weights_resumab
     resumed = cli_here(data, out, "--resume", "auto", steps=3)
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming training from" in resumed.stdout and (out / "final" / "lit_model.pth").is_file()
+
+    # Once more: the run is finished, and its files stay as they are.
+    files = {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in out.rglob("*") if path.is_file()}
+    again = cli_here(data, out, "--resume", "auto", steps=3)
+    assert again.returncode == 0, again.stderr
+    assert f"The run in {out} is finished: step 3 of 3" in again.stdout and "Resuming" in again.stdout
+    assert "Rehears" not in again.stdout and "Validating" not in again.stdout
+    assert {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in out.rglob("*") if path.is_file()} == files
     uninterrupted = tmp_path / "uninterrupted"
     assert cli_here(data, uninterrupted, steps=3).returncode == 0
     assert all(torch.equal(value, lora(uninterrupted)[key]) for key, value in lora(out).items())

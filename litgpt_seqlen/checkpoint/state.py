@@ -27,6 +27,7 @@ from litgpt_seqlen.checkpoint.layout import (
     state_dir_for,
 )
 from litgpt_seqlen.errors import UserInputError
+from litgpt_seqlen.methods.base import nothing_to_finish
 from litgpt_seqlen.model.sharded import load_full_weights
 from litgpt_seqlen.training.loss import RunningLoss
 from litgpt_seqlen.training.rng import capture_rng
@@ -156,6 +157,21 @@ class Resumption:
             f" here is that of a run planned for {total} steps, while the steps so far followed the shorter plan, so"
             f" the result is not bit-identical to a run of {total} steps from the start."
         )
+
+    def finished(self, total: int, final_dir: Path, method, log) -> bool:
+        """Whether the checkpoint is the last step of this run and ``final_dir`` is written (the method's weights,
+        hyperparameters.yaml, and what the method finishes with: LoRA's merged lit_model.pth); if so, says so."""
+        if self.saved is None or self.saved["progress"]["step"] < total:
+            return False
+        needed = [method.weights_file, "hyperparameters.yaml"]
+        needed += ["lit_model.pth"] if method.finish is not nothing_to_finish else []
+        if not all((final_dir / name).is_file() for name in needed):
+            return False
+        log(
+            f"The run in {final_dir.parent} is finished: step {total} of {total}, and {final_dir} is written. Nothing"
+            " to do (to train on, raise --train.max_steps or --train.epochs)."
+        )
+        return True
 
     def trained_micro_batch(self, train):
         """``train`` at the micro-batch size the checkpoint trained with (the memory search may have chosen one below
