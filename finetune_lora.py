@@ -305,9 +305,9 @@ def fit(
         fabric.log_dict({"resumed_from_step": state["step"]}, step=state["iteration"])
 
     accumulation = train.gradient_accumulation_iters(fabric.world_size, 1)
-    batches = order.EpochBatches(train_loader, epoch=state["epoch"], position=state["position"])
+    batches = epoch_batches = order.EpochBatches(train_loader, epoch=state["epoch"], position=state["position"])
     if token_weighting:
-        batches = StepLookahead(batches, accumulation, fabric)
+        batches = StepLookahead(epoch_batches, accumulation, fabric)
     throughput = ThroughputMonitor(fabric, window_size=50)
     running_loss, counts, finite = state["running_loss"], state["token_counts"], FiniteLossWatch(fabric.device)
     max_steps, max_time = train.max_steps or float("inf"), train.max_time or float("inf")
@@ -364,6 +364,7 @@ def fit(
             signals.checkpoint = checkpointer.step_dir(step)
             fabric.print(f"Stopped at step {step}. To resume: {resume_command(sys.argv, signals.checkpoint)}")
             break
+    epoch_batches.close()  # its loader's worker processes, now
     finite.check(fabric, model, state["step"])
     if saved_step != state["step"]:  # the trained weights, resumable, before anything that can fail or be interrupted
         save()

@@ -355,3 +355,19 @@ def test_the_running_loss_window_round_trips():
     resumed.update(losses[4])
     assert resumed.compute() == straight.compute() == torch.tensor((4.0 + 8.0 + 16.0) / 3)
     assert all(value.device.type == "cpu" for value in state["values"])
+
+
+def test_closing_the_epochs_ends_the_loaders_worker_processes_at_once():
+    """Left to the garbage collector, a half-used loader's workers are shut down in any order, 5 s each; closed, now."""
+    import multiprocessing
+
+    from torch.utils.data import DataLoader
+
+    from litgpt_seqlen.data.order import EpochBatches, ResumableBatchSampler, random_batches
+
+    sampler = ResumableBatchSampler(lambda epoch: random_batches(40, 2, 0, epoch))
+    batches = EpochBatches(DataLoader(list(range(40)), batch_sampler=sampler, num_workers=2), sampler)
+    next(batches), next(batches)
+    assert len(multiprocessing.active_children()) >= 2
+    batches.close()
+    assert not multiprocessing.active_children()

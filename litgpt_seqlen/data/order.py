@@ -124,6 +124,14 @@ class EpochBatches:
     def state(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
 
+    def close(self) -> None:
+        """Ends the current pass now, its worker processes with it. Left to the garbage collector, a loader's worker
+        pool is torn down in any order, and shutting it down then waits 5 s for each worker (torch's timeout)."""
+        iterator, self._iterator = self._iterator, None
+        if hasattr(iterator, "close"):  # Fabric's loader hands out a generator over torch's iterator
+            iterator.close()
+        del iterator  # the last reference: torch shuts the workers down now, with its queues whole
+
 
 def train_batches(
     lengths: Sequence[int],
