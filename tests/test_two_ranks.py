@@ -52,13 +52,26 @@ def lora(out_dir) -> dict:
     return torch.load(out_dir / "final" / "lit_model.pth.lora", weights_only=True)["model"]
 
 
-def test_two_ranks_validate_generate_stop_on_sigterm_and_resume_bit_identical(tiny_checkpoint, make_data, tmp_path):
-    data = make_data([60, 80, 100, 120, 140, 160, 70, 90, 110, 130, 150, 65], [60, 90, 75, 85])
+def initial_val_loss(stdout: str) -> float:
+    (line,) = [line for line in stdout.splitlines() if line.startswith("Initial validation | val loss: ")]
+    return float(line.rpartition(" ")[2])
 
-    whole = run(tiny_checkpoint, data, tmp_path / "whole")
+
+def test_two_ranks_validate_generate_stop_on_sigterm_and_resume_bit_identical(
+    tiny_checkpoint, make_data, tmp_path, cli_here
+):
+    # 3 val samples: rank 0 holds samples 0 and 2, rank 1 sample 1 and a repeat of sample 0 that must weigh nothing
+    data = make_data([60, 80, 100, 120, 140, 160, 70, 90, 110, 130, 150, 65], [60, 90, 75])
+
+    whole = run(tiny_checkpoint, data, tmp_path / "whole", "--eval.initial_validation", "true")
     assert whole.returncode == 0, whole.stderr[-3000:]
     periodic = [line for line in whole.stdout.splitlines() if line.startswith("iter ") and "val loss" in line]
     assert len(periodic) == 3 and "Number of epochs 1 reached" in whole.stdout
+    one_device = cli_here(
+        data, tmp_path / "one", "--eval.initial_validation", "true", "--train.lr_warmup_steps", "0", steps=1
+    )
+    assert one_device.returncode == 0, one_device.stderr[-3000:]
+    assert abs(initial_val_loss(whole.stdout) - initial_val_loss(one_device.stdout)) < 2e-4  # same weights, same loss
 
     interrupted_dir = tmp_path / "interrupted"
     stopped = stopped_by_sigterm_after_step_one(command(tiny_checkpoint, data, interrupted_dir))
