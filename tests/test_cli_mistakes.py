@@ -1,0 +1,63 @@
+"""A mistake on the command line: one `error:` paragraph, exit 2, naming the flag, the value given, what the flag
+takes and the closest real flag or value; never jsonargparse's usage text or its type dump. In process: parsing
+fails before any file is read, so the checkpoint and data paths need not exist."""
+
+import pytest
+
+COMMAND = ["finetune_lora.py", "checkpoints/some/model", "--data", "JSON", "--data.json_path", "data.json"]
+
+
+def assert_one_paragraph(done, *named: str) -> str:
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-3000:]
+    assert "usage:" not in done.stderr and "Union" not in done.stderr and "<class" not in done.stderr
+    for name in named:
+        assert name in lines[0], (name, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--seq.headrom", "0.2"], ["--seq.headrom 0.2", "no flag", "Did you mean --seq.headroom (a number)?"]),
+        (["--traim.epochs=3"], ["--traim.epochs 3", "Did you mean --train.epochs (a whole number or null)?"]),
+        (["--train.max_seq_length", "abc"], ["--train.max_seq_length must be a whole number or null, got 'abc'."]),
+        (["--seq.over_length", "Drop"], ["--seq.over_length", "one of truncate, drop, error, got 'Drop'", "drop?"]),
+        (["--seq.truncate_from", "middle"], ["--seq.truncate_from must be one of prompt, end, got 'middle'."]),
+        (["--seq.dry_run", "maybe"], ["--seq.dry_run must be one of true, false, got 'maybe'."]),
+        (
+            ["--data.json_pth", "x"],
+            ["--data.json_pth x", "--data JSON has no setting", "Did you mean --data.json_path?"],
+        ),
+        (["--data.val_split_fraction", "a"], ["--data.val_split_fraction must be a number or null, got 'a'."]),
+        (["--data", "Jsn"], ["--data must be one of Alpaca,", "JSON", "got 'Jsn'. Did you mean JSON?"]),
+        (["--train.epochs"], ["--train.epochs needs a value after it (a whole number or null)."]),
+    ],
+)
+def test_a_mistaken_flag_is_one_paragraph(cli_argv, flags, named):
+    assert_one_paragraph(cli_argv([*COMMAND, *flags]), *named)
+
+
+def test_json_without_its_path_names_the_missing_flag(cli_argv):
+    done = cli_argv(["finetune_lora.py", "checkpoints/some/model", "--data", "JSON"])
+    assert_one_paragraph(done, "--data JSON needs --data.json_path (a path)")
+
+
+def test_a_setting_of_another_data_module_names_the_module_that_has_it(cli_argv):
+    done = cli_argv(["finetune_lora.py", "checkpoints/some/model", "--data.json_path", "data.json"])
+    assert_one_paragraph(done, "--data.json_path data.json", "give --data first", "setting of --data JSON")
+
+
+def test_a_mistyped_command_word_is_named(cli_argv):
+    done = cli_argv(["finetune_lora.py", "finetune_lorra", *COMMAND[1:]])
+    assert_one_paragraph(done, "'finetune_lorra' is not a command. Did you mean finetune_lora?")
+
+
+def test_a_mistake_in_a_config_file_is_named_as_its_flag(cli_argv, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("seq:\n  headrom: 0.2\n")
+    done = cli_argv([*COMMAND, "--config", str(config)])
+    assert_one_paragraph(done, "--seq.headrom: there is no flag --seq.headrom. Did you mean --seq.headroom")
+    config.write_text("seq:\n  over_length: Drop\n")
+    assert_one_paragraph(cli_argv([*COMMAND, "--config", str(config)]), "--seq.over_length must be one of truncate")
