@@ -61,3 +61,54 @@ def test_a_mistake_in_a_config_file_is_named_as_its_flag(cli_argv, tmp_path):
     assert_one_paragraph(done, "--seq.headrom: there is no flag --seq.headrom. Did you mean --seq.headroom")
     config.write_text("seq:\n  over_length: Drop\n")
     assert_one_paragraph(cli_argv([*COMMAND, "--config", str(config)]), "--seq.over_length must be one of truncate")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --optimizer: the command-line forms read as the one value a --config file gives; what litgpt cannot build is
+# refused by the settings check, before anything is read
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--optimizer", "SGD", "--optimizer.lr", "1e-2", "--optimizer.momentum=0.9"], ("SGD", 0.01)),
+        (["--optimizer.class_path", "torch.optim.AdamW", "--optimizer.init_args.lr", "0.01"], ("AdamW", 0.01)),
+        (["--optimizer", "AdamW", "--optimizer.lr", "30"], ("AdamW", 30)),
+        (["--optimizer", "SGD"], ("SGD", 0.001)),  # a name alone stays a name, as litgpt takes it
+    ],
+)
+def test_optimizer_flags_build_what_litgpt_builds_from_a_config_file(tmp_path, flags, expected):
+    import torch
+    from litgpt.utils import instantiate_torch_optimizer
+
+    from litgpt_seqlen.cli.parser import build_parser
+    from litgpt_seqlen.methods import LORA
+    from litgpt_seqlen.run.optimizer import optimizer_problems
+
+    config = tmp_path / "run.yaml"
+    config.write_text("optimizer:\n  class_path: torch.optim.Adam\n  init_args:\n    lr: 0.5\n")
+    for before in ([], ["--config", str(config)]):  # the command line wins over a --config file's mapping
+        optimizer = build_parser(LORA).parse_args([*COMMAND[1:], *before, *flags]).optimizer
+        assert optimizer_problems(optimizer) == []
+        built = instantiate_torch_optimizer(optimizer, [torch.nn.Parameter(torch.zeros(1))])
+        assert (type(built).__name__, built.defaults["lr"]) == expected
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "named"),
+    [
+        ("Adamw", "--optimizer 'Adamw' is not an optimizer class litgpt can import. Did you mean AdamW?"),
+        ({"lr": "0.01"}, "--optimizer.lr 0.01: an optimizer setting needs its class on the command line too:"),
+        ({"class_path": "torch.optim.SGD", "init_args": {}, "lr": "0.1"}, "--optimizer torch.optim.SGD --optimizer.lr"),
+        ({"class_path": "torch.optim.SGD", "init_args": {"lrr": 0.1}}, "has no setting 'lrr'. Did you mean lr?"),
+        ({"class_path": "torch.optim.SGD", "init_args": {"lr": "0.1"}}, "lr must be a number, got the text '0.1'"),
+        ({"class_path": "SGD", "init_args": {}}, "needs class_path (module.Class) and init_args"),
+    ],
+)
+def test_an_optimizer_litgpt_cannot_build_is_refused_naming_the_form_that_works(optimizer, named):
+    from litgpt_seqlen.run.optimizer import optimizer_problems
+
+    problems = optimizer_problems(optimizer)
+    assert len(problems) == 1 and named in problems[0], problems
+    assert "bitsandbytes' PagedAdamW" in optimizer_problems("SGD", quantize="bnb.nf4")[0]

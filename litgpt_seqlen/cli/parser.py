@@ -12,6 +12,7 @@ from litgpt.finetune.full import setup as litgpt_finetune_full
 
 from litgpt_seqlen.args import SeqArgs
 from litgpt_seqlen.cli.mistakes import explain
+from litgpt_seqlen.cli.optimizer_flags import optimizer_in_one_value
 from litgpt_seqlen.data.files import check_json_paths
 from litgpt_seqlen.errors import UserInputError
 from litgpt_seqlen.methods import COMMANDS, DEFAULT, Method
@@ -31,12 +32,13 @@ HELP = {
 
 
 class FlowParser(ArgumentParser):
-    """jsonargparse's parser, with the data paths checked before the data module is built from them, and a mistake on
-    the command line raised as a ``UserInputError`` of one paragraph (``mistakes.explain``) instead of usage text."""
+    """jsonargparse's parser, with the data paths checked before the data module is built from them, a mistake on the
+    command line raised as a ``UserInputError`` of one paragraph (``mistakes.explain``) instead of usage text, and
+    ``--optimizer NAME --optimizer.lr X`` read as litgpt's one value (``optimizer_flags``)."""
 
     def parse_args(self, args=None, *more, **kwargs):
         self.given = list(sys.argv[1:] if args is None else args)
-        return super().parse_args(args, *more, **kwargs)
+        return super().parse_args(optimizer_in_one_value(self.given), *more, **kwargs)
 
     def error(self, message, ex=None):
         if not self.exit_on_error:  # a parser jsonargparse makes inside: it catches the error to try another type
