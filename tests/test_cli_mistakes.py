@@ -2,6 +2,8 @@
 takes and the closest real flag or value; never jsonargparse's usage text or its type dump. In process: parsing
 fails before any file is read, so the checkpoint and data paths need not exist."""
 
+from pathlib import Path
+
 import pytest
 
 COMMAND = ["finetune_lora.py", "checkpoints/some/model", "--data", "JSON", "--data.json_path", "data.json"]
@@ -112,3 +114,43 @@ def test_an_optimizer_litgpt_cannot_build_is_refused_naming_the_form_that_works(
     problems = optimizer_problems(optimizer)
     assert len(problems) == 1 and named in problems[0], problems
     assert "bitsandbytes' PagedAdamW" in optimizer_problems("SGD", quantize="bnb.nf4")[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A checkpoint_dir that is not one: named as typed, with the closest checkpoint, before any download is tried
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_a_mistyped_checkpoint_dir_names_the_path_given_and_the_closest_checkpoint(
+    tmp_path, monkeypatch, capsys, tiny_checkpoint
+):
+    import shutil
+
+    from litgpt import utils as litgpt_utils
+
+    from litgpt_seqlen.errors import UserInputError
+    from litgpt_seqlen.model.base import find_checkpoint_dir
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_checkpoint, tmp_path / "my-model")
+    (tmp_path / "my-notes").mkdir()  # a directory, but no checkpoint: never the suggestion
+    absolute = tmp_path / "my-mode"
+    for typed, message, closest in [
+        (
+            "my-modle",
+            "checkpoint_dir 'my-modle' is not a directory (nor is checkpoints/my-modle), nor a model",
+            "my-model",
+        ),
+        (str(absolute), f"checkpoint_dir '{absolute}' is not a directory, nor a model", str(tmp_path / "my-model")),
+    ]:
+        with pytest.raises(UserInputError) as raised:
+            find_checkpoint_dir(Path(typed), None, need_weights=True)
+        assert message in str(raised.value) and str(raised.value).endswith(f"Did you mean {closest!r}?"), raised.value
+    assert capsys.readouterr().out == ""  # litgpt's "Unsupported `repo_id`" text: no download was tried
+
+    def no_network(**_):
+        raise OSError("Cannot reach huggingface.co.")
+
+    monkeypatch.setattr(litgpt_utils, "auto_download_checkpoint", no_network)
+    with pytest.raises(UserInputError, match=r"could not be downloaded \(Cannot reach huggingface.co\)\.$"):
+        find_checkpoint_dir(Path("meta-llama/Llama-2-7b-hf"), None, need_weights=True)
