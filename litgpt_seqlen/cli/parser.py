@@ -43,7 +43,11 @@ class FlowParser(ArgumentParser):
     def error(self, message, ex=None):
         if not self.exit_on_error:  # a parser jsonargparse makes inside: it catches the error to try another type
             super().error(message, ex)
-        raise UserInputError(explain(self, message, getattr(self, "given", []))) from None
+        try:
+            paragraph = explain(self, message, getattr(self, "given", []))
+        except Exception:  # a message of a shape explain does not know: jsonargparse's own words, in one paragraph
+            paragraph = " ".join(message.split())
+        raise UserInputError(paragraph) from None
 
     def instantiate_classes(self, cfg, *args, **kwargs):
         check_parsed(cfg)
