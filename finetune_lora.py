@@ -85,9 +85,7 @@ def setup(
     quantize = flags.get("quantize")  # finetune_full has no --quantize
     out_dir = litgpt_utils.init_out_dir(Path(flags["out_dir"]))
     # Every setting, upstream's included, before anything is read or built; out_dir is created and tried for writing.
-    settings.check_settings(
-        method, train, eval, seq, devices, num_nodes, quantize, precision, out_dir, flags["data"], flags["logger_name"]
-    )
+    settings.check_settings(method, train, eval, seq, devices, num_nodes, quantize, precision, out_dir, flags)
     with outputs.hold_out_dir(out_dir, enabled=ranks.launched_as_rank_zero()):  # one run per out_dir, for its life
         data = flags["data"] or Alpaca()
         located = files.check_data_files(data)  # every sample of the user's files, before a token is made

@@ -107,6 +107,11 @@ def test_top_level_object(run, data_dir, tmp_path):
         (["--seq.scan_workers", "-1"], "--seq.scan_workers"),
         (["--train.lr_warmup_fraction", "0.1"], "--train.lr_warmup_fraction"),
         (
+            ["--optimizer", "Adamw"],
+            "--optimizer 'Adamw' is not an optimizer class litgpt can import. Did you mean AdamW?",
+        ),
+        (["--optimizer.lr", "0.01"], "--optimizer AdamW --optimizer.lr 0.01"),
+        (
             ["--train.max_steps", "2", "--train.lr_warmup_steps", "2"],
             "--train.lr_warmup_steps 2 equals the run's 2 optimizer steps",
         ),

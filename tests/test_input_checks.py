@@ -312,9 +312,11 @@ def test_data_module_num_workers_below_zero():
         torch.utils.data.DataLoader([], num_workers=-1)
     with pytest.raises(UserInputError, match=r"--data.num_workers must be a whole number >= 0.*got -1"):
         settings.check_settings(
-            LORA, TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", data=SimpleNamespace(num_workers=-1)
+            LORA, TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", flags={"data": SimpleNamespace(num_workers=-1)}
         )
-    settings.check_settings(LORA, TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", data=SimpleNamespace(num_workers=0))
+    settings.check_settings(
+        LORA, TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", flags={"data": SimpleNamespace(num_workers=0)}
+    )
 
 
 def test_logger_needs_one_of_its_packages(monkeypatch):
@@ -323,14 +325,16 @@ def test_logger_needs_one_of_its_packages(monkeypatch):
     installed = {"tensorboardX"}
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: object() if name in installed else None)
     settings.check_settings(
-        LORA, TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", logger_name="tensorboard"
+        LORA, TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", flags={"logger_name": "tensorboard"}
     )  # either one
-    settings.check_settings(LORA, TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", logger_name="csv")
+    settings.check_settings(LORA, TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", flags={"logger_name": "csv"})
     with pytest.raises(UserInputError, match="--logger_name wandb needs the wandb package.*pip install wandb"):
-        settings.check_settings(LORA, TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", logger_name="wandb")
+        settings.check_settings(LORA, TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", flags={"logger_name": "wandb"})
     installed.clear()
     with pytest.raises(UserInputError, match="needs the tensorboard or tensorboardX package"):
-        settings.check_settings(LORA, TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", logger_name="tensorboard")
+        settings.check_settings(
+            LORA, TRAIN, EVAL, SeqArgs(), 1, 1, None, "32-true", flags={"logger_name": "tensorboard"}
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------

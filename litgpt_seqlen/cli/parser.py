@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 from litgpt.finetune.full import setup as litgpt_finetune_full
 
 from litgpt_seqlen.args import SeqArgs
+from litgpt_seqlen.cli.mistakes import explain
+from litgpt_seqlen.cli.optimizer_flags import optimizer_in_one_value
 from litgpt_seqlen.data.files import check_json_paths
 from litgpt_seqlen.errors import UserInputError
 from litgpt_seqlen.methods import COMMANDS, DEFAULT, Method
@@ -29,7 +32,22 @@ HELP = {
 
 
 class FlowParser(ArgumentParser):
-    """jsonargparse's parser, with the data paths checked before the data module is built from them."""
+    """jsonargparse's parser, with the data paths checked before the data module is built from them, a mistake on the
+    command line raised as a ``UserInputError`` of one paragraph (``mistakes.explain``) instead of usage text, and
+    ``--optimizer NAME --optimizer.lr X`` read as litgpt's one value (``optimizer_flags``)."""
+
+    def parse_args(self, args=None, *more, **kwargs):
+        self.given = list(sys.argv[1:] if args is None else args)
+        return super().parse_args(optimizer_in_one_value(self.given), *more, **kwargs)
+
+    def error(self, message, ex=None):
+        if not self.exit_on_error:  # a parser jsonargparse makes inside: it catches the error to try another type
+            super().error(message, ex)
+        try:
+            paragraph = explain(self, message, getattr(self, "given", []))
+        except Exception:  # a message of a shape explain does not know: jsonargparse's own words, in one paragraph
+            paragraph = " ".join(message.split())
+        raise UserInputError(paragraph) from None
 
     def instantiate_classes(self, cfg, *args, **kwargs):
         check_parsed(cfg)

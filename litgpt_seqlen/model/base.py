@@ -4,6 +4,7 @@ files this run reads, and what bitsandbytes' optimizers need of it."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from pathlib import Path
 
@@ -18,14 +19,19 @@ from litgpt_seqlen.errors import UserInputError
 
 def find_checkpoint_dir(checkpoint_dir: Path, access_token: str | None, need_weights: bool) -> Path:
     """The checkpoint directory, downloaded when it names a Hub model; it must hold what this run reads."""
-    if not checkpoint_dir.is_dir():
+    if not checkpoint_dir.is_dir() and litgpt_utils.extend_checkpoint_dir(checkpoint_dir).is_dir():
+        checkpoint_dir = litgpt_utils.extend_checkpoint_dir(checkpoint_dir)  # a name under checkpoints/, as upstream
+    elif not checkpoint_dir.is_dir():
+        if not _downloadable(checkpoint_dir):
+            raise UserInputError(not_a_checkpoint(checkpoint_dir))
         try:
             checkpoint_dir = litgpt_utils.auto_download_checkpoint(
                 model_name=checkpoint_dir, access_token=access_token, ignore_tokenizer_files=True
             )
-        except (ValueError, OSError) as problem:  # an unknown model name, or no network (requests' errors are OSErrors)
+        except (ValueError, OSError) as problem:  # no network (requests' errors are OSErrors), a refused download
+            reason = " ".join(str(problem).split()).rstrip(".")
             raise UserInputError(
-                f"checkpoint_dir {str(checkpoint_dir)!r} is not a directory and could not be downloaded ({problem})."
+                f"checkpoint_dir {str(checkpoint_dir)!r} is not a directory and could not be downloaded ({reason})."
             ) from None
     has_tokenizer = (checkpoint_dir / "tokenizer.json").is_file() or (checkpoint_dir / "tokenizer.model").is_file()
     missing = [
@@ -41,6 +47,42 @@ def find_checkpoint_dir(checkpoint_dir: Path, access_token: str | None, need_wei
         dry_run_hint = " (--seq.dry_run true needs no lit_model.pth)" if missing == ["lit_model.pth"] else ""
         raise UserInputError(f"checkpoint_dir {str(checkpoint_dir)!r} is missing {', '.join(missing)}{dry_run_hint}.")
     return checkpoint_dir
+
+
+def _downloadable_names() -> list[str]:
+    """The Hub names (``org/name``) litgpt's download knows, as ``litgpt download list`` prints them."""
+    from litgpt.config import configs
+
+    return [f"{config['hf_config']['org']}/{config['hf_config']['name']}" for config in configs]
+
+
+def _outside_checkpoints(checkpoint_dir: Path) -> bool:
+    """A relative path not under checkpoints/: litgpt looks for it under checkpoints/ too, or downloads it."""
+    return not checkpoint_dir.is_absolute() and checkpoint_dir.parts[:1] != ("checkpoints",)
+
+
+def _downloadable(checkpoint_dir: Path) -> bool:
+    """Whether upstream would download ``checkpoint_dir``: a model litgpt knows (any other name it only reports as
+    unsupported, and then stops on the missing files)."""
+    return _outside_checkpoints(checkpoint_dir) and str(checkpoint_dir) in _downloadable_names()
+
+
+def not_a_checkpoint(checkpoint_dir: Path) -> str:
+    """A checkpoint_dir that is neither a directory nor a model to download, with the closest checkpoint directory
+    (beside the path given, or under checkpoints/) or model name."""
+    parent = checkpoint_dir.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    near = list(parent.iterdir()) if parent.is_dir() else []
+    found = [str(path) for path in [*near, *Path("checkpoints").glob("*/*")] if (path / "model_config.yaml").is_file()]
+    candidates = found + _downloadable_names()
+    close = difflib.get_close_matches(str(checkpoint_dir), candidates, n=1)
+    also = f" (nor is {Path('checkpoints') / checkpoint_dir})" if _outside_checkpoints(checkpoint_dir) else ""
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return (
+        f"checkpoint_dir {str(checkpoint_dir)!r} is not a directory{also}, nor a model litgpt can download (litgpt"
+        f" download list names those).{hint}"
+    )
 
 
 def load_config(checkpoint_dir: Path, config_class: type = Config, **method_settings) -> Config:

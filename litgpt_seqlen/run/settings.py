@@ -10,6 +10,7 @@ from pathlib import Path
 
 import data_utils
 from litgpt_seqlen.errors import UserInputError
+from litgpt_seqlen.run.optimizer import optimizer_problems
 from litgpt_seqlen.training.schedule import Steps, check_schedule
 
 QUANTIZE_PRECISIONS = ("16-true", "bf16-true", "32-true")
@@ -30,14 +31,16 @@ def check_settings(
     quantize: str | None,
     precision: str | None,
     out_dir: Path | None = None,
-    data=None,
-    logger_name: str | None = None,
+    flags: Mapping | None = None,
 ) -> None:
     """All settings that can never work, upstream's included, in one ``UserInputError`` (one line per problem, each
     naming the flag and the fix). ``out_dir`` (when given) is created, as the run would create it, and tested for
-    writing; ``data`` (the data module, when given) and ``logger_name`` are checked too."""
+    writing; of ``flags`` (the method's upstream flags, when given) the data module, logger_name and optimizer are
+    checked too."""
+    flags = flags or {}
     problems = [*_train_problems(train, devices, num_nodes), *_eval_problems(eval), *_seq_problems(seq, train)]
-    problems += _data_module_problems(data) + _logger_problems(logger_name)
+    problems += _data_module_problems(flags.get("data")) + _logger_problems(flags.get("logger_name"))
+    problems += optimizer_problems(flags.get("optimizer", "AdamW"), quantize)
     problems += _hardware_problems(devices, num_nodes, quantize, precision)
     problems += _upstream_problems(method, train, eval)
     _problems_to_error(problems)
