@@ -1,9 +1,10 @@
 """Two CPU ranks on gloo: each scans its own share, both end with the same full list of parts, bad input stops both,
-and a checkpoint holds every rank's own training state in one file and gives each rank its own back.
+a checkpoint holds every rank's own training state in one file and gives each rank its own back, and a disk that
+fills while rank 0 writes one stops both ranks with its error.
 
 One two-rank run (launching costs ~10 s of imports and process-group setup) scans three times: serially, with two
-scan workers per rank, and with a bad sample in rank 1's share; then saves a checkpoint and loads it. The tests read
-what each rank wrote.
+scan workers per rank, and with a bad sample in rank 1's share; then saves a checkpoint and loads it, and saves one
+that rank 0 cannot write. The tests read what each rank wrote.
 """
 
 import json
@@ -30,7 +31,7 @@ BAD = COUNT - 2  # in rank 1's share
 # Run as a script: Fabric's launcher starts rank 1 by running it again with LOCAL_RANK=1.
 SCRIPT = textwrap.dedent(
     """
-    import json, os, sys
+    import errno, json, os, sys
 
     root, tokenizer_dir, data_file, out, bad = sys.argv[1:6]
     sys.path.insert(0, root)
@@ -82,6 +83,11 @@ SCRIPT = textwrap.dedent(
         if rank == 0:
             torch.save({"model": {"lora_A": torch.ones(3)}}, directory / LORA.weights_file)
 
+    def fills_in_step_files(directory):
+        if rank == 0:
+            (directory / LORA.weights_file).write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
     print(f"rank {rank}: checkpoint", flush=True)
     torch.manual_seed(100 + rank)
     state = fresh_state()
@@ -108,6 +114,29 @@ SCRIPT = textwrap.dedent(
         "files": sorted(path.name for path in (Path(out) / "resume" / "step-000005").iterdir()),
         "world_size": lookup.read_header(step_dir)["world_size"],
     }
+
+    # The disk fills while rank 0 writes a checkpoint, in its step files or in fabric.save's state.pt (which ends with
+    # a barrier): both ranks stop with its error, neither waits for the other.
+    print(f"rank {rank}: full disk", flush=True)
+    real_save = torch.save
+
+    def fills_on_rank_0(obj, f, *args, **kwargs):
+        if rank == 0 and str(getattr(f, "name", f)).endswith("state.pt"):
+            f.write(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    for where, step in (("step files", 7), ("state", 8)):
+        step_dir = Path(out) / f"step-{step:06d}"
+        if where == "state":
+            torch.save = fills_on_rank_0
+        try:
+            training_state.save(fabric, step_dir, state, write_step_files if where == "state" else fills_in_step_files, {}, LORA.weights_file, LORA.trainable)
+            results[where] = None
+        except UserInputError as problem:
+            results[where] = str(problem)
+        torch.save = real_save
+        results[f"{where} left"] = sorted(str(path.relative_to(out)) for path in Path(out).rglob(f"*{step_dir.name}"))
     with open(os.path.join(out, f"result-{rank}.json"), "w") as f:
         json.dump(results, f)
     """
@@ -188,3 +217,13 @@ def test_one_checkpoint_file_holds_every_ranks_state_and_gives_each_its_own_back
         assert result["raw_tokens"] == 1000 + rank
         assert result["progress"] == [5, 10, 1, 2]
     assert mine[0]["straight"] != mine[1]["straight"]
+
+
+def test_a_full_disk_on_rank_0_stops_both_ranks_with_its_error_and_leaves_nothing(two_ranks):
+    _, results, _ = two_ranks
+    for rank in (0, 1):
+        step_files, state = results[rank]["step files"], results[rank]["state"]
+        assert "step-000007 (No space left on device): 4 bytes of it had been written (now removed)" in step_files
+        assert results[rank]["step files left"] == []
+        assert "resume/step-000008 (No space left on device): 4 bytes of it had been written (now removed)" in state
+        assert results[rank]["state left"] == ["step-000008"]  # the step's files, without the state: incomplete

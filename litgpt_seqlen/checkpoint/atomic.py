@@ -1,13 +1,78 @@
-"""Crash-safe writing: a directory appears under its final name only when it is whole, and is flushed to disk."""
+"""Crash-safe writing: a directory appears under its final name only when it is whole, and is flushed to disk.
+
+Every file is written beside its destination (a temporary name in the same directory, then renamed), never through
+the system temp directory: a small or separate ``/tmp`` neither fails a save nor turns its rename into a copy. A
+file system (or quota) that fills during a write ends it with ``OutOfSpace``, the half-written part removed.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+
 from litgpt_seqlen.checkpoint.layout import STATE_DIR, TEMP_PREFIX, state_dir_for, temp_path_for
+from litgpt_seqlen.errors import UserInputError
+
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class OutOfSpace(UserInputError):
+    """The file system that holds ``path`` (or the user's quota on it) filled while ``path`` was written; what was
+    written of it (``written`` bytes) has been removed."""
+
+    def __init__(self, path: Path, error: OSError, written: int) -> None:
+        self.path, self.error, self.written = Path(path), error, written
+        self.free = free_space(path)
+        reason = error.strerror or os.strerror(error.errno)
+        super().__init__(
+            f"out of space while writing {path} ({reason}): {readable_size(written)} of it had been written (now"
+            f" removed); {readable_size(self.free)} free on the file system that holds it."
+        )
+
+
+def out_of_space_in(error: BaseException | None) -> OSError | None:
+    """The OSError(ENOSPC or EDQUOT) that ``error`` is, or that it was raised while handling (torch's writer, closing
+    its archive after a failed write, raises a RuntimeError over it); None when there is none."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno in OUT_OF_SPACE:
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def free_space(path: Path) -> int:
+    """The bytes an unprivileged user may still write on the file system that holds ``path`` (or its nearest existing
+    parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def readable_size(size: int) -> str:
+    """``size`` bytes in words: "512 bytes", "2.9 KiB", ..., "1.5 TiB"."""
+    value, units = float(size), ["bytes", "KiB", "MiB", "GiB", "TiB"]
+    while value >= 1024 and len(units) > 1:
+        value, units = value / 1024, units[1:]
+    return f"{size} bytes" if units[0] == "bytes" else f"{value:.1f} {units[0]}"
+
+
+def bytes_under(path: Path) -> int:
+    """The size of the file at ``path``, or of every file under the directory at ``path``; 0 when there is none."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file()) if path.is_dir() else 0
 
 
 def remove_stale_temporaries(out_dir: Path) -> list[Path]:
@@ -21,44 +86,180 @@ def remove_stale_temporaries(out_dir: Path) -> list[Path]:
     return removed
 
 
+def alone(problem: OutOfSpace | None) -> None:
+    """``agree`` for one process: its own problem is the only one."""
+    if problem is not None:
+        raise problem
+
+
 def write_checkpoint_dir_atomically(
     final_path: Path,
     write_fn: Callable[[Path], None],
     is_writer: bool = True,
-    barrier: Callable[[], None] = lambda: None,
+    agree: Callable[[OutOfSpace | None], None] = alone,
 ) -> None:
-    """Runs ``write_fn(temporary_dir)``, then renames the temporary directory to ``final_path`` (replacing an older
-    one). Killed at any moment, ``final_path`` is either absent, the old one, or the new one whole.
+    """Runs ``write_fn(temporary_dir)`` (a sibling of ``final_path``), then renames the temporary directory to
+    ``final_path`` (replacing an older one). Killed at any moment, ``final_path`` is either absent, the old one, or the
+    new one whole.
 
     Several ranks: all call it (``write_fn`` may hold collectives, like the methods' weight writers); only the rank with
-    ``is_writer`` creates, syncs and renames, so ``write_fn`` must write files on that rank only. ``barrier`` keeps
-    the others from touching the temporary directory before it exists or after it is renamed.
+    ``is_writer`` creates, syncs and renames, so ``write_fn`` must write files on that rank only. Every rank calls
+    ``agree(problem)`` after each of the three parts (create, write, sync and rename), with the ``OutOfSpace`` it met
+    there or None: a collective that raises on every rank when any rank met one (``ranks.agree_on_error``) keeps the
+    ranks together, also where a rank's write fails. Out of space, the temporary directory is removed at once; any
+    other error leaves it to ``remove_stale_temporaries``.
     """
     final_path = Path(final_path)
     temporary = temp_path_for(final_path)
-    if is_writer:
+
+    def create() -> None:
         if temporary.exists():
             shutil.rmtree(temporary)
         temporary.mkdir(parents=True)
-    barrier()
-    write_fn(temporary)
-    barrier()
-    if is_writer:
+
+    def finish() -> None:
         for file in temporary.rglob("*"):
             if file.is_file():
                 fsync_path(file)
         replace_dir(temporary, final_path)
-    barrier()
+
+    agree(_unless_out_of_space(create if is_writer else None, final_path, temporary, is_writer))
+    agree(_unless_out_of_space(lambda: write_fn(temporary), final_path, temporary, is_writer))
+    agree(_unless_out_of_space(finish if is_writer else None, final_path, temporary, is_writer))
+
+
+def _unless_out_of_space(part: Callable[[], None] | None, path: Path, temporary: Path, is_writer: bool):
+    """Runs ``part`` of writing ``path`` (None: nothing to do on this rank); out of space, removes what was written
+    (``temporary``, on the writer) and returns the ``OutOfSpace`` instead of raising it, so every rank can learn of it.
+    """
+    try:
+        if part is not None:
+            part()
+    except Exception as raised:
+        error = out_of_space_in(raised)
+        if error is None:
+            raise
+        written = bytes_under(temporary) + getattr(error, "partial_bytes", 0)  # a file written beside, then removed
+        if is_writer:
+            shutil.rmtree(temporary, ignore_errors=True)
+        return OutOfSpace(path, error, written)
+    return None
+
+
+def write_file_atomically(path: Path, write: Callable[[object], None]) -> None:
+    """``write(file)`` into a binary file named ``.tmp-<name>`` beside ``path``, flushed, then renamed to ``path``.
+    On any error the temporary file is removed; an OSError says in ``partial_bytes`` how much it held."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temp_path_for(path)
+    try:
+        with open(temporary, "wb") as file:
+            write(file)
+        fsync_path(temporary)
+        os.replace(temporary, path)
+    except BaseException as error:
+        if isinstance(error, OSError):
+            error.partial_bytes = bytes_under(temporary)
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+class WriteBeside(TorchCheckpointIO):
+    """``fabric.save``'s writer while checkpoints are written (``checkpoint_writes``): the file is written beside its
+    destination and renamed. Lightning's own writer stages it in the system temp directory and moves it from there."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        write_file_atomically(Path(path), lambda file: torch.save(checkpoint, file))
+
+
+def save_through_python_file(save: Callable) -> Callable:
+    """``torch.save`` that opens a path it is given with Python's ``open`` and raises a full disk as the OSError(ENOSPC)
+    it is: torch's own file writer reports it as a RuntimeError without an errno ("unexpected pos"), and into a Python
+    file raises that RuntimeError over the OSError when it closes the archive. The same file."""
+
+    @functools.wraps(save)
+    def saving(obj, f, *args, **kwargs):
+        try:
+            if isinstance(f, (str, os.PathLike)):
+                with open(f, "wb") as file:
+                    return save(obj, file, *args, **kwargs)
+            return save(obj, f, *args, **kwargs)
+        except RuntimeError as error:
+            full = out_of_space_in(error)
+            if full is None:
+                raise
+            raise full from None
+
+    return saving
+
+
+def meet_the_barrier_when_out_of_space(fabric, save: Callable) -> Callable:
+    """``fabric.save`` for several ranks: it ends with a barrier that the other ranks wait in, which the rank whose
+    write fails (out of space) would skip; that rank takes it before raising, so the ranks meet again after it."""
+
+    @functools.wraps(save)
+    def saving(*args, **kwargs):
+        try:
+            return save(*args, **kwargs)
+        except Exception as error:
+            if out_of_space_in(error) is not None:
+                fabric.barrier()
+            raise
+
+    return saving
+
+
+@contextlib.contextmanager
+def checkpoint_writes(fabric) -> Iterator[None]:
+    """While a checkpoint is written: ``fabric.save`` writes beside its destination (``WriteBeside``); ``torch.save``
+    to a path (litgpt's weight writers and merge, Lightning's sharded save) reports a full disk as OSError with its
+    errno (``save_through_python_file``); on several ranks a ``fabric.save`` that fails that way still meets the
+    others (``meet_the_barrier_when_out_of_space``). All is put back afterwards."""
+    strategy = getattr(fabric, "strategy", None)
+    swap_io = strategy is not None and _uses_torch_checkpoint_io(strategy)
+    wrap_save = getattr(fabric, "world_size", 1) > 1
+    previous_io, previous_save = (strategy.checkpoint_io if swap_io else None), torch.save
+    own_save = wrap_save and "save" in vars(fabric)  # an instance attribute (a test's) is put back, not deleted
+    previous_fabric_save = fabric.save if wrap_save else None
+    if swap_io:
+        strategy.checkpoint_io = WriteBeside()
+    if wrap_save:
+        fabric.save = meet_the_barrier_when_out_of_space(fabric, previous_fabric_save)
+    torch.save = save_through_python_file(previous_save)
+    try:
+        yield
+    finally:
+        torch.save = previous_save
+        if wrap_save and own_save:
+            fabric.save = previous_fabric_save
+        elif wrap_save:
+            del fabric.save
+        if swap_io:
+            strategy.checkpoint_io = previous_io
+
+
+def _uses_torch_checkpoint_io(strategy) -> bool:
+    try:
+        return type(strategy.checkpoint_io) is TorchCheckpointIO
+    except NotImplementedError:  # ModelParallelStrategy (several devices): it calls torch.save itself
+        return False
 
 
 def replace_dir(source: Path, target: Path) -> None:
-    """Moves ``source`` to ``target``; an existing ``target`` is first renamed aside (to a temporary name), then removed."""
+    """Moves ``source`` to ``target``; an existing ``target`` is first renamed aside (to a temporary name), then
+    removed. Should the move fail, the old ``target`` is put back."""
     if target.exists():
         aside = target.parent / f"{TEMP_PREFIX}old-{target.name}"
         if aside.exists():
             shutil.rmtree(aside)
         os.replace(target, aside)
-        os.replace(source, target)
+        try:
+            os.replace(source, target)
+        except OSError:
+            os.replace(aside, target)
+            raise
         shutil.rmtree(aside)
     else:
         os.replace(source, target)

@@ -50,6 +50,11 @@ def find_checkpoint(out_dir: Path, resume: object, log: Callable[[str], None] = 
     )
 
 
+def newest_complete(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint in ``out_dir`` (what ``--resume auto`` would choose), or None."""
+    return next((step_dir for step_dir in step_dirs_newest_first(out_dir) if incomplete_reason(step_dir) is None), None)
+
+
 def flag(resume: Resume) -> str:
     return str(resume).lower() if isinstance(resume, bool) else str(resume)
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from litgpt_seqlen.checkpoint.atomic import drop_training_state, write_checkpoint_dir_atomically
+from litgpt_seqlen import ranks
+from litgpt_seqlen.checkpoint.atomic import checkpoint_writes, drop_training_state, write_checkpoint_dir_atomically
 from litgpt_seqlen.checkpoint.layout import (
     FORMAT,
     HEADER,
@@ -58,40 +59,43 @@ def new_state(model, optimizer, scheduler, accumulation: int, device: torch.devi
 
 
 def save(
-    fabric, step_dir: Path, state: dict, write_step_files, header_parts: dict, weights_file: str, trainable
+    fabric, step_dir: Path, state: dict, write_step_files, header_parts: dict, weights_file: str, trainable, agree=None
 ) -> None:
     """A resumable checkpoint: ``write_step_files(directory)`` writes upstream's files into ``step_dir`` (the trained
     weights in ``weights_file``), then the training state is written beside it, with the model's ``trainable``
     parameters only, and a header (``header_parts``: run flags, data fingerprint, decision) that records the sha256 of
-    every file. Every rank calls it."""
+    every file. Every rank calls it. Out of space, every rank raises: the ``OutOfSpace`` rank 0 met, or what ``agree``
+    (``atomic.write_checkpoint_dir_atomically``'s) makes of it."""
     step_dir = Path(step_dir)
     writer = fabric.global_rank == 0
-    if writer:
-        drop_training_state(step_dir)  # the step directory is about to change: its old state no longer matches
-    write_checkpoint_dir_atomically(step_dir, write_step_files, is_writer=writer, barrier=fabric.barrier)
-    mine = {
-        "rng": capture_rng(),
-        "running_loss": state["running_loss"].state_dict(),
-        "token_counts": {key: int(value) for key, value in state["token_counts"].items()},
-    }
-    saved = {key: state[key] for key in ("model", "optimizer", "scheduler", *PROGRESS)}
-    saved["ranks"] = gather_from_ranks(fabric, mine)
-
-    def write_state(directory: Path) -> None:
-        fabric.save(directory / STATE_FILE, saved, filter={"model": trainable})
+    agree = agree or (lambda problem: ranks.agree_on_error(fabric, problem))
+    with checkpoint_writes(fabric):  # every file beside its destination; a full disk raises OSError(ENOSPC)
         if writer:
-            header = {
-                "format": FORMAT,
-                "step_dir": step_dir.name,
-                "world_size": fabric.world_size,
-                "progress": {key: state[key] for key in PROGRESS},
-                **header_parts,
-                "weights": {"file": weights_file, "sha256": file_sha256(step_dir / weights_file)},
-                "files": files_sha256(directory),
-            }
-            (directory / HEADER).write_text(json.dumps(header) + "\n")
+            drop_training_state(step_dir)  # the step directory is about to change: its old state no longer matches
+        write_checkpoint_dir_atomically(step_dir, write_step_files, is_writer=writer, agree=agree)
+        mine = {
+            "rng": capture_rng(),
+            "running_loss": state["running_loss"].state_dict(),
+            "token_counts": {key: int(value) for key, value in state["token_counts"].items()},
+        }
+        saved = {key: state[key] for key in ("model", "optimizer", "scheduler", *PROGRESS)}
+        saved["ranks"] = gather_from_ranks(fabric, mine)
 
-    write_checkpoint_dir_atomically(state_dir_for(step_dir), write_state, is_writer=writer, barrier=fabric.barrier)
+        def write_state(directory: Path) -> None:
+            fabric.save(directory / STATE_FILE, saved, filter={"model": trainable})
+            if writer:
+                header = {
+                    "format": FORMAT,
+                    "step_dir": step_dir.name,
+                    "world_size": fabric.world_size,
+                    "progress": {key: state[key] for key in PROGRESS},
+                    **header_parts,
+                    "weights": {"file": weights_file, "sha256": file_sha256(step_dir / weights_file)},
+                    "files": files_sha256(directory),
+                }
+                (directory / HEADER).write_text(json.dumps(header) + "\n")
+
+        write_checkpoint_dir_atomically(state_dir_for(step_dir), write_state, is_writer=writer, agree=agree)
 
 
 def load(fabric, step_dir: Path, state: dict) -> None:
@@ -159,13 +163,16 @@ class Resumption:
         )
 
     def finished(self, total: int, final_dir: Path, method, log) -> bool:
-        """Whether the checkpoint is the last step of this run and ``final_dir`` is written (the method's weights,
-        hyperparameters.yaml, and what the method finishes with: LoRA's merged lit_model.pth); if so, says so."""
+        """Whether the checkpoint is the last step of this run and ``final_dir`` is written from it (the method's
+        weights, the same as the checkpoint's, hyperparameters.yaml, and what the method finishes with: LoRA's merged
+        lit_model.pth); if so, says so. An earlier run's final/, which this run had not yet replaced, is not."""
         if self.saved is None or self.saved["progress"]["step"] < total:
             return False
         needed = [method.weights_file, "hyperparameters.yaml"]
         needed += ["lit_model.pth"] if method.finish is not nothing_to_finish else []
         if not all((final_dir / name).is_file() for name in needed):
+            return False
+        if file_sha256(final_dir / method.weights_file) != self.saved["weights"]["sha256"]:
             return False
         log(
             f"The run in {final_dir.parent} is finished: step {total} of {total}, and {final_dir} is written. Nothing"
