@@ -172,3 +172,15 @@ def run_with_memory_limit(
     env = {k: v for k, v in env.items() if k not in ("LOCAL_RANK", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK")}
     command = [sys.executable, str(script), *arguments]
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp, timeout=timeout)
+
+
+def litgpt_here(monkeypatch, *argv: str) -> int:
+    """litgpt's own command line (``litgpt ARGV``, what its console command runs), in this process; its exit code."""
+    from litgpt.__main__ import main
+
+    monkeypatch.setattr(sys, "argv", ["litgpt", *argv])
+    try:
+        main()
+    except SystemExit as leaving:
+        return leaving.code or 0
+    return 0
