@@ -21,11 +21,11 @@ venv: $(VENV)/.installed
 test: venv lint  # everything, in two processes of one thread each (pytest-xdist): the two cores, not oversubscribed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal -m "not slow"
 
-test-slow: venv  # what make test leaves out: the adapters' two-rank SIGTERM and resume runs, gpu-check's CPU run
+test-slow: venv  # what make test leaves out: the other methods' two-rank SIGTERM and resume runs, the CPU run of gpu-check
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal -m slow
 
 test-fast: venv  # the quick tests only: no command line run, no model, fewer hypothesis examples (seconds)
-	HYPOTHESIS_PROFILE=fast $(PY) -m pytest -q -m "not e2e"
+	HYPOTHESIS_PROFILE=fast OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 -m "not e2e"
 
 lint: venv
 	$(VENV)/bin/ruff check .

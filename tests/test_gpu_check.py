@@ -32,6 +32,7 @@ def run_check(tmp_path, *flags: str, timeout: float = 120) -> tuple[subprocess.C
     return ran, json.loads(out.read_text()) if out.is_file() else {}
 
 
+@pytest.mark.e2e  # runs the script in a subprocess (torch imported there: a second)
 def test_without_cuda_it_exits_0_and_writes_why_it_skipped(tmp_path):
     ran, result = run_check(tmp_path)
     assert ran.returncode == 0, ran.stderr[-3000:]

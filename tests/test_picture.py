@@ -2,6 +2,7 @@
 picture exists to show the tail, so it is checked on a long-tailed set too. Checked from the figure's objects (axes,
 scales, line positions, bar heights, text extents), never from pixels."""
 
+import functools
 import itertools
 import random
 import re
@@ -192,6 +193,7 @@ def test_a_run_draws_its_own_report(cli_here, make_data, tmp_path):
         assert report["max_seq_length"] in [line.get_xdata()[0] for line in axes.get_lines()]
 
 
+@functools.cache  # drawn once per block_size: the tests below only read the figure
 def long_tailed_figure(block_size: int):
     lengths = long_tailed_lengths()
     decision = data_utils.decide_max_seq_length(lengths, block_size=block_size, headroom=0.1)

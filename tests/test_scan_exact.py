@@ -251,7 +251,7 @@ class _StuckInWorkers:
 def test_a_stuck_scan_worker_costs_time_not_the_run(monkeypatch, capsys):
     import os
 
-    monkeypatch.setattr(scan, "STALL_SECONDS", 1)
+    monkeypatch.setattr(scan, "STALL_SECONDS", 0.2)
     parts = scan.scan_parts(_StuckInWorkers(os.getpid()), "train", workers=2)
     assert lengths_of(parts) == [3] * 600
     assert "scanning the remaining" in capsys.readouterr().err
