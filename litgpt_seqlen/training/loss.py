@@ -176,5 +176,6 @@ class FiniteLossWatch:
         raise NonFiniteLoss(
             f"{what} at optimizer step {int(first)}: training stops here, and nothing after the last checkpoint is"
             " saved (final/ is not written). Likely causes: --precision 16-true (float16 overflows; use bf16-true or"
-            " 32-true), or a learning rate too high for this model (--optimizer)."
+            " 32-true), or a learning rate too high for this model (--optimizer). Start a new run (another --out_dir)"
+            " with either changed: a resume keeps the run's settings."
         )
