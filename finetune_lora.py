@@ -106,14 +106,15 @@ def setup(
 
         plugins, precision = devices_and_precision.precision_plugins(quantize, precision)
         strategy = devices_and_precision.strategy_for(devices, num_nodes)
-        fabric = L.Fabric(
-            devices=devices,
-            num_nodes=num_nodes,
-            strategy=strategy,
-            precision=precision,
-            loggers=logger,
-            plugins=plugins,
-        )
+        with devices_and_precision.quiet_for(seq.dry_run):
+            fabric = L.Fabric(
+                devices=devices,
+                num_nodes=num_nodes,
+                strategy=strategy,
+                precision=precision,
+                loggers=logger,
+                plugins=plugins,
+            )
         fabric.launch(
             main,
             method=method,
@@ -379,6 +380,8 @@ def cli() -> None:
     warnings.filterwarnings(
         "ignore", message=r"The epoch parameter in `scheduler.step\(\)` was not necessary", category=UserWarning
     )
+    # torch's guess from this machine's CPU count, on every loader made (a dry run makes them and reads none)
+    warnings.filterwarnings("ignore", message=r"This DataLoader will create \d+ worker processes", category=UserWarning)
     with exits.user_facing_exits():  # bad input: `error: ...`, exit 2; Ctrl-C: one line, exit 130
         method, args = split_command(sys.argv[1:])  # `litgpt-seqlen finetune_adapter ...`; none: LoRA
         flow_parser = build_parser(method)

@@ -105,3 +105,20 @@ def test_a_closed_stdout_ends_the_dry_run_quietly_with_the_report_written(tiny_c
     assert run.returncode == 141  # 128 + SIGPIPE, as for any command whose reader went away
     report = json.loads((out / "seq_lengths.json").read_text())
     assert report["dry_run"] is True and (out / "seq_lengths.png").is_file()
+
+
+def test_a_dry_run_does_not_announce_the_precision_it_does_not_train_with(caplog):
+    import logging
+
+    from lightning_utilities.core.rank_zero import rank_zero_info
+
+    from litgpt_seqlen.run import devices
+
+    with caplog.at_level(logging.INFO):
+        with devices.quiet_for(True):
+            rank_zero_info("Using bfloat16 Automatic Mixed Precision (AMP)")
+        with devices.quiet_for(False):
+            rank_zero_info("Using bfloat16 Automatic Mixed Precision (AMP), training")
+    assert [record.getMessage() for record in caplog.records] == [
+        "Using bfloat16 Automatic Mixed Precision (AMP), training"
+    ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 
 import torch
@@ -52,3 +54,19 @@ def shard_blocks(model, device_mesh):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+@contextlib.contextmanager
+def quiet_for(dry_run: bool):
+    """Lightning's info lines while Fabric is made ("Using bfloat16 Automatic Mixed Precision"): what a run trains
+    with, noise in a dry run, which trains nothing."""
+    from lightning_utilities.core import rank_zero
+
+    logger = rank_zero.log  # the logger Lightning's rank_zero_info writes to (lightning.pytorch sets which one)
+    level = logger.level
+    if dry_run:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
