@@ -85,6 +85,15 @@ def test_bad_field(run, data_dir, tmp_path, field, value, named):
     assert_clear_error(run(data_dir, tmp_path / "out"), str(data_dir / "train.json"), "position 2", named)
 
 
+def test_litgpts_default_val_split_is_one_warning_line(run, data_dir, tmp_path):
+    single = tmp_path / "all.json"
+    single.write_text(json.dumps(json.loads((data_dir / "train.json").read_text()) * 10))  # 5% of it: 2 val samples
+    code, _, err = run(single, tmp_path / "out", "--seq.dry_run", "true")
+    assert code == 0, err[-3000:]
+    assert "warning: The `json_path` points to a single file and `val_split_fraction` was not set." in err
+    assert "UserWarning" not in err
+
+
 def test_top_level_object(run, data_dir, tmp_path):
     single = tmp_path / "all.json"
     single.write_text(json.dumps({"train": json.loads((data_dir / "train.json").read_text()), "val": []}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import warnings
 from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
@@ -16,6 +17,7 @@ from litgpt_seqlen.cli.optimizer_flags import optimizer_in_one_value
 from litgpt_seqlen.data.files import check_json_paths
 from litgpt_seqlen.errors import UserInputError
 from litgpt_seqlen.methods import COMMANDS, DEFAULT, Method
+from litgpt_seqlen.ranks import launched_as_rank_zero
 
 HELP = {
     "train.max_seq_length": (
@@ -50,11 +52,18 @@ class FlowParser(ArgumentParser):
         raise UserInputError(paragraph) from None
 
     def instantiate_classes(self, cfg, *args, **kwargs):
+        """The classes built; a warning they raise (litgpt's JSON module defaulting --data.val_split_fraction) said in
+        one ``warning: ...`` line by rank 0, not in Python's ``<string>:10: UserWarning`` form on every rank."""
         check_parsed(cfg)
         try:
-            return super().instantiate_classes(cfg, *args, **kwargs)
+            with warnings.catch_warnings(record=True) as caught:
+                built = super().instantiate_classes(cfg, *args, **kwargs)
         except ValueError as problem:  # jsonargparse wraps what a class built from user input raised in a ValueError
             raise UserInputError(instantiation_error_message(problem)) from None
+        if launched_as_rank_zero():
+            for warning in caught:
+                print(f"warning: {warning.message}", file=sys.stderr)
+        return built
 
 
 def use_flow_help(parser: ArgumentParser) -> None:
