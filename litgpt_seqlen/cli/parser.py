@@ -52,16 +52,18 @@ class FlowParser(ArgumentParser):
         raise UserInputError(paragraph) from None
 
     def instantiate_classes(self, cfg, *args, **kwargs):
-        """The classes built; a warning they raise (litgpt's JSON module defaulting --data.val_split_fraction) said in
-        one ``warning: ...`` line by rank 0, not in Python's ``<string>:10: UserWarning`` form on every rank."""
+        """The classes built. litgpt's JSON module defaulting --data.val_split_fraction is said in one ``warning: ...``
+        line by rank 0, not in Python's ``<string>:10: UserWarning`` form on every rank; other warnings as before."""
         check_parsed(cfg)
         try:
             with warnings.catch_warnings(record=True) as caught:
                 built = super().instantiate_classes(cfg, *args, **kwargs)
         except ValueError as problem:  # jsonargparse wraps what a class built from user input raised in a ValueError
             raise UserInputError(instantiation_error_message(problem)) from None
-        if launched_as_rank_zero():
-            for warning in caught:
+        for warning in caught:
+            if "val_split_fraction" not in str(warning.message):  # any other: as Python would have shown it
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+            elif launched_as_rank_zero():
                 print(f"warning: {warning.message}", file=sys.stderr)
         return built
 
