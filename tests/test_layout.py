@@ -1,6 +1,7 @@
 """The house: what is installed, who imports whom (imports inside functions included), and how large the rooms are."""
 
 import ast
+import json
 import re
 import shutil
 import subprocess
@@ -167,18 +168,15 @@ def test_the_console_command_runs_beside_a_users_own_data_utils(tmp_path):
     (tmp_path / "data_utils.py").write_text("raise ImportError('the user module, not ours')\n")
     assets.build_demo(tmp_path / "demo")
     flags = ["--data", "JSON", "--data.json_path", "demo/data", "--data.num_workers", "0", "--out_dir", "out"]
-    ran = subprocess.run(
-        [str(command), "demo/checkpoint", *flags, "--precision", "32-true", "--train.global_batch_size", "4"]
-        + ["--train.micro_batch_size", "2", "--train.max_steps", "2", "--train.lr_warmup_steps", "0"]
-        + ["--eval.max_new_tokens", "4", "--eval.max_iters", "1"],
+    ran = subprocess.run(  # a dry run: it imports, scans and decides through our data_utils, not the user's
+        [str(command), "demo/checkpoint", *flags, "--seq.dry_run", "true"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
         timeout=300,
     )
     assert ran.returncode == 0, ran.stderr[-3000:]
-    assert (tmp_path / "out" / "final" / "lit_model.pth").is_file()
-    assert (tmp_path / "out" / "seq_lengths.json").is_file()
+    assert json.loads((tmp_path / "out" / "seq_lengths.json").read_text())["max_seq_length"] > 0
 
 
 def room_table() -> dict[str, set[str]]:
