@@ -34,32 +34,11 @@ finetune_lora.cli()
 def build(work: Path, cuda: bool) -> tuple[Path, Path]:
     """(checkpoint, data) in ``work``: 4 layers, n_embd 256, 65,536 padded vocabulary; 32 samples of 1,500-1,900
     tokens. Without CUDA (the code path only): 2 layers, n_embd 32, 4,096, and samples of 150-190 tokens."""
-    import torch
-    from litgpt import GPT, Config
-    from litgpt.utils import save_config
-
     checkpoint, data = work / "checkpoint", work / "data"
     checkpoint.mkdir(parents=True, exist_ok=True)
     assets.build_tokenizer(checkpoint)
-    vocabulary = len(json.loads((checkpoint / "tokenizer.json").read_text())["model"]["vocab"])
-    config = Config(
-        name="wide-vocabulary",
-        block_size=2048,
-        vocab_size=vocabulary,
-        padded_vocab_size=65_536 if cuda else 4_096,
-        n_layer=4 if cuda else 2,
-        n_head=4 if cuda else 2,
-        n_embd=256 if cuda else 32,
-        rotary_percentage=1.0,
-        parallel_residual=False,
-        bias=False,
-        norm_class_name="RMSNorm",
-        mlp_class_name="LLaMAMLP",
-        intermediate_size=512 if cuda else 64,
-    )
-    save_config(config, checkpoint)
-    torch.manual_seed(0)
-    torch.save(GPT(config).state_dict(), checkpoint / "lit_model.pth")
+    wide = {"n_layer": 4, "n_head": 4, "n_embd": 256, "padded_vocab_size": 65_536}
+    assets.build_checkpoint(checkpoint, block_size=2048, **(wide if cuda else {"padded_vocab_size": 4_096}))
     train = [1500 + 13 * i for i in range(32)] if cuda else [150 + i for i in range(0, 40, 2)]
     assets.build_data(data, checkpoint, train, train[-8:])
     return checkpoint, data

@@ -45,9 +45,17 @@ def build_tokenizer(directory: Path, extra_words=()) -> None:
 
 
 def build_checkpoint(
-    directory: Path, block_size: int = 2048, n_layer: int = 2, n_embd: int = 32, seed: int = 0
+    directory: Path,
+    block_size: int = 2048,
+    n_layer: int = 2,
+    n_embd: int = 32,
+    seed: int = 0,
+    n_head: int = 2,
+    padded_vocab_size: int | None = None,
 ) -> None:
-    """model_config.yaml + random-weight lit_model.pth of a tiny GPT, beside the tokenizer in ``directory``."""
+    """model_config.yaml + random-weight lit_model.pth of a tiny GPT, beside the tokenizer in ``directory``.
+    ``padded_vocab_size`` above the tokenizer's vocabulary widens the output layer (its logits then dominate a
+    micro-batch's memory)."""
     import torch
     from litgpt import GPT, Config
     from litgpt.utils import save_config
@@ -57,9 +65,9 @@ def build_checkpoint(
         name="tiny-demo",
         block_size=block_size,
         vocab_size=vocab_size,
-        padded_vocab_size=vocab_size,
+        padded_vocab_size=padded_vocab_size or vocab_size,
         n_layer=n_layer,
-        n_head=2,
+        n_head=n_head,
         n_embd=n_embd,
         rotary_percentage=1.0,
         parallel_residual=False,

@@ -2,7 +2,6 @@
 state it allocates and drops, and real runs out of memory on this CPU: a process whose address space is limited
 (``ulimit -v``) so that the user's micro-batch fails and a smaller one fits."""
 
-import json
 import resource
 from contextlib import contextmanager
 
@@ -108,32 +107,11 @@ TRAIN, VAL = [400, 380, 390, 410, 300, 420, 405, 395], [400, 410]
 @pytest.fixture(scope="module")
 def wide_vocabulary(tmp_path_factory):
     """(checkpoint, data) of the runs below."""
-    from litgpt import GPT, Config
-    from litgpt.utils import save_config
-
     directory = tmp_path_factory.mktemp("wide-vocabulary")
     checkpoint, data = directory / "checkpoint", directory / "data"
     checkpoint.mkdir()
     assets.build_tokenizer(checkpoint)
-    vocabulary = len(json.loads((checkpoint / "tokenizer.json").read_text())["model"]["vocab"])
-    config = Config(
-        name="tiny-wide-vocabulary",
-        block_size=512,
-        vocab_size=vocabulary,
-        padded_vocab_size=32_768,
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        rotary_percentage=1.0,
-        parallel_residual=False,
-        bias=False,
-        norm_class_name="RMSNorm",
-        mlp_class_name="LLaMAMLP",
-        intermediate_size=64,
-    )
-    torch.manual_seed(0)
-    save_config(config, checkpoint)
-    torch.save(GPT(config).state_dict(), checkpoint / "lit_model.pth")
+    assets.build_checkpoint(checkpoint, block_size=512, padded_vocab_size=32_768)
     assets.build_data(data, checkpoint, TRAIN, VAL)
     return checkpoint, data
 
