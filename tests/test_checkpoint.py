@@ -561,6 +561,27 @@ def test_run_flags_hold_every_flag_that_changes_the_weights():
         same_run.check_same_run({"run": flags}, {"run": changed})
 
 
+def test_run_flags_hold_the_data_settings_that_make_other_tokens_of_the_same_examples(tmp_path):
+    """The examples are fingerprinted as written; masking the prompt trains other labels from the same tokens."""
+    from litgpt.data import JSON
+    from litgpt.prompts import Alpaca
+
+    config = SimpleNamespace(**{name: 1 for name in LORA.config_flags})
+    (tmp_path / "data.json").write_text("[]")
+    data = JSON(json_path=tmp_path / "data.json", mask_prompt=False, prompt_style=Alpaca())
+    flags = same_run.run_flags(LORA, TrainArgs(), SeqArgs(), 7, 1, "AdamW", "32-true", config, data)
+    assert {name: flags[name] for name in flags if name.startswith("data.")} == {
+        "data.prompt_style": "Alpaca",
+        "data.mask_prompt": False,
+        "data.ignore_index": -100,
+    }
+    assert flags == same_run.run_flags(LORA, TrainArgs(), SeqArgs(), 7, 1, "AdamW", "32-true", config, data)
+    masked = JSON(json_path=tmp_path / "data.json", mask_prompt=True, prompt_style=Alpaca())
+    changed = same_run.run_flags(LORA, TrainArgs(), SeqArgs(), 7, 1, "AdamW", "32-true", config, masked)
+    with pytest.raises(UserInputError, match="--data.mask_prompt was False, now True"):
+        same_run.check_same_run({"run": flags}, {"run": changed})
+
+
 def test_the_length_decision_round_trips():
     record = same_run.decision_record(300, {"train": [0, 2, 3], "val": [0, 1]}, {"train": 5, "val": 2})
     record = json.loads(json.dumps(record))
@@ -682,6 +703,33 @@ def test_other_base_weights_of_the_same_config_are_refused_naming_checkpoint_dir
         same_run.check_same_model(step_dir, other)
     (other / "lit_model.pth").unlink()  # a dry run needs no weights: nothing to compare
     same_run.check_same_model(step_dir, other)
+
+
+def test_a_tokenizer_with_two_ids_swapped_is_refused_on_resume(fabric, tmp_path):
+    """Same vocabulary size, same sample lengths, other ids: only the tokenizer's own record can tell."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model_config.yaml").write_text("n_layer: 2\n")
+    vocabulary = {"a": 0, "b": 1, "c": 2}
+    (base / "tokenizer.json").write_text(json.dumps({"model": {"vocab": vocabulary}}))
+    (base / "tokenizer_config.json").write_text("{}")
+    resumption, _ = same_run.begin(OneRank(), tmp_path / "out", None, length_plan([0]), {}, saves=True, base=base)
+    step_dir = save_checkpoint(fabric, tmp_path / "out", 2, header_parts=resumption.header_parts)
+    (step_dir / "model_config.yaml").write_text("n_layer: 2\n")
+    same_run.check_same_model(step_dir, base)
+
+    (base / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {**vocabulary, "a": 1, "b": 0}}}))
+    with pytest.raises(UserInputError) as error:
+        same_run.check_same_model(step_dir, base)
+    assert str(error.value).startswith(
+        f"--resume {step_dir}: that checkpoint was trained with another tokenizer than checkpoint_dir {base} has"
+        " (tokenizer.json changed); the same text would now be other token ids."
+    )
+    (base / "tokenizer.json").write_text(json.dumps({"model": {"vocab": vocabulary}}))
+    (base / "tokenizer_config.json").unlink()
+    (base / "generation_config.json").write_text("{}")
+    with pytest.raises(UserInputError, match=r"\(generation_config.json added, tokenizer_config.json removed\)"):
+        same_run.check_same_model(step_dir, base)
 
 
 # ---------------------------------------------------------------------------------------------------------------

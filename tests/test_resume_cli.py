@@ -183,6 +183,19 @@ def test_the_resume_command_is_the_run_with_its_resume_flag_replaced():
     )
 
 
+def test_the_resume_command_of_the_console_command_is_as_typed(tmp_path, monkeypatch):
+    """A console command's argv[0] is its full path: the user typed its name, which the shell finds on PATH."""
+    command = tmp_path / "bin" / "litgpt-seqlen"
+    command.parent.mkdir()
+    command.write_text("#!/bin/sh\n")
+    command.chmod(0o755)
+    argv = [str(command), "finetune_adapter", "ckpt", "--resume", "auto"]
+    monkeypatch.setenv("PATH", str(command.parent))
+    assert resume_command(argv, Path("o/step-000002")) == "litgpt-seqlen finetune_adapter ckpt --resume o/step-000002"
+    monkeypatch.setenv("PATH", str(tmp_path))  # not on PATH: the path it was run by
+    assert resume_command(argv, Path("o/step-000002")).startswith(f"{command} finetune_adapter ckpt")
+
+
 @pytest.mark.e2e
 def test_a_second_signal_ends_a_run_stuck_where_python_cannot_act(tmp_path):
     """A rank stuck in a collective never returns to Python: the second SIGTERM still ends the process, with 143."""

@@ -220,6 +220,39 @@ def test_only_rank_zero_prints(capsys, monkeypatch):
     assert exit_of(lambda: raise_(KeyboardInterrupt()), capsys) == (130, "")
 
 
+@pytest.mark.e2e
+def test_a_rank_left_waiting_for_one_that_ended_says_one_line_not_the_collectives_traceback(tmp_path):
+    """Two real gloo ranks: rank 1 ends, rank 0's next collective fails; rank 0 says so in one line, exit 1."""
+    script = tmp_path / "peer_lost.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, sys
+            sys.path.insert(0, {str(ROOT)!r})
+            import torch, torch.distributed as dist
+            from litgpt_seqlen.cli import exits
+            rank = 1 if os.fork() == 0 else 0
+            dist.init_process_group("gloo", init_method="file://{tmp_path / "store"}", rank=rank, world_size=2)
+            dist.barrier()
+            if rank == 1:
+                os._exit(0)  # killed, or its own error already printed
+            with exits.user_facing_exits():
+                dist.all_reduce(torch.ones(1))
+            """
+        )
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr[-3000:]
+    assert result.stderr.startswith("error: another rank of this run ended while this one waited for it (")
+    assert "--resume auto" in result.stderr
+
+
+def test_a_runtime_error_that_is_not_a_lost_rank_keeps_its_traceback():
+    with pytest.raises(RuntimeError, match="shape mismatch"), exits.user_facing_exits():
+        raise RuntimeError("shape mismatch")
+
+
 def test_agree_on_error_with_one_rank():
     from types import SimpleNamespace
 

@@ -16,13 +16,18 @@ from litgpt_seqlen.checkpoint.state import RUN_LENGTH_FLAGS, Resumption
 from litgpt_seqlen.errors import UserInputError
 
 # --seq.* flags that do not change what is trained (every other, present or future, must match to resume)
+# The data module's settings that make other tokens or labels of the same examples (the examples are fingerprinted).
+DATA_FLAGS = ("prompt_style", "mask_prompt", "ignore_index")
 SEQ_FLAGS_NOT_RUN_CHANGING = ("dry_run", "scan_workers", "rehearse", "fit_micro_batch", "memory_margin")
 SAMPLE_DIGEST = 4  # bytes of each sample's sha256 kept in state.json, to name the first changed sample
+# What litgpt's Tokenizer reads from checkpoint_dir: the ids and the special tokens the samples are made of.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json")
 
 
-def run_flags(method, train, seq, seed: int, world_size: int, optimizer, precision, config) -> dict:
+def run_flags(method, train, seq, seed: int, world_size: int, optimizer, precision, config, data=None) -> dict:
     """The flags that change the trained weights, keyed by flag name (so a mismatch reads ``--seed was 1, now 2``):
-    the method's own among them (``method.config_flags``, read back from the config they went into)."""
+    the method's own among them (``method.config_flags``, read back from the config they went into), and the data
+    module's that turn the same example into other tokens or labels (``DATA_FLAGS``)."""
     flags = {
         f"train.{name}": getattr(train, name)
         for name in (
@@ -39,6 +44,12 @@ def run_flags(method, train, seq, seed: int, world_size: int, optimizer, precisi
         {f"seq.{name}": value for name, value in asdict(seq).items() if name not in SEQ_FLAGS_NOT_RUN_CHANGING}
     )
     flags.update({name: getattr(config, name) for name in method.config_flags})
+    for name in DATA_FLAGS:
+        if hasattr(data, name):
+            value = getattr(data, name)  # a PromptStyle object by its class: its repr holds an address
+            flags[f"data.{name}"] = (
+                value if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
+            )
     return normalized(flags)
 
 
@@ -169,8 +180,9 @@ def normalized(value: object) -> object:
 
 def check_same_model(step_dir: Path, checkpoint_dir: Path) -> None:
     """The base model must be the checkpoint's (a LoRA state fits only its base model): the step directory's
-    model_config.yaml the same as checkpoint_dir's, and checkpoint_dir's lit_model.pth the one recorded in the
-    checkpoint's state.json (``base_fingerprint``; not compared where there is none: a dry run needs no weights)."""
+    model_config.yaml the same as checkpoint_dir's, its tokenizer files the ones recorded in the checkpoint's
+    state.json (``tokenizer_fingerprint``: the same lengths can hide other ids), and checkpoint_dir's lit_model.pth the
+    one recorded there (``base_fingerprint``; not compared where there is none: a dry run needs no weights)."""
     import yaml
 
     saved = yaml.safe_load((Path(step_dir) / "model_config.yaml").read_text())
@@ -182,7 +194,15 @@ def check_same_model(step_dir: Path, checkpoint_dir: Path) -> None:
             f"--resume {step_dir}: that checkpoint was trained on another base model than checkpoint_dir"
             f" {checkpoint_dir} ({shown}). Pass the checkpoint_dir it was trained from."
         )
-    weights = read_header(step_dir).get("base")
+    header = read_header(step_dir)
+    changed = tokenizer_difference(header.get("tokenizer"), tokenizer_fingerprint(checkpoint_dir))
+    if changed:
+        raise UserInputError(
+            f"--resume {step_dir}: that checkpoint was trained with another tokenizer than checkpoint_dir"
+            f" {checkpoint_dir} has ({changed}); the same text would now be other token ids. Pass the checkpoint_dir"
+            " it was trained from, or start a new run with --resume false (or another --out_dir)."
+        )
+    weights = header.get("base")
     now = base_fingerprint(checkpoint_dir) if weights else None
     difference = sampled_difference(weights, now) if now else None
     if difference:
@@ -192,6 +212,26 @@ def check_same_model(step_dir: Path, checkpoint_dir: Path) -> None:
             f" {weights['path']}). Pass the checkpoint_dir it was trained from, or start a new run with --resume false"
             " (or another --out_dir)."
         )
+
+
+def tokenizer_fingerprint(checkpoint_dir: Path) -> dict:
+    """The sha256 of each of checkpoint_dir's ``TOKENIZER_FILES`` that exists, by file name."""
+    found = {name: Path(checkpoint_dir) / name for name in TOKENIZER_FILES}
+    return {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in found.items() if path.is_file()}
+
+
+def tokenizer_difference(saved: dict | None, now: dict) -> str | None:
+    """The tokenizer files that differ between a checkpoint's record and now, in words; None when none does (or
+    nothing was recorded: a checkpoint older than this record)."""
+    if saved is None:
+        return None
+    words = {True: "changed", False: "added"}
+    changed = [
+        f"{name} {words[name in saved] if name in now else 'removed'}"
+        for name in sorted(set(saved) | set(now))
+        if saved.get(name) != now.get(name)
+    ]
+    return ", ".join(changed) or None
 
 
 def base_fingerprint(checkpoint_dir: Path) -> dict | None:
@@ -247,5 +287,8 @@ def begin(fabric, out_dir: Path, step_dir: Path | None, plan, run: dict, saves: 
     fabric.barrier()
     counts = {name: len(plan.lengths[name]) for name in plan.kept}
     decision = decision_record(plan.decision.max_seq_length, plan.kept, counts)
-    weights = base_fingerprint(base) if saves and base is not None else None
-    return Resumption(step_dir, saved, {"run": run, "data": data, "decision": decision, "base": weights}), plan
+    recorded = saves and base is not None
+    weights = base_fingerprint(base) if recorded else None
+    tokenizer = tokenizer_fingerprint(base) if recorded else None
+    parts = {"run": run, "data": data, "decision": decision, "base": weights, "tokenizer": tokenizer}
+    return Resumption(step_dir, saved, parts), plan

@@ -17,6 +17,24 @@ def _say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+# How the collectives' backends say that another rank is gone (gloo on CPU, NCCL on CUDA, the TCP store).
+PEER_LOST = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "remote worker crashing",
+    "NCCL communicator was aborted",
+    "Broken pipe",
+)
+
+
+def lost_peer(problem: BaseException) -> str | None:
+    """The backend's words when ``problem`` is a collective that failed because another rank ended; None otherwise."""
+    if not isinstance(problem, RuntimeError):  # torch's DistBackendError and DistNetworkError are RuntimeErrors
+        return None
+    text = str(problem)
+    return next((words for words in PEER_LOST if words in text), None)
+
+
 class _Terminated(SystemExit):
     """SIGTERM outside any handler of the flow's own: leave through the ``finally`` blocks, exit 143."""
 
@@ -68,6 +86,18 @@ def user_facing_exits():
         code = 143
     except SystemExit as leaving:  # the flow's own exits (a stop by signal: 130, 143), --help (0)
         code, exiting = leaving.code, True
+    except RuntimeError as problem:
+        words = lost_peer(problem)
+        if words is None:
+            raise  # a bug: its traceback
+        # Not this rank's error: the rank that ended printed its own (a killed one prints none). One line, not the
+        # waiting rank's traceback through the collective.
+        _say(
+            f"error: another rank of this run ended while this one waited for it ({words}); its error, if it printed"
+            " one, is above (a rank killed by the system, e.g. out of host memory, prints none). To go on from the"
+            " newest complete checkpoint: the same command with --resume auto."
+        )
+        code = 1
     finally:
         signal.signal(signal.SIGTERM, previous)
     end_process(code, exiting)
