@@ -167,7 +167,7 @@ def test_packed_rows_train_every_method_as_one_by_one(method, path):
     """Packing under each method's own GPT (the adapters' prefix attention, adapter v2's scaled and biased linear
     layers, full fine-tuning's every parameter): per-token losses and the gradients of every trained parameter equal
     those of the samples run one by one through litgpt's forward."""
-    from test_packing import family_config, one_by_one, packed, samples_and_rows
+    from test_packing import EXACT, family_config, gradient_tolerance, one_by_one, packed, samples_and_rows
 
     from litgpt_seqlen.model.packed_forward import packed_gpt
 
@@ -179,7 +179,7 @@ def test_packed_rows_train_every_method_as_one_by_one(method, path):
     settings = {name: getattr(llama, name) for name in names if name != "adapter_start_layer"}
     config = chosen.config_class(**settings, **({"adapter_start_layer": 0} if method != "full" else {}))
     torch.manual_seed(0)
-    model = packed_gpt(chosen.gpt_class)(config, path)
+    model = packed_gpt(chosen.gpt_class)(config, path).double()
     with torch.no_grad():  # the adapters' gates start at zero: random values everywhere make every gradient count
         for parameter in model.parameters():
             parameter.normal_(0, 0.2)
@@ -190,8 +190,8 @@ def test_packed_rows_train_every_method_as_one_by_one(method, path):
     reference_losses, reference_gradients = one_by_one(model, items)
     losses, gradients, _ = packed(model, items, rows)
     for reference, loss in zip(reference_losses, losses):
-        torch.testing.assert_close(loss, reference, atol=1e-5, rtol=0)
+        torch.testing.assert_close(loss, reference, **EXACT)
     assert gradients.keys() == reference_gradients.keys() and gradients
     for key, reference in reference_gradients.items():
         assert reference.abs().sum() > 0, key
-        torch.testing.assert_close(gradients[key], reference, atol=1e-5, rtol=1e-5, msg=key)
+        torch.testing.assert_close(gradients[key], reference, **gradient_tolerance(key), msg=key)

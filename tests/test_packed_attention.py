@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from litgpt.lora import Block
 from litgpt.model import CausalSelfAttention
-from test_packing import family_config, one_by_one, packed, sample, samples_and_rows, tiny_lora_gpt
+from test_packing import EXACT, family_config, one_by_one, packed, sample, samples_and_rows, tiny_lora_gpt
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -38,14 +38,14 @@ def test_segments_equal_the_dense_reference(lengths, spare, heads):
     q_heads, kv_heads = heads
     generator = torch.Generator().manual_seed(len(lengths) * 31 + width)
     shapes = [(len(lengths), q_heads, width, 8)] + [(len(lengths), kv_heads, width, 8)] * 2
-    q, k, v = (torch.randn(shape, generator=generator, requires_grad=True) for shape in shapes)
+    q, k, v = (torch.randn(shape, generator=generator, dtype=torch.float64, requires_grad=True) for shape in shapes)
     results = []
     for mask in (SegmentMask(lengths, width, "segments"), block_causal_mask(lengths, width)):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=kv_heads != q_heads)
         grads = torch.autograd.grad(y.square().sum(), (q, k, v))
         results.append([y, *grads])
     for fast, reference in zip(*results):
-        torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast, reference, **EXACT)
 
 
 def test_lengths_that_do_not_fit_the_rows_are_refused():
