@@ -110,6 +110,52 @@ def test_a_full_disk_in_final_keeps_the_earlier_final_and_the_printed_command_fi
     assert torch.load(earlier / "lit_model.pth", weights_only=True) and temporaries(out) == []
 
 
+def files_fill_the_disk_at(monkeypatch, name: str) -> list[str]:
+    """From now on, a file named ``name`` that ``atomic.write_file_atomically`` writes takes a few bytes, then fails
+    as a full disk does. Returns the paths it was asked for."""
+    hit = []
+
+    class Filling(io.BufferedWriter):
+        def write(self, data) -> int:
+            super().write(bytes(data)[:7])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def opening(path, mode="r", *args, **kwargs):
+        if Path(path).name != name:
+            return open(path, mode, *args, **kwargs)
+        hit.append(str(path))
+        return Filling(io.FileIO(path, "w"))
+
+    monkeypatch.setattr(atomic, "open", opening, raising=False)
+    return hit
+
+
+@pytest.mark.parametrize("report_file", [".tmp-seq_lengths.json", ".tmp-seq_lengths.png"])
+def test_a_full_disk_while_the_report_is_written_is_one_error_and_no_half_file(
+    cli_here, make_data, tmp_path, monkeypatch, report_file
+):
+    data, out = make_data([100, 120, 90, 80], [110, 90]), tmp_path / "out"
+    with monkeypatch.context() as patch:
+        hit = files_fill_the_disk_at(patch, report_file)
+        run = cli_here(data, out, "--seq.dry_run", "true")
+    line = error_line(run)
+    written = out / report_file.removeprefix(".tmp-")
+    assert hit and line.startswith(f"error: out of space while writing {written} (No space left on device); ")
+    assert " free on the file system that holds it." in line and "--resume auto" in line
+    assert not written.exists() and temporaries(out) == []
+
+
+def test_a_full_disk_anywhere_else_is_one_error_naming_what_is_known(capsys):
+    from litgpt_seqlen.cli import exits
+
+    with pytest.raises(SystemExit) as leaving, exits.user_facing_exits():
+        raise RuntimeError("the logger's flush failed") from OSError(errno.EDQUOT, "Disk quota exceeded")
+    assert leaving.value.code == 2
+    message = capsys.readouterr().err
+    assert message.startswith("error: out of space while writing a file (Disk quota exceeded). Free space there")
+    assert len(message.splitlines()) == 1
+
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
 def test_out_of_space_removes_the_partial_directory_and_keeps_the_old_one(tmp_path, code):
     target = tmp_path / "step-000002"

@@ -8,7 +8,6 @@ file system (or quota) that fills during a write ends it with ``OutOfSpace``, th
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import os
 import shutil
@@ -19,52 +18,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
 from litgpt_seqlen.checkpoint.layout import STATE_DIR, TEMP_PREFIX, state_dir_for, temp_path_for
-from litgpt_seqlen.errors import UserInputError
-
-OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
-
-
-class OutOfSpace(UserInputError):
-    """The file system that holds ``path`` (or the user's quota on it) filled while ``path`` was written; what was
-    written of it (``written`` bytes) has been removed."""
-
-    def __init__(self, path: Path, error: OSError, written: int) -> None:
-        self.path, self.error, self.written = Path(path), error, written
-        self.free = free_space(path)
-        reason = error.strerror or os.strerror(error.errno)
-        super().__init__(
-            f"out of space while writing {path} ({reason}): {readable_size(written)} of it had been written (now"
-            f" removed); {readable_size(self.free)} free on the file system that holds it."
-        )
-
-
-def out_of_space_in(error: BaseException | None) -> OSError | None:
-    """The OSError(ENOSPC or EDQUOT) that ``error`` is, or that it was raised while handling (torch's writer, closing
-    its archive after a failed write, raises a RuntimeError over it); None when there is none."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, OSError) and error.errno in OUT_OF_SPACE:
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def free_space(path: Path) -> int:
-    """The bytes an unprivileged user may still write on the file system that holds ``path`` (or its nearest existing
-    parent)."""
-    path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free
-
-
-def readable_size(size: int) -> str:
-    """``size`` bytes in words: "512 bytes", "2.9 KiB", ..., "1.5 TiB"."""
-    value, units = float(size), ["bytes", "KiB", "MiB", "GiB", "TiB"]
-    while value >= 1024 and len(units) > 1:
-        value, units = value / 1024, units[1:]
-    return f"{size} bytes" if units[0] == "bytes" else f"{value:.1f} {units[0]}"
+from litgpt_seqlen.errors import OutOfSpace, out_of_space_in
 
 
 def bytes_under(path: Path) -> int:
@@ -160,6 +114,7 @@ def write_file_atomically(path: Path, write: Callable[[object], None]) -> None:
     except BaseException as error:
         if isinstance(error, OSError):
             error.partial_bytes = bytes_under(temporary)
+            error.filename = error.filename or str(path)  # a failed write names no file; its destination is the one
         temporary.unlink(missing_ok=True)
         raise
 

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from litgpt_seqlen.errors import UserInputError
+from litgpt_seqlen.errors import UserInputError, free_space, out_of_space_in, readable_size, reason_of
 from litgpt_seqlen.ranks import launched_as_rank_zero
 
 
@@ -33,6 +33,18 @@ def lost_peer(problem: BaseException) -> str | None:
         return None
     text = str(problem)
     return next((words for words in PEER_LOST if words in text), None)
+
+
+def out_of_space(error: OSError) -> str:
+    """A full disk met outside the checkpoint writers, in words: the file (where the error names it), the space left,
+    and the way on."""
+    where = f"{error.filename} " if error.filename else ""
+    free = f"; {readable_size(free_space(error.filename))} free on the file system that holds it" if where else ""
+    return (
+        f"out of space while writing {where or 'a file '}({reason_of(error)}){free}. Free space there (or choose an"
+        " --out_dir with more room), then run the same command with --resume auto: it goes on from the newest"
+        " complete checkpoint, if the run saved one."
+    )
 
 
 class _Terminated(SystemExit):
@@ -86,18 +98,22 @@ def user_facing_exits():
         code = 143
     except SystemExit as leaving:  # the flow's own exits (a stop by signal: 130, 143), --help (0)
         code, exiting = leaving.code, True
-    except RuntimeError as problem:
-        words = lost_peer(problem)
-        if words is None:
+    except Exception as problem:
+        full, words = out_of_space_in(problem), lost_peer(problem)
+        if full is not None:  # a report file, a log, what no checkpoint writer named (those raise UserInputError)
+            _say(f"error: {out_of_space(full)}")
+            code = 2
+        elif words is not None:
+            # Not this rank's error: the rank that ended printed its own (a killed one prints none). One line, not
+            # the waiting rank's traceback through the collective.
+            _say(
+                f"error: another rank of this run ended while this one waited for it ({words}); its error, if it"
+                " printed one, is above (a rank killed by the system, e.g. out of host memory, prints none). To go on"
+                " from the newest complete checkpoint: the same command with --resume auto."
+            )
+            code = 1
+        else:
             raise  # a bug: its traceback
-        # Not this rank's error: the rank that ended printed its own (a killed one prints none). One line, not the
-        # waiting rank's traceback through the collective.
-        _say(
-            f"error: another rank of this run ended while this one waited for it ({words}); its error, if it printed"
-            " one, is above (a rank killed by the system, e.g. out of host memory, prints none). To go on from the"
-            " newest complete checkpoint: the same command with --resume auto."
-        )
-        code = 1
     finally:
         signal.signal(signal.SIGTERM, previous)
     end_process(code, exiting)

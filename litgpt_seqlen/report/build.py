@@ -1,4 +1,5 @@
-"""seq_lengths.json: what was scanned, decided and trained, one part per stage, always written whole."""
+"""seq_lengths.json: what was scanned, decided and trained, one part per stage, always written whole (beside, then
+renamed: a full disk leaves the previous version, never half a file)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from litgpt.args import TrainArgs
 
 import data_utils
 from litgpt_seqlen.args import SeqArgs
+from litgpt_seqlen.checkpoint.atomic import write_file_atomically
 from litgpt_seqlen.data import order, truncation
 from litgpt_seqlen.data.length_plan import LengthPlan
 from litgpt_seqlen.report.outcomes import warning_lines
@@ -42,7 +44,8 @@ class RunReport:
 
     def write(self, fabric: L.Fabric) -> None:
         if fabric.global_rank == 0:
-            self.path.write_text(json.dumps(self.as_dict(), indent=2) + "\n")
+            text = json.dumps(self.as_dict(), indent=2) + "\n"
+            write_file_atomically(self.path, lambda file: file.write(text.encode()))
 
 
 def publish_plan(
@@ -167,8 +170,11 @@ def write_dropped(path: Path, dropped: Sequence[tuple[str, int, int, str, object
     """One JSON line per dropped sample: its split, index, length, the reason (``over_length`` under
     ``--seq.over_length drop``, ``unsupervised`` when cutting left no token to learn from), with ``source(split,
     index)`` the file and position it came from (``DataFiles.source``), and the sample, unchanged."""
-    with open(path, "w", encoding="utf-8") as f:
+
+    def write(file) -> None:
         for split, index, length, reason, sample in dropped:
             record = {"split": split, "index": index, "length": length, "reason": reason}
             record.update(source(split, index) if source else {})
-            f.write(json.dumps({**record, "sample": sample}, ensure_ascii=False) + "\n")
+            file.write((json.dumps({**record, "sample": sample}, ensure_ascii=False) + "\n").encode())
+
+    write_file_atomically(path, write)

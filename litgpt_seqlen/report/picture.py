@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import data_utils
+from litgpt_seqlen.checkpoint.atomic import write_file_atomically
 
 PLOT_HINT = "pip install matplotlib (from a clone: pip install '.[plot]') to get {name}"
 BINS = 40  # histogram bins, evenly spaced on the log axis from the shortest sample to the longest
@@ -225,11 +226,8 @@ def write_length_picture(
         import matplotlib  # noqa: F401
     except ImportError:
         return PLOT_HINT.format(name=Path(path).name)
-    path = Path(path)
     figure = length_figure(lengths_by_split, max_seq_length, block_size, what_if_rows)
-    temporary = path.with_name(f".tmp-{path.name}")
-    figure.savefig(temporary, format="png", dpi=100, bbox_inches="tight")
-    os.replace(temporary, path)
+    write_file_atomically(Path(path), lambda file: figure.savefig(file, format="png", dpi=100, bbox_inches="tight"))
     return None
 
 
