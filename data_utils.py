@@ -13,7 +13,32 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import NamedTuple
 
-OVER_LENGTH_POLICIES = ("truncate", "drop", "error")
+
+@dataclass(frozen=True)
+class OverLengthPolicy:
+    """What ``--seq.over_length NAME`` does with a sample longer than max_seq_length: every part of the run asks the
+    policy, never its name, so a new policy is a new entry in ``OVER_LENGTH`` (and its tests)."""
+
+    name: str
+    cuts: bool  # the sample is trained on, cut to max_seq_length (``--seq.truncate_from``)
+    leaves_out: bool  # the sample is left out, and kept in dropped_samples.jsonl
+    verb: str  # what a warning says it does to the samples ("--seq.over_length drop leaves out 3 of 9 ...")
+
+    @property
+    def stops(self) -> bool:
+        """An over-long sample stops the run before anything is built."""
+        return not (self.cuts or self.leaves_out)
+
+
+OVER_LENGTH = {
+    policy.name: policy
+    for policy in (
+        OverLengthPolicy("truncate", cuts=True, leaves_out=False, verb="truncates"),
+        OverLengthPolicy("drop", cuts=False, leaves_out=True, verb="leaves out"),
+        OverLengthPolicy("error", cuts=False, leaves_out=False, verb="stops on"),
+    )
+}
+OVER_LENGTH_POLICIES = tuple(OVER_LENGTH)
 TRUNCATE_FROM = ("prompt", "end")
 
 
@@ -185,9 +210,10 @@ def apply_over_length(
 ) -> dict[str, list[int]]:
     """The indices each split keeps under ``--seq.over_length``; raises for ``error`` with an over-long sample, and for
     ``drop`` when it would empty the train or val split."""
-    if policy == "error" and (message := over_length_error(lengths_by_split, decision, where=where)):
+    rule = OVER_LENGTH[policy]
+    if rule.stops and (message := over_length_error(lengths_by_split, decision, where=where)):
         raise LengthError(message)
-    if policy != "drop":
+    if not rule.leaves_out:
         return {split: list(range(len(lengths))) for split, lengths in lengths_by_split.items()}
     kept = {}
     for split, lengths in lengths_by_split.items():
@@ -196,7 +222,7 @@ def apply_over_length(
     for split in ("train", "val"):
         if split in kept and not kept[split]:
             raise LengthError(
-                f"--seq.over_length drop leaves the {split} split empty: all {len(lengths_by_split[split])} samples are longer"
+                f"--seq.over_length {policy} leaves the {split} split empty: all {len(lengths_by_split[split])} samples are longer"
                 f" than max_seq_length {decision.max_seq_length}. {_keep_them(decision)}"
             )
     return kept

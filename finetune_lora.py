@@ -163,7 +163,7 @@ def main(
     max_seq_length, batches_for_epoch = plan.decision.max_seq_length, order.for_run(fabric, plan, train, seq, seed)
     accumulation = train.gradient_accumulation_iters(fabric.world_size, 1)
     steps = Steps.count(len(batches_for_epoch(0)), accumulation, train.epochs, train.max_steps)  # the one count
-    resumption.check_run_length(run, steps.total, log=fabric.print)  # going on for more steps is allowed
+    resumption.check_run_length(steps.total, log=fabric.print)  # going on for more steps is allowed
     if resumption.finished(steps.total, out_dir / "final", method, log=fabric.print):
         return  # the run's files as they are
     found = plan_warnings(plan, data, tokenizer, seq.over_length) + settings.check_run(train, eval, plan.kept, steps)
@@ -181,13 +181,8 @@ def main(
     fabric.seed_everything(seed)  # the same on every rank, for model init
     attention = packed_attention.choose_for_run(fabric, config, precision) if seq.pack else None
     state = build_training_state(
-        fabric, method, config, max_seq_length, checkpoint_dir, optimizer, train, steps, attention
+        fabric, method, config, max_seq_length, checkpoint_dir, optimizer, train, steps, attention, resumption
     )
-    model, optimizer = state["model"], state["optimizer"]
-    if resume_from is not None:
-        training_state.load(fabric, resume_from, state)
-        if resumption.length_changed(run):  # the schedule of a run planned for the new length, from this step on
-            state["scheduler"] = replanned_schedule(optimizer, train.lr_warmup_steps, steps.total, state["step"])
 
     # 3. Rehearse the worst case (the longest micro-batches) at the largest micro-batch that fits; train, validate, save.
     if seq.rehearse:
@@ -200,26 +195,15 @@ def main(
     started = time.perf_counter()
     with GracefulStop(log=fabric.print) as signals:
         micro_batches = fit(
-            fabric,
-            state,
-            train_loader=train_loader,
-            val_loader=val_loader,
-            data=data,
-            tokenizer=tokenizer,
-            train=train,
-            eval=eval,
-            checkpointer=checkpointer,
-            verify=not seq.rehearse,
-            signals=signals,
-            token_weighting=seq.token_weighting,
+            fabric, state, train_loader, val_loader, data, tokenizer, train, eval, seq, checkpointer, signals
         )
     if signals.checkpoint is not None:
         signals.leave(fabric)  # exit 143 (SIGTERM) / 130 (SIGINT): the step directory is the result, no final/
     counts = performance_report(fabric, state["token_counts"], started)
     report.batches = report_build.batches_trained(counts, micro_batches, train.micro_batch_size, seq, attention)
     report.write(fabric)
-    evaluation.final_validation(fabric, model, val_loader, eval)
-    checkpointer.save_final(model, precision)
+    evaluation.final_validation(fabric, state["model"], val_loader, eval)
+    checkpointer.save_final(state["model"], precision)
     fabric.print(plan.decision.summary())
 
 
@@ -241,10 +225,20 @@ def rehearse(
 
 
 def build_training_state(
-    fabric, method: Method, config, max_seq_length, checkpoint_dir, optimizer, train, steps: Steps, attention
+    fabric,
+    method: Method,
+    config,
+    max_seq_length,
+    checkpoint_dir,
+    optimizer,
+    train,
+    steps: Steps,
+    attention,
+    resumption,
 ) -> dict:
     """The method's model, built with the decided length and its base weights, its optimizer and schedule: fit's
-    state. ``attention``: the path packed rows take (``packed_attention.choose_attention``)."""
+    state, loaded from the checkpoint ``resumption`` goes on from (if any). ``attention``: the path packed rows take
+    (``packed_attention.choose_attention``)."""
     with fabric.init_module(empty_init=(fabric.world_size > 1)):
         model = packed_gpt(method.gpt_class)(config, attention)
     model.max_seq_length = max_seq_length
@@ -264,35 +258,39 @@ def build_training_state(
         optimizer = litgpt_utils.instantiate_torch_optimizer(optimizer, model.parameters())
     optimizer = fabric.setup_optimizers(optimizer)
     scheduler = get_lr_scheduler(optimizer, warmup_steps=train.lr_warmup_steps, max_steps=steps.total)
-    return training_state.new_state(model, optimizer, scheduler, steps.accumulation, fabric.device)
+    state = training_state.new_state(model, optimizer, scheduler, steps.accumulation, fabric.device)
+    if resumption.step_dir is not None:
+        training_state.load(fabric, resumption.step_dir, state)
+        if resumption.length_changed():  # the schedule of a run planned for the new length, from this step on
+            state["scheduler"] = replanned_schedule(optimizer, train.lr_warmup_steps, steps.total, state["step"])
+    return state
 
 
 def fit(
     fabric: L.Fabric,
     state: dict,
-    *,
     train_loader,
     val_loader,
     data: DataModule,
     tokenizer: Tokenizer,
     train: TrainArgs,
     eval: EvalArgs,
+    seq: SeqArgs,
     checkpointer: Checkpointer,
-    verify: bool = True,
     signals: GracefulStop | None = None,
-    token_weighting: bool = False,
 ) -> int:
     """The training loop over ``state`` (``checkpoint.state.new_state``; a loaded one goes on where it stopped).
     max_seq_length was settled before the model was built; nothing here changes it.
 
-    ``checkpointer.save(state)`` writes a resumable checkpoint. ``verify``: without an initial validation, run two val
-    batches first as upstream does (not needed after a rehearsal). ``token_weighting``: every supervised token of a
-    step weighs the same (``StepLookahead`` counts the step's tokens first). ``signals``: SIGTERM or SIGINT ends the
+    ``checkpointer.save(state)`` writes a resumable checkpoint. Without an initial validation or a rehearsal
+    (``seq.rehearse``), two val batches run first, as upstream does. ``seq.token_weighting``: every supervised token of
+    a step weighs the same (``StepLookahead`` counts the step's tokens first). ``signals``: SIGTERM or SIGINT ends the
     loop after the optimizer step it arrives in, with a checkpoint (``signals.checkpoint``). Returns the micro-batches
     trained, over all ranks.
     """
     model, optimizer, scheduler = state["model"], state["optimizer"], state["scheduler"]
-    val_loss = evaluation.initial_validation(fabric, model, val_loader, eval, verify)
+    token_weighting = seq.token_weighting
+    val_loss = evaluation.initial_validation(fabric, model, val_loader, eval, verify=not seq.rehearse)
     saved_step = None
     if state["rng"] is not None:  # a resumed run draws what the saved run would have drawn next
         restore_rng(state["rng"])

@@ -789,14 +789,19 @@ def test_sampled_fingerprint_of_an_empty_and_a_small_file(tmp_path):
 
 def test_a_resumed_run_may_go_on_for_more_steps_never_fewer(tmp_path):
     saved = {"run": {"train.max_steps": 6, "train.epochs": 1, "seed": 1}, "progress": {"step": 6}}
-    resumption = training_state.Resumption(tmp_path / "step-000006", saved, {})
+
+    def resumed_with(max_steps: int) -> training_state.Resumption:
+        run = {"train.max_steps": max_steps, "train.epochs": 1, "seed": 1}
+        return training_state.Resumption(tmp_path / "step-000006", saved, {"run": run})
+
     said = []
-    resumption.check_run_length({"train.max_steps": 6, "train.epochs": 1, "seed": 1}, 6, said.append)
-    assert said == []
-    resumption.check_run_length({"train.max_steps": 8, "train.epochs": 1, "seed": 1}, 8, said.append)
+    resumed_with(6).check_run_length(6, said.append)
+    assert said == [] and resumed_with(6).length_changed() == []
+    resumed_with(8).check_run_length(8, said.append)
     assert "--train.max_steps was 6, now 8" in said[0] and "not bit-identical" in said[0]
+    assert resumed_with(8).length_changed() == ["--train.max_steps was 6, now 8"]
     with pytest.raises(UserInputError, match="checkpoint is at step 6"):
-        resumption.check_run_length({"train.max_steps": 4, "train.epochs": 1, "seed": 1}, 4, said.append)
+        resumed_with(4).check_run_length(4, said.append)
     # every other setting must still match
     with pytest.raises(UserInputError, match="--seed was 1, now 2"):
         same_run.check_same_run(saved, {"run": {"train.max_steps": 8, "train.epochs": 1, "seed": 2}})

@@ -190,3 +190,19 @@ def test_apply_over_length_policies():
         data_utils.apply_over_length(lengths, decision, "error")
     with pytest.raises(LengthError, match="leaves the val split empty"):
         data_utils.apply_over_length({"train": [10], "val": [60]}, decision, "drop")
+
+
+def test_the_over_length_flag_offers_every_policy_and_each_does_one_thing():
+    """The policies live in ``data_utils.OVER_LENGTH``; the command line offers exactly those."""
+    import typing
+
+    from litgpt_seqlen.args import SeqArgs
+
+    assert typing.get_args(typing.get_type_hints(SeqArgs)["over_length"]) == data_utils.OVER_LENGTH_POLICIES
+    for policy in data_utils.OVER_LENGTH.values():
+        assert [policy.cuts, policy.leaves_out, policy.stops].count(True) == 1, policy
+    lengths, decision = {"train": [5, 12], "val": [4]}, data_utils.decide_max_seq_length({"train": [5], "val": [4]}, 10)
+    assert data_utils.apply_over_length(lengths, decision, "truncate") == {"train": [0, 1], "val": [0]}
+    assert data_utils.apply_over_length(lengths, decision, "drop") == {"train": [0], "val": [0]}
+    with pytest.raises(data_utils.LengthError, match="train"):
+        data_utils.apply_over_length(lengths, decision, "error")

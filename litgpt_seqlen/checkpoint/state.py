@@ -133,20 +133,20 @@ class Resumption:
     saved: dict | None  # the checkpoint's state.json
     header_parts: dict  # run flags, data fingerprint, length decision: written into every checkpoint of this run
 
-    def length_changed(self, run: dict) -> list[str]:
+    def length_changed(self) -> list[str]:
         """The run-length flags (``--train.epochs``, ``--train.max_steps``) this run sets otherwise than the
         checkpoint's, as ``--flag was A, now B``; empty for a fresh run or the same length."""
         if self.saved is None:
             return []
-        was = self.saved["run"]
+        was, run = self.saved["run"], self.header_parts["run"]
         return [
             f"--{name} was {was.get(name)}, now {run[name]}" for name in RUN_LENGTH_FLAGS if was.get(name) != run[name]
         ]
 
-    def check_run_length(self, run: dict, total: int, log) -> None:
+    def check_run_length(self, total: int, log) -> None:
         """A resumed run may go on for more steps than it was planned with (``--train.max_steps`` or
         ``--train.epochs`` raised); ``log`` says what that changes. Fewer steps than the checkpoint took: refused."""
-        changed = self.length_changed(run)
+        changed = self.length_changed()
         if not changed:
             return
         step = self.saved["progress"]["step"]

@@ -80,7 +80,7 @@ def fit_micro_batch(fabric, model, optimizer, loaders: dict, plan, train, seq) -
         chosen = largest_that_fits(sizes, fits)
         if chosen is None:
             shorter = _shorter_length_that_fits(fabric, model, optimizer, loaders, plan, train)
-            raise UserInputError(no_fit_message(fabric.device, plan, tried[sizes[-1]], shorter, seq.over_length))
+            raise UserInputError(no_fit_message(fabric.device, plan, tried[sizes[-1]], shorter, seq.truncate_from))
     report = {
         "device": str(fabric.device),
         "device_memory_bytes": total,
@@ -189,7 +189,7 @@ def _segments_within(lengths: list[int], limit: int) -> list[int]:
     return kept
 
 
-def no_fit_message(device, plan, last: dict, shorter: int | None, over_length: str) -> str:
+def no_fit_message(device, plan, last: dict, shorter: int | None, truncate_from: str) -> str:
     decision = plan.decision
     lengths = plan.kept_lengths("train")
     longest = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)[:3]
@@ -206,7 +206,7 @@ def no_fit_message(device, plan, last: dict, shorter: int | None, over_length: s
             "\nNo shorter max_seq_length fits either: the model itself needs more memory than there is. A lighter"
             " --precision (bf16-true), --quantize bnb.nf4, or more --devices would."
         )
-    plans = truncation.plan_split(plan.parts["train"], shorter, "end" if over_length != "truncate" else "prompt")
+    plans = truncation.plan_split(plan.parts["train"], shorter, truncate_from)  # as --seq.over_length truncate cuts
     cut = sum(1 for p in plans if p.truncated)
     responses = sum(parts.response for parts in plan.parts["train"]) or 1
     response_cut = sum(p.response_cut for p in plans) / responses

@@ -67,21 +67,13 @@ def publish_plan(
         fabric.print(
             f"warning: --train.max_seq_length {decision.wanted} is above the model's block_size {decision.block_size}; using {decision.block_size}."
         )
-    content = build_report(plan, seq)
-    micro_batch_size, accumulation = train.micro_batch_size, train.gradient_accumulation_iters(fabric.world_size, 1)
-    sizes = {"world_size": fabric.world_size, "step_size": micro_batch_size * accumulation}
-    train_lengths = plan.kept_lengths("train")
-    expected = order.expected_efficiency(train_lengths, decision.max_seq_length, micro_batch_size, seed, **sizes)
-    content["expected_efficiency"] = {how: estimate["efficiency"] for how, estimate in expected.items()}
-    content["batches_estimate"] = {"packed": False, **expected[seq.order]}
-    content["batches_estimate"].update(micro_batch_size=micro_batch_size, group_by_length=seq.group_by_length)
-    content["warnings"] = list(warnings)
-    content["dry_run"] = seq.dry_run
+    content = build_report(plan, seq, train, fabric.world_size, seed, warnings)
     report = RunReport(out_dir / outputs.REPORT, content, resumed_from=resumed_from)
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         dropped = plan.dropped_rows()
-        files = outputs.report_files(out_dir, dry_run=seq.dry_run, drop=seq.over_length == "drop" or bool(dropped))
+        leaves_out = data_utils.OVER_LENGTH[seq.over_length].leaves_out
+        files = outputs.report_files(out_dir, dry_run=seq.dry_run, drop=leaves_out or bool(dropped))
         if files.dropped is not None:
             write_dropped(files.dropped, dropped, source=plan.located.source if plan.located else None)
         report.path = files.report  # the files first: a reader that goes away mid-print leaves them whole
@@ -101,13 +93,16 @@ def publish_plan(
     return report
 
 
-def build_report(plan: LengthPlan, seq: SeqArgs) -> dict:
+def build_report(
+    plan: LengthPlan, seq: SeqArgs, train: TrainArgs, world_size: int, seed: int, warnings: Sequence[dict]
+) -> dict:
+    """Every key of the plan's part of seq_lengths.json (the stages add theirs: ``RunReport``)."""
     decision = plan.decision
     splits = {}
     for name, split_lengths in plan.lengths.items():
         splits[name] = data_utils.split_stats(split_lengths, decision.max_seq_length)
         reasons = list(plan.dropped[name].values())
-        if seq.over_length == "drop":
+        if data_utils.OVER_LENGTH[seq.over_length].leaves_out:
             splits[name]["dropped"] = reasons.count("over_length")
             splits[name]["tokens_truncated"] = 0
         seen = [plan.cuts[name][i] for i in plan.kept[name]]
@@ -115,6 +110,11 @@ def build_report(plan: LengthPlan, seq: SeqArgs) -> dict:
     every_length = [n for split_lengths in plan.lengths.values() for n in split_lengths]
     every_parts = [p for split_parts in plan.parts.values() for p in split_parts]
     what_if = data_utils.what_if(every_length, decision.block_size, chosen=decision.max_seq_length)
+    micro_batch_size, accumulation = train.micro_batch_size, train.gradient_accumulation_iters(world_size, 1)
+    sizes = {"world_size": world_size, "step_size": micro_batch_size * accumulation}
+    expected = order.expected_efficiency(
+        plan.kept_lengths("train"), decision.max_seq_length, micro_batch_size, seed, **sizes
+    )
     return {
         "max_seq_length": decision.max_seq_length,
         "source": decision.source,
@@ -128,6 +128,15 @@ def build_report(plan: LengthPlan, seq: SeqArgs) -> dict:
         "summary": decision.summary(),
         "splits": splits,
         "what_if": truncation.add_response_cut(what_if, every_parts, seq.truncate_from),
+        "expected_efficiency": {how: estimate["efficiency"] for how, estimate in expected.items()},
+        "batches_estimate": {
+            "packed": False,
+            **expected[seq.order],
+            "micro_batch_size": micro_batch_size,
+            "group_by_length": seq.group_by_length,
+        },
+        "warnings": list(warnings),
+        "dry_run": seq.dry_run,
     }
 
 

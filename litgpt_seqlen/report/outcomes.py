@@ -36,7 +36,7 @@ def outcome_warnings(
     """
     limit = decision.max_seq_length
     found = []
-    if over_length in ("truncate", "drop"):
+    if not data_utils.OVER_LENGTH[over_length].stops:
         for split, split_lengths in lengths.items():
             over = data_utils.over_limit(split_lengths, limit)
             if split_lengths and len(over) / len(split_lengths) > max_cut_share:
@@ -58,7 +58,7 @@ def outcome_warnings(
 
 
 def _cut_share_warning(split: str, count: int, total: int, over_length: str, decision: data_utils.Decision) -> dict:
-    verb = "leaves out" if over_length == "drop" else "truncates"
+    verb = data_utils.OVER_LENGTH[over_length].verb
     if decision.source == "override" and not decision.capped:
         fix = f"Raise --train.max_seq_length (up to block_size {decision.block_size}); the what-if table shows what each length costs."
     else:

@@ -24,7 +24,7 @@ def print_report(fabric: L.Fabric, report: dict, plan: LengthPlan) -> None:
     decision = plan.decision
     fabric.print(decision.summary())
     columns = ("count", "min", "mean", "p50", "p90", "p99", "max", "argmax", "over_limit", "tokens_truncated")
-    extra = ("dropped",) if report["over_length"] == "drop" else ()
+    extra = ("dropped",) if data_utils.OVER_LENGTH[report["over_length"]].leaves_out else ()
     print_table(fabric, report["splits"], columns + extra)
     fabric.print(f"cut samples (--seq.truncate_from {report['truncate_from']}):")
     print_table(fabric, report["splits"], TRUNCATION_KEYS)
