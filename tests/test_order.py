@@ -371,3 +371,12 @@ def test_closing_the_epochs_ends_the_loaders_worker_processes_at_once():
     assert len(multiprocessing.active_children()) >= 2
     batches.close()
     assert not multiprocessing.active_children()
+
+
+def test_every_order_the_flags_choose_is_one_of_the_orders():
+    from litgpt_seqlen.args import SeqArgs
+
+    chosen = {SeqArgs(pack=pack, group_by_length=grouped).order for pack in (False, True) for grouped in (False, True)}
+    assert chosen == set(order.ORDERS)
+    estimates = order.expected_efficiency([5, 9, 3, 7, 2, 8], 10, 2, seed=0, world_size=2, step_size=2)
+    assert list(estimates) == list(order.ORDERS) and all(0 < e["efficiency"] <= 1 for e in estimates.values())

@@ -14,6 +14,7 @@ trains on the same samples per optimizer step.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -133,6 +134,42 @@ class EpochBatches:
         del iterator  # the last reference: torch shuts the workers down now, with its queues whole
 
 
+@dataclass(frozen=True)
+class Order:
+    """A train batch order: ``batches(lengths, max_seq_length, micro_batch_size, seed, rank=, world_size=,
+    step_size=)`` gives ``epoch -> this rank's micro-batches``; ``estimate(lengths, max_seq_length, micro_batch_size,
+    seed, world_size, step_size=)`` the padding of its first epoch over all ranks, for the report."""
+
+    batches: Callable[..., Callable[[int], list[list]]]
+    estimate: Callable[..., dict]
+
+
+def _random(lengths, max_seq_length, micro_batch_size, seed, **placement):
+    return partial(random_batches, len(lengths), micro_batch_size, seed, **placement)
+
+
+def _grouped(lengths, max_seq_length, micro_batch_size, seed, **placement):
+    return partial(data_utils.grouped_batches, lengths, micro_batch_size, seed, **placement)
+
+
+def _unpacked_estimate(batches: Callable) -> Callable[..., dict]:
+    def estimate(lengths, max_seq_length, micro_batch_size, seed, world_size=1, *, step_size=None) -> dict:
+        plan = partial(batches, lengths, max_seq_length, micro_batch_size, seed, step_size=step_size)
+        everyone = [batch for rank in range(world_size) for batch in plan(rank=rank, world_size=world_size)(0)]
+        figures = data_utils.padding_efficiency(everyone, lengths, max_seq_length)
+        return {**figures, "efficiency": round(figures["efficiency"], 6)}
+
+    return estimate
+
+
+# Every order, by the name ``SeqArgs.order`` gives it: a new order is an entry here (and its flag, and its tests).
+ORDERS = {
+    "random": Order(_random, _unpacked_estimate(_random)),
+    "grouped": Order(_grouped, _unpacked_estimate(_grouped)),
+    "packed": Order(packing.packed_plan, packing.plan_report),
+}
+
+
 def train_batches(
     lengths: Sequence[int],
     max_seq_length: int,
@@ -145,15 +182,11 @@ def train_batches(
     step_size: int | None = None,
 ) -> Callable[[int], list[list]]:
     """This rank's train micro-batches (indices into ``lengths``; packed: rows of them) as a function of the epoch.
-    ``how``: "random", "grouped" or "packed". ``step_size``: samples (packed: rows) per rank and optimizer step,
+    ``how``: a name in ``ORDERS``. ``step_size``: samples (packed: rows) per rank and optimizer step,
     ``micro_batch_size`` x accumulation (``micro_batch_size`` when not given); an epoch is a whole number of such steps,
     each cut into consecutive micro-batches, and the steps do not depend on ``micro_batch_size``."""
     placement = {"rank": rank, "world_size": world_size, "step_size": step_size}
-    if how == "packed":
-        return packing.packed_plan(lengths, max_seq_length, micro_batch_size, seed, **placement)
-    if how == "grouped":
-        return partial(data_utils.grouped_batches, lengths, micro_batch_size, seed, **placement)
-    return partial(random_batches, len(lengths), micro_batch_size, seed, **placement)
+    return ORDERS[how].batches(lengths, max_seq_length, micro_batch_size, seed, **placement)
 
 
 def expected_efficiency(
@@ -166,14 +199,10 @@ def expected_efficiency(
     step_size: int | None = None,
 ) -> dict[str, dict]:
     """The padding of the first epoch over all ranks, for each order (exact: each order is a function of the seed)."""
-    report = packing.plan_report(lengths, max_seq_length, micro_batch_size, seed, world_size, step_size=step_size)
-    figures = {"packed": report}
-    for how in ("random", "grouped"):
-        plan = partial(train_batches, lengths, max_seq_length, micro_batch_size, how, seed, step_size=step_size)
-        everyone = [batch for rank in range(world_size) for batch in plan(rank=rank, world_size=world_size)(0)]
-        figures[how] = data_utils.padding_efficiency(everyone, lengths, max_seq_length)
-        figures[how]["efficiency"] = round(figures[how]["efficiency"], 6)
-    return {how: figures[how] for how in ("random", "grouped", "packed")}
+    return {
+        how: order.estimate(lengths, max_seq_length, micro_batch_size, seed, world_size, step_size=step_size)
+        for how, order in ORDERS.items()
+    }
 
 
 def for_run(fabric, plan, train, seq, seed: int) -> Callable[[int], list[list]]:
