@@ -177,7 +177,7 @@ def main(
         write_seq_config(out_dir / SEQ_CONFIG, hyperparameters)  # beside upstream's hyperparameters.yaml
 
     # 2. The loaders the plan allows; then the model, built with the decided length, its weights and its state.
-    train_loader, val_loader = loaders.make_loaders(fabric, plan, batches_for_epoch, seed, pack=seq.pack)
+    train_loader, val_loader = loaders.make_loaders(fabric, data, plan, batches_for_epoch, seed, pack=seq.pack)
     fabric.seed_everything(seed)  # the same on every rank, for model init
     attention = packed_attention.choose_for_run(fabric, config, precision) if seq.pack else None
     state = build_training_state(
@@ -187,7 +187,7 @@ def main(
     # 3. Rehearse the worst case (the longest micro-batches) at the largest micro-batch that fits; train, validate, save.
     if seq.rehearse:
         train, train_loader, val_loader = rehearse(
-            fabric, state, (train_loader, val_loader), plan, train, seq, seed, report
+            fabric, state, (train_loader, val_loader), data, plan, train, seq, seed, report
         )
     checkpointer = Checkpointer(
         fabric, out_dir, method, checkpoint_dir, data.prompt_style, hyperparameters, resumption.header_parts
@@ -208,7 +208,7 @@ def main(
 
 
 def rehearse(
-    fabric: L.Fabric, state: dict, run_loaders: tuple, plan, train: TrainArgs, seq: SeqArgs, seed: int, report
+    fabric: L.Fabric, state: dict, run_loaders: tuple, data, plan, train: TrainArgs, seq: SeqArgs, seed: int, report
 ):
     """The rehearsal, at the largest micro-batch size that fits (``memory.search``), reported. Returns ``train`` and
     the loaders at that size: new ones when it is smaller than ``train.micro_batch_size``."""
@@ -219,7 +219,7 @@ def rehearse(
         return (train, *run_loaders)
     train = dataclasses.replace(train, micro_batch_size=fitted.micro_batch_size)  # the same samples per step
     run_loaders = loaders.make_loaders(
-        fabric, plan, order.for_run(fabric, plan, train, seq, seed), seed, seq.pack, train.micro_batch_size
+        fabric, data, plan, order.for_run(fabric, plan, train, seq, seed), seed, seq.pack, train.micro_batch_size
     )
     return (train, *run_loaders)
 

@@ -81,7 +81,7 @@ def requires_shared(what: str):
     return lambda test: pytest.mark.e2e(shared_assets(what)(test))
 
 
-def loaders_for(fabric, plan, micro_batch_size: int, how: str = "random", seed: int = 0):
+def loaders_for(fabric, data, plan, micro_batch_size: int, how: str = "random", seed: int = 0):
     """The train and val loaders a run builds for ``plan`` with this batch order."""
     from litgpt_seqlen.data.loaders import make_loaders
     from litgpt_seqlen.data.order import train_batches
@@ -95,7 +95,7 @@ def loaders_for(fabric, plan, micro_batch_size: int, how: str = "random", seed: 
         fabric.global_rank,
         fabric.world_size,
     )
-    return make_loaders(fabric, plan, batches_for_epoch, seed, pack=how == "packed")
+    return make_loaders(fabric, data, plan, batches_for_epoch, seed, pack=how == "packed")
 
 
 def tiny_config(**overrides):

@@ -624,7 +624,7 @@ def length_plan(kept_train: list[int], max_seq_length: int = 8):
         lengths=lengths,
         kept={"train": kept_train, "val": [0, 1]},
         decision=SimpleNamespace(max_seq_length=max_seq_length),
-        loaders={name: SimpleNamespace(dataset=Examples(samples)) for name, samples in examples.items()},
+        datasets={name: Examples(samples) for name, samples in examples.items()},
         where=lambda split, index: None,
     )
 
@@ -649,7 +649,7 @@ def test_begin_a_fresh_run_tidies_the_out_dir_and_a_resumed_one_checks_the_check
     assert lookup.find_checkpoint(tmp_path, "auto", log=quiet) is None
     parts = resumption.header_parts
     assert parts["run"] == run and parts["decision"]["dropped"] == {"train": [1], "val": []}
-    contents = {name: same_run.sample_contents(loader.dataset) for name, loader in plan.loaders.items()}
+    contents = {name: same_run.sample_contents(dataset) for name, dataset in plan.datasets.items()}
     assert parts["data"] == same_run.data_fingerprint({"train": [5, 9, 7, 4], "val": [3, 6]}, contents)
     assert parts["base"] is None  # no checkpoint_dir given: nothing recorded
 

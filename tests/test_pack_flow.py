@@ -65,7 +65,7 @@ def test_packed_train_loader_and_its_rehearsal_batch(tiny_checkpoint, make_data)
         fabric, data, tokenizer, TrainArgs(micro_batch_size=2, max_seq_length=130), seq, 512
     )
     assert plan.decision.max_seq_length == 130 and plan.kept["train"] == [i for i, n in enumerate(train) if n <= 130]
-    train_loader, val_loader = loaders_for(fabric, plan, 2, "packed", seed=1)
+    train_loader, val_loader = loaders_for(fabric, data, plan, 2, "packed", seed=1)
     assert "segment_lengths" not in next(iter(val_loader))
 
     for _ in range(2):  # two epochs, packed differently

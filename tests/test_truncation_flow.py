@@ -64,7 +64,7 @@ def planned(tiny_checkpoint, data_dir, mask_prompt: bool, truncate_from: str):
     data = JSON(json_path=data_dir, mask_prompt=mask_prompt, num_workers=0)
     seq = SeqArgs(truncate_from=truncate_from)
     plan = length_plan.plan_lengths(fabric, data, Tokenizer(tiny_checkpoint), TrainArgs(micro_batch_size=2), seq, LIMIT)
-    return fabric, plan, seq
+    return fabric, data, plan, seq
 
 
 def upstream(samples, tiny_checkpoint, mask_prompt: bool, max_seq_length: int = -1) -> SFTDataset:
@@ -80,7 +80,7 @@ def upstream(samples, tiny_checkpoint, mask_prompt: bool, max_seq_length: int = 
 @pytest.mark.e2e
 def test_prompt_first_keeps_every_answer_whole(tiny_checkpoint, mixed_data, tmp_path):
     data_dir, samples = mixed_data
-    fabric, plan, seq = planned(tiny_checkpoint, data_dir, mask_prompt=True, truncate_from="prompt")
+    fabric, data, plan, seq = planned(tiny_checkpoint, data_dir, mask_prompt=True, truncate_from="prompt")
     assert plan.decision.max_seq_length == LIMIT
     assert plan.kept == {"train": list(range(6)), "val": list(range(4))} and plan.dropped == {"train": {}, "val": {}}
     report = build.publish_plan(
@@ -98,7 +98,7 @@ def test_prompt_first_keeps_every_answer_whole(tiny_checkpoint, mixed_data, tmp_
     assert chosen["response_tokens_cut_share"] == 0.0
     assert json.loads((tmp_path / "out" / "seq_lengths.json").read_text())["splits"]["val"] == val
 
-    train_loader, val_loader = loaders_for(fabric, plan, 2)
+    train_loader, val_loader = loaders_for(fabric, data, plan, 2)
     for i, sample in enumerate(samples["val"]):
         item = val_loader.dataset[i]
         answer = tokenizer.encode(sample["output"], bos=False, eos=True).tolist()
@@ -123,7 +123,7 @@ def test_prompt_first_keeps_every_answer_whole(tiny_checkpoint, mixed_data, tmp_
 @pytest.mark.parametrize("mask_prompt", [True, False])
 def test_end_is_upstreams_cut_and_drops_what_has_no_target(tiny_checkpoint, mixed_data, tmp_path, mask_prompt):
     data_dir, samples = mixed_data
-    fabric, plan, seq = planned(tiny_checkpoint, data_dir, mask_prompt=mask_prompt, truncate_from="end")
+    fabric, data, plan, seq = planned(tiny_checkpoint, data_dir, mask_prompt=mask_prompt, truncate_from="end")
     if mask_prompt:  # upstream keeps the first 512 prompt tokens: no answer token is left to learn from
         assert plan.dropped == {"train": {2: "unsupervised"}, "val": dict.fromkeys([0, 1, 2], "unsupervised")}
     else:
@@ -148,7 +148,7 @@ def test_end_is_upstreams_cut_and_drops_what_has_no_target(tiny_checkpoint, mixe
             len(s["output"].split()) + 1 for s in samples["val"][:3]
         )
 
-    train_loader, val_loader = loaders_for(fabric, plan, 2)
+    train_loader, val_loader = loaders_for(fabric, data, plan, 2)
     for name, loader in (("train", train_loader), ("val", val_loader)):
         reference = upstream(samples[name], tiny_checkpoint, mask_prompt, max_seq_length=LIMIT)
         for position, index in enumerate(plan.kept[name]):

@@ -268,7 +268,7 @@ def begin(fabric, out_dir: Path, step_dir: Path | None, plan, run: dict, saves: 
     splits = ("train", "val")
     data = None  # a dry run that resumes nothing compares and records nothing: no pass over the samples
     if saves or step_dir is not None:
-        contents = {name: sample_contents(plan.loaders[name].dataset) for name in splits}
+        contents = {name: sample_contents(plan.datasets[name]) for name in splits}
         data = data_fingerprint({name: plan.lengths[name] for name in splits}, contents)
     saved = None
     if step_dir is not None:

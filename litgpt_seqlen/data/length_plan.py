@@ -10,7 +10,7 @@ from lightning.pytorch.core.hooks import DataHooks
 from litgpt.args import TrainArgs
 from litgpt.data import DataModule
 from litgpt.tokenizer import Tokenizer
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 import data_utils
 from data_utils import Decision, SampleParts
@@ -30,7 +30,7 @@ class LengthPlan:
     cuts: dict[str, list[truncation.Plan]]  # how every sample is cut to max_seq_length (a no-op when it fits)
     kept: dict[str, list[int]]  # the indices each split keeps (--seq.over_length, then the learning signal), in order
     dropped: dict[str, dict[int, str]]  # per split, the indices left out and why: "over_length" or "unsupervised"
-    loaders: dict[str, DataLoader]  # the data module's untruncated loaders, which were scanned
+    datasets: dict[str, Dataset]  # the data module's untruncated datasets, which were scanned (indices are theirs)
 
     @property
     def lengths(self) -> dict[str, list[int]]:
@@ -51,7 +51,7 @@ class LengthPlan:
         """(split, index, length, reason, sample) of every sample left out, for dropped_samples.jsonl."""
         rows = []
         for split, reasons in self.dropped.items():
-            samples = getattr(self.loaders[split].dataset, "data", None)
+            samples = getattr(self.datasets[split], "data", None)
             for i in sorted(reasons):
                 sample = samples[i] if samples is not None else None
                 rows.append((split, i, self.parts[split][i].length, reasons[i], sample))
@@ -89,7 +89,8 @@ def plan_lengths(
         dropped[name] = dict.fromkeys(sorted(set(range(len(parts[name]))) - set(within_policy[name])), "over_length")
         dropped[name].update(dict.fromkeys(without_target, "unsupervised"))
     check_learning_signal(kept, dropped, decision, seq, where)
-    return LengthPlan(decision, parts, cuts, kept, dropped, loaders, located=located)
+    datasets = {name: loader.dataset for name, loader in loaders.items()}
+    return LengthPlan(decision, parts, cuts, kept, dropped, datasets, located=located)
 
 
 def check_learning_signal(
