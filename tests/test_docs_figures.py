@@ -213,3 +213,23 @@ def test_errors_page_warmup_message_is_what_check_schedule_says():
         accumulation=int(per_step),
     )
     assert warning["message"] == shown
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The limits the architecture page quotes from the tests
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_architecture_page_size_limits_are_the_tests():
+    import test_docs
+    import test_layout
+
+    module, entry_module, function, fit, main = figure(
+        "docs/architecture.md",
+        r"on a module over (\d+) lines \(`finetune_lora` (\d+)\) or a function over (\d+) \(`fit` (\d+), `main` (\d+)\)",
+    )
+    assert (int(module), int(entry_module)) == (test_layout.MODULE_LINES, test_layout.ENTRY_MODULE_LINES)
+    assert int(function) == test_layout.FUNCTION_LINES
+    assert {"fit": int(fit), "main": int(main)} == test_layout.ENTRY_FUNCTION_LINES
+    for pattern in (r"the README stays under (\d+) lines", r"`README\.md` \(at most (\d+) lines\)"):
+        assert int(figure("docs/architecture.md", pattern)) == test_docs.README_MAX_LINES
