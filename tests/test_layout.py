@@ -118,12 +118,17 @@ def function_sizes(path: Path) -> dict[str, int]:
     }
 
 
+# The size limits (docs/architecture.md quotes them): lines per module and per function, finetune_lora's own apart.
+MODULE_LINES, ENTRY_MODULE_LINES = 400, 450
+FUNCTION_LINES, ENTRY_FUNCTION_LINES = 80, {"fit": 120, "main": 90}
+
+
 def test_rooms_stay_small():
     for name, path in project_files().items():
         lines = len(path.read_text().splitlines())
-        assert lines <= (450 if name == "finetune_lora" else 400), f"{path} has {lines} lines"
+        assert lines <= (ENTRY_MODULE_LINES if name == "finetune_lora" else MODULE_LINES), f"{path} has {lines} lines"
         for function, size in function_sizes(path).items():
-            limit = {"fit": 120, "main": 90}.get(function, 80) if name == "finetune_lora" else 80
+            limit = ENTRY_FUNCTION_LINES.get(function, FUNCTION_LINES) if name == "finetune_lora" else FUNCTION_LINES
             assert size <= limit, f"{name}.{function} has {size} lines"
 
 

@@ -75,10 +75,13 @@ def docs_commands() -> list[list[str]]:
 
 
 def test_the_docs_commands_run_as_written_on_the_demo_assets(tmp_path, monkeypatch, cli_argv):
+    """Each command runs; then the figures the pages show of these runs are compared with what they printed and
+    wrote (``check_*`` below, one per page and figure)."""
     steps = docs_commands()
     assert len(steps) >= 5 and sum("--resume" in command for command in steps) >= 1
     assets.build_demo(tmp_path / "demo_run")
     monkeypatch.chdir(tmp_path)
+    printed = {}  # --out_dir -> what its last command printed
     for command in steps:
         if command[0] == "rm":
             for path in command[2:]:
@@ -86,7 +89,88 @@ def test_the_docs_commands_run_as_written_on_the_demo_assets(tmp_path, monkeypat
         elif command[:3] == ["python", "-m", "json.tool"]:
             json.loads(Path(command[3]).read_text())
         else:
-            run_in_process([command], cli_argv)
+            (printed[command[command.index("--out_dir") + 1]],) = run_in_process([command], cli_argv)
+    check_length_page_what_if_table_and_warning(printed["out/look"])
+    check_resume_page_example_lines(printed["out/resumable"])
+    check_benchmarks_checkpoint_sizes(tmp_path / "demo_run" / "saved")
+
+
+def page_block(page: str, after: str) -> list[str]:
+    """The lines of the first fenced block after the words ``after`` on ``page``."""
+    text = (ROOT / page).read_text()
+    block = re.search(re.escape(after) + r".*?```\w*\n(.*?)```", text, flags=re.S)
+    assert block, f"{page}: no code block after {after!r}"
+    return block.group(1).splitlines()
+
+
+def check_length_page_what_if_table_and_warning(out: str) -> None:
+    """docs/length.md's what-if table and train warning of its dry run (`out/look`), line for line, and the figures
+    its reading of the table quotes; docs/errors.md quotes the same warning."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("what if max_seq_length were"))
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith("  "))
+    table = page_block("docs/length.md", "The command above prints:")
+    assert table == lines[start:end]
+    (warning,) = page_block("docs/length.md", "a warning per split (here the train one):")
+    assert warning in lines
+    assert f"`{warning.removeprefix('warning: ')}`" in (ROOT / "docs" / "errors.md").read_text()
+    rows = {row.split()[0]: row.split()[-3:] for row in table[1:]}
+    reading = re.search(
+        r"Reading it: (\d+) would leave out (\d+)% of the samples \(or, under truncate, cut (\d+)% of all tokens\);"
+        r" (\d+) \(p95\) costs ([\d.]+)%\s+of the samples",
+        (ROOT / "docs" / "length.md").read_text(),
+    ).groups()
+    chosen, samples, tokens, p95, p95_samples = reading
+    assert f"{float(rows[chosen][0][:-1]):.0f}" == samples and f"{float(rows[chosen][1][:-1]):.0f}" == tokens
+    assert rows[p95][0] == f"{p95_samples}%" and "p95" in next(row for row in table if row.split()[0] == p95)
+
+
+def check_resume_page_example_lines(out: str) -> None:
+    """docs/resume.md's first block: the lines (as comments) that the resumed run prints."""
+    shown = [line.removeprefix("# ") for line in page_block("docs/resume.md", "**Short answer:**") if line[:2] == "# "]
+    assert [line for line in shown if line.startswith("Resum")] == shown and len(shown) == 2
+    assert all(line in out.splitlines() for line in shown), (shown, out[-2000:])
+
+
+def check_benchmarks_checkpoint_sizes(saved: Path) -> None:
+    """docs/benchmarks.md's checkpoint sizes (and docs/resume.md's rule of thumb) from the run of its own command."""
+    import torch
+
+    from litgpt_seqlen.checkpoint.same_run import data_fingerprint
+
+    page = (ROOT / "docs" / "benchmarks.md").read_text().partition("## Checkpoint size")[2].partition("\n## ")[0]
+
+    def kilobytes(before: str, after: str = "") -> float:
+        """The figure in KB between the words ``before`` and ``after``."""
+        return float(re.search(re.escape(before) + r"\s*([\d.]+) KB" + re.escape(after), page).group(1))
+
+    step, state = saved / "step-000003", saved / "resume" / "step-000003"
+    size = {path.name: path.stat().st_size for path in [*step.iterdir(), *state.iterdir()]}
+    lora = torch.load(step / "lit_model.pth.lora")["model"]
+    parameters = int(re.search(r"([\d,]+) LoRA parameters", page).group(1).replace(",", ""))
+    assert sum(tensor.numel() for tensor in lora.values()) == parameters
+    measured = {
+        ("`step-000003/` is",): sum(path.stat().st_size for path in step.iterdir()),
+        ("(", " of it `lit_model.pth.lora`"): size["lit_model.pth.lora"],
+        ("`resume/step-000003/` adds",): size["state.pt"] + size["state.json"],
+        ("`state.pt`",): size["state.pt"],
+        ("`state.json`",): size["state.json"],
+    }
+    for words, bytes_ in measured.items():
+        assert abs(kilobytes(*words) - bytes_ / 1000) < 0.1, (words, bytes_)
+    # the rule of thumb: state = 3 x LoRA file + a fixed part + bytes per sample; both pages give the fixed part
+    header = json.loads((state / "state.json").read_text())
+    lengths = {name: split["lengths"] for name, split in header["data"].items()}
+    per_sample = len(json.dumps(data_fingerprint(lengths))) - len(
+        json.dumps(data_fingerprint(dict.fromkeys(lengths, [])))
+    )
+    samples = sum(map(len, lengths.values()))
+    per_sample += samples * 16 / 3  # the 4-byte digests in base64
+    fixed = size["state.pt"] + size["state.json"] - 3 * size["lit_model.pth.lora"] - per_sample
+    for name in ("benchmarks.md", "resume.md"):
+        text = (ROOT / "docs" / name).read_text()
+        (rule,) = re.findall(r"about three times the LoRA file plus ~(\d+) KB", text)
+        assert round(fixed / 1000) == int(rule), (name, fixed)
 
 
 def test_the_console_command_in_the_quickstart_is_the_installed_one():
