@@ -14,29 +14,23 @@ from fractions import Fraction
 from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class OverLengthPolicy:
-    """What ``--seq.over_length NAME`` does with a sample longer than max_seq_length: every part of the run asks the
-    policy, never its name, so a new policy is a new entry in ``OVER_LENGTH`` (and its tests)."""
+class OverLengthPolicy(NamedTuple):
+    """What ``--seq.over_length NAME`` does with a sample longer than max_seq_length. Every part of the run asks the
+    policy, never compares its name: a new policy is an entry in ``OVER_LENGTH`` (and its tests)."""
 
-    name: str
-    cuts: bool  # the sample is trained on, cut to max_seq_length (``--seq.truncate_from``)
+    cuts: bool  # the sample is trained on, cut to max_seq_length (--seq.truncate_from)
     leaves_out: bool  # the sample is left out, and kept in dropped_samples.jsonl
-    verb: str  # what a warning says it does to the samples ("--seq.over_length drop leaves out 3 of 9 ...")
+    verb: str  # what a warning says it does ("--seq.over_length drop leaves out 3 of 9 train samples ...")
 
     @property
-    def stops(self) -> bool:
-        """An over-long sample stops the run before anything is built."""
+    def stops(self) -> bool:  # an over-long sample stops the run before anything is built
         return not (self.cuts or self.leaves_out)
 
 
 OVER_LENGTH = {
-    policy.name: policy
-    for policy in (
-        OverLengthPolicy("truncate", cuts=True, leaves_out=False, verb="truncates"),
-        OverLengthPolicy("drop", cuts=False, leaves_out=True, verb="leaves out"),
-        OverLengthPolicy("error", cuts=False, leaves_out=False, verb="stops on"),
-    )
+    "truncate": OverLengthPolicy(cuts=True, leaves_out=False, verb="truncates"),
+    "drop": OverLengthPolicy(cuts=False, leaves_out=True, verb="leaves out"),
+    "error": OverLengthPolicy(cuts=False, leaves_out=False, verb="stops on"),
 }
 OVER_LENGTH_POLICIES = tuple(OVER_LENGTH)
 TRUNCATE_FROM = ("prompt", "end")
@@ -46,11 +40,7 @@ class LengthError(ValueError):
     """Settings or data the length decision cannot work with; the message names the flag that changes the outcome."""
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# A sample's parts: prompt and response lengths, and which prompt tokens are template
-# ---------------------------------------------------------------------------------------------------------------
-
-
+# --- A sample's parts: prompt and response lengths, and which prompt tokens are template ------------------------------
 class SampleParts(NamedTuple):
     """Token counts of one untruncated sample: ``prompt + response`` is ``len(dataset[i]["input_ids"])``."""
 
@@ -86,11 +76,7 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The decision
-# ---------------------------------------------------------------------------------------------------------------
-
-
+# --- The decision -----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Decision:
     max_seq_length: int
@@ -157,11 +143,7 @@ def decide_max_seq_length(
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Over-length samples
-# ---------------------------------------------------------------------------------------------------------------
-
-
+# --- Over-length samples ----------------------------------------------------------------------------------------------
 def over_limit(lengths: Sequence[int], limit: int) -> list[int]:
     """Indices of the samples longer than ``limit``: the one place that says which samples do not fit."""
     return [i for i, n in enumerate(lengths) if n > limit]
@@ -247,11 +229,7 @@ def longest_batch(lengths: Sequence[int], batch_size: int) -> list[int]:
     return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))[:batch_size]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The report
-# ---------------------------------------------------------------------------------------------------------------
-
-
+# --- The report -------------------------------------------------------------------------------------------------------
 def percentile(sorted_lengths: Sequence[int], p: float) -> int:
     """Nearest-rank percentile: the smallest length with at least p% of the samples at or below it."""
     rank = max(1, math.ceil(p / 100 * len(sorted_lengths)))
@@ -325,11 +303,7 @@ def what_if(lengths: Sequence[int], block_size: int, chosen: int | None = None) 
     return rows
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Optimizer steps, and length-grouped batching (--seq.group_by_length)
-# ---------------------------------------------------------------------------------------------------------------
-
-
+# --- Optimizer steps, and length-grouped batching (--seq.group_by_length) ---------------------------------------------
 def rank_steps(order: Sequence, step_size: int, rank: int = 0, world_size: int = 1) -> list[list]:
     """This rank's optimizer steps, ``step_size`` items each, from ``order``: one epoch's items of all ranks.
 
