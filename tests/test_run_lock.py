@@ -104,6 +104,52 @@ def test_lock_held_by_another_process_and_released_when_it_is_killed(tmp_path):
     assert len(said) == 1 and f"pid {holder.pid}" in said[0] and "no longer running" in said[0]
 
 
+@pytest.mark.e2e
+def test_a_process_the_holder_forked_neither_keeps_the_lock_nor_frees_it(tmp_path):
+    """The scan's pool is forked while the lock is held: a forked child ending leaves the lock held, and a child
+    still running when the holder is killed (-9) does not keep the out_dir locked."""
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import os, pathlib, sys, time
+                sys.path.insert(0, {str(ROOT)!r})
+                from litgpt_seqlen.out_dir import lock
+                with lock.hold_out_dir(pathlib.Path({str(out)!r})):
+                    if os.fork() == 0:
+                        os._exit(0)  # a child that ends at once
+                    os.wait()
+                    if os.fork() == 0:  # a child that outlives the holder
+                        print(os.getpid(), flush=True)
+                        time.sleep(60)
+                        os._exit(0)
+                    time.sleep(60)
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child = int(holder.stdout.readline())
+    try:
+        with pytest.raises(lock.OutDirInUse, match=f"pid {holder.pid}"):  # still held after the first child ended
+            with lock.hold_out_dir(out):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    try:
+        said = []
+        with lock.hold_out_dir(out, warn=said.append):  # the second child still runs
+            os.kill(child, 0)
+        assert len(said) == 1 and f"pid {holder.pid}" in said[0]
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Report files
 # ---------------------------------------------------------------------------------------------------------------

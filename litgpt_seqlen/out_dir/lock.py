@@ -1,10 +1,12 @@
 """One run per out_dir at a time.
 
-``hold_out_dir(out_dir)``: a lock for the run's life. ``OUT_DIR/.lock`` holds the holder's pid, host and start time
-and is locked with ``fcntl.flock``, so the kernel releases it however the process ends (even ``kill -9``). A second
-run into the same out_dir stops at once, naming the holder. A lock file left behind (the process was killed before
-it could remove it) is taken over with a warning. Only the launching rank 0 takes it: the ranks Fabric starts run
-``setup`` again and must not find their own run's lock.
+``hold_out_dir(out_dir)``: a lock for the run's life on ``OUT_DIR/.lock``, taken with ``filelock`` (``flock`` on
+POSIX), so the kernel releases it however the process ends (even ``kill -9``); a process the run forks (the scan's
+pool) does not hold it. The file names its holder (pid, host, start time), and a second run into the same out_dir
+stops at once, naming it. The run removes the file while it still holds the lock (a run that finds the file gone
+under its lock is refused by filelock and stops too: only in the instant the first run ends); a file left behind was
+left by a process killed while it held the lock, and is taken over with a warning. Only the launching rank 0 takes
+it: the ranks Fabric starts run ``setup`` again and must not find their own run's lock.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from litgpt_seqlen.errors import UserInputError
 
 LOCK_NAME = ".lock"
@@ -27,11 +31,12 @@ class OutDirInUse(UserInputError):
     pass
 
 
-def _holder(path: Path) -> dict:
+def _holder(content: bytes | str) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        holder = json.loads(content)
+    except ValueError:
         return {}
+    return holder if isinstance(holder, dict) else {}
 
 
 def _describe(holder: dict) -> str:
@@ -64,38 +69,34 @@ def hold_out_dir(out_dir: Path, enabled: bool = True, warn=None) -> Iterator[Pat
     warn = warn or (lambda line: print(line, file=sys.stderr))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / LOCK_NAME
-    descriptor = _acquire(path, warn)
+    # Not blocking: a second run stops at once. No soft fallback: a lock the kernel does not release on kill -9 would
+    # shut out every later run.
+    lock = FileLock(path, blocking=False, fallback_to_soft=False, on_acquired=lambda fd: _claim(fd, path, warn))
+    try:
+        lock.acquire()
+    except Timeout:
+        holder = {}
+        with contextlib.suppress(OSError):
+            holder = _holder(path.read_bytes())
+        raise OutDirInUse(
+            f"out_dir {str(path.parent)!r} is in use by {_describe(holder)}. Wait for that run to end,"
+            " or choose another --out_dir."
+        ) from None
+    holder_pid = os.getpid()
     try:
         yield path
     finally:
-        with contextlib.suppress(OSError):
-            if os.fstat(descriptor).st_ino == os.stat(path).st_ino:  # still ours: unlink before unlocking
-                path.unlink()
-        os.close(descriptor)
+        if os.getpid() == holder_pid:  # not in a forked child leaving through this frame: the lock is not its own
+            try:
+                with contextlib.suppress(OSError):
+                    path.unlink()  # still held: nothing is left in out_dir, and the next run finds no holder
+            finally:
+                lock.release()
 
 
-def _acquire(path: Path, warn) -> int:
-    import fcntl  # POSIX only: imported here so that the entry point still imports elsewhere (no lock there)
-
-    while True:
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(descriptor)
-            raise OutDirInUse(
-                f"out_dir {str(path.parent)!r} is in use by {_describe(_holder(path))}. Wait for that run to end,"
-                " or choose another --out_dir."
-            ) from None
-        try:
-            same_file = os.fstat(descriptor).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same_file = False
-        if not same_file:  # the holder removed it between our open and our lock: try the new file
-            os.close(descriptor)
-            continue
-        break
-    previous = _holder(path)
+def _claim(descriptor: int, path: Path, warn) -> None:
+    """Just locked: a holder still named was killed while it held the lock (say so); then this process is named."""
+    previous = _holder(os.pread(descriptor, 1 << 16, 0))
     if previous:
         gone = (
             "is no longer running"
@@ -113,4 +114,3 @@ def _acquire(path: Path, warn) -> int:
         descriptor, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode(), 0
     )
     os.fsync(descriptor)
-    return descriptor
