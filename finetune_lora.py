@@ -32,28 +32,31 @@ from litgpt.data import Alpaca, DataModule
 from litgpt.tokenizer import Tokenizer
 from litgpt.utils import load_checkpoint  # a module-level name: litgpt's own tests patch it here
 
+from litgpt_seqlen import devices as devices_and_precision
 from litgpt_seqlen import ranks
 from litgpt_seqlen.args import Resume, SeqArgs, parse_resume
 from litgpt_seqlen.checkpoint import lookup, same_run
 from litgpt_seqlen.checkpoint import state as training_state
 from litgpt_seqlen.checkpoint.checkpointer import Checkpointer
-from litgpt_seqlen.cli import exits
 from litgpt_seqlen.cli.hyperparameters import SEQ_CONFIG, write_seq_config
 from litgpt_seqlen.cli.parser import build_parser, split_command
+from litgpt_seqlen.cli.resume_command import resume_command
 from litgpt_seqlen.data import files, loaders, order
 from litgpt_seqlen.data.length_plan import plan_lengths
 from litgpt_seqlen.errors import UserInputError
+from litgpt_seqlen.exits.graceful_stop import GracefulStop
+from litgpt_seqlen.exits.user_facing import user_facing_exits
 from litgpt_seqlen.memory import search as memory_search
 from litgpt_seqlen.methods import Method, method_named
 from litgpt_seqlen.model import packed_attention
 from litgpt_seqlen.model.base import check_tokenizer, find_checkpoint_dir, load_config, swap_in_stable_embedding
 from litgpt_seqlen.model.packed_forward import check_packable, packed_gpt
 from litgpt_seqlen.model.sharded import load_full_weights_file
+from litgpt_seqlen.out_dir.earlier_runs import begin_training
+from litgpt_seqlen.out_dir.lock import hold_out_dir
 from litgpt_seqlen.report import build as report_build
 from litgpt_seqlen.report.outcomes import plan_warnings
-from litgpt_seqlen.run import devices as devices_and_precision
-from litgpt_seqlen.run import outputs, settings
-from litgpt_seqlen.run.signals import GracefulStop, resume_command
+from litgpt_seqlen.settings import checks as settings
 from litgpt_seqlen.training import evaluation
 from litgpt_seqlen.training.loss import FiniteLossWatch, StepLookahead, train_loss
 from litgpt_seqlen.training.progress import count_tokens, log_progress, performance_report
@@ -86,7 +89,7 @@ def setup(
     out_dir = litgpt_utils.init_out_dir(Path(flags["out_dir"]))
     # Every setting, upstream's included, before anything is read or built; out_dir is created and tried for writing.
     settings.check_settings(method, train, eval, seq, devices, num_nodes, quantize, precision, out_dir, flags)
-    with outputs.hold_out_dir(out_dir, enabled=ranks.launched_as_rank_zero()):  # one run per out_dir, for its life
+    with hold_out_dir(out_dir, enabled=ranks.launched_as_rank_zero()):  # one run per out_dir, for its life
         data = flags["data"] or Alpaca()
         located = files.check_data_files(data)  # every sample of the user's files, before a token is made
         checkpoint_dir = find_checkpoint_dir(Path(checkpoint_dir), flags["access_token"], need_weights=not seq.dry_run)
@@ -173,7 +176,7 @@ def main(
         return
     hyperparameters.train.max_seq_length = max_seq_length  # what the model trains with, for a rerun
     if fabric.global_rank == 0:
-        outputs.begin_training(out_dir, resumed=resume_from is not None, log=fabric.print)
+        begin_training(out_dir, resumed=resume_from is not None, log=fabric.print)
         write_seq_config(out_dir / SEQ_CONFIG, hyperparameters)  # beside upstream's hyperparameters.yaml
 
     # 2. The loaders the plan allows; then the model, built with the decided length, its weights and its state.
@@ -380,7 +383,7 @@ def cli() -> None:
     )
     # torch's guess from this machine's CPU count, on every loader made (a dry run makes them and reads none)
     warnings.filterwarnings("ignore", message=r"This DataLoader will create \d+ worker processes", category=UserWarning)
-    with exits.user_facing_exits():  # bad input: `error: ...`, exit 2; Ctrl-C: one line, exit 130
+    with user_facing_exits():  # bad input: `error: ...`, exit 2; Ctrl-C: one line, exit 130
         method, args = split_command(sys.argv[1:])  # `litgpt-seqlen finetune_adapter ...`; none: LoRA
         flow_parser = build_parser(method)
         flags = flow_parser.instantiate_classes(flow_parser.parse_args(args))

@@ -86,7 +86,7 @@ def test_optimizer_flags_build_what_litgpt_builds_from_a_config_file(tmp_path, f
 
     from litgpt_seqlen.cli.parser import build_parser
     from litgpt_seqlen.methods import LORA
-    from litgpt_seqlen.run.optimizer import optimizer_problems
+    from litgpt_seqlen.settings.optimizer import optimizer_problems
 
     config = tmp_path / "run.yaml"
     config.write_text("optimizer:\n  class_path: torch.optim.Adam\n  init_args:\n    lr: 0.5\n")
@@ -109,7 +109,7 @@ def test_optimizer_flags_build_what_litgpt_builds_from_a_config_file(tmp_path, f
     ],
 )
 def test_an_optimizer_litgpt_cannot_build_is_refused_naming_the_form_that_works(optimizer, named):
-    from litgpt_seqlen.run.optimizer import optimizer_problems
+    from litgpt_seqlen.settings.optimizer import optimizer_problems
 
     problems = optimizer_problems(optimizer)
     assert len(problems) == 1 and named in problems[0], problems

@@ -146,9 +146,9 @@ def test_a_full_disk_while_the_report_is_written_is_one_error_and_no_half_file(
 
 
 def test_a_full_disk_anywhere_else_is_one_error_naming_what_is_known(capsys):
-    from litgpt_seqlen.cli import exits
+    from litgpt_seqlen.exits import user_facing
 
-    with pytest.raises(SystemExit) as leaving, exits.user_facing_exits():
+    with pytest.raises(SystemExit) as leaving, user_facing.user_facing_exits():
         raise RuntimeError("the logger's flush failed") from OSError(errno.EDQUOT, "Disk quota exceeded")
     assert leaving.value.code == 2
     message = capsys.readouterr().err

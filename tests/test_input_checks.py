@@ -24,7 +24,7 @@ from litgpt_seqlen.errors import UserInputError
 from litgpt_seqlen.methods import LORA
 from litgpt_seqlen.model import base
 from litgpt_seqlen.report import outcomes
-from litgpt_seqlen.run import settings
+from litgpt_seqlen.settings import checks as settings
 from litgpt_seqlen.training import schedule
 
 TRAIN = TrainArgs(global_batch_size=4, micro_batch_size=2, lr_warmup_steps=1, epochs=1)

@@ -182,7 +182,7 @@ TWO_RANKS = textwrap.dedent(
 
     from litgpt_seqlen.data.packing import packed_collate
     from litgpt_seqlen.model.packed_forward import batch_logits, check_packable
-    from litgpt_seqlen.run.devices import strategy_for
+    from litgpt_seqlen.devices import strategy_for
     from litgpt_seqlen.training.loss import micro_batch_loss_sum
     from test_packing import samples_and_rows, tiny_lora_gpt
 

@@ -112,7 +112,7 @@ def test_a_dry_run_does_not_announce_the_precision_it_does_not_train_with(caplog
 
     from lightning_utilities.core.rank_zero import rank_zero_info
 
-    from litgpt_seqlen.run import devices
+    from litgpt_seqlen import devices
 
     with caplog.at_level(logging.INFO):
         with devices.quiet_for(True):

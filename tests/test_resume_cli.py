@@ -20,7 +20,8 @@ import torch
 import assets
 from helpers import ROOT, cli_args, run_cli
 from litgpt_seqlen.checkpoint import lookup
-from litgpt_seqlen.run.signals import GracefulStop, resume_command
+from litgpt_seqlen.cli.resume_command import resume_command
+from litgpt_seqlen.exits.graceful_stop import GracefulStop
 
 TRAIN_LENGTHS = [60, 95, 70, 120, 64, 88, 101, 75, 66, 110]
 VAL_LENGTHS = [62, 90]
@@ -128,7 +129,7 @@ LOOP = """
 import sys, time
 sys.path.insert(0, {root!r})
 from pathlib import Path
-from litgpt_seqlen.run.signals import GracefulStop
+from litgpt_seqlen.exits.graceful_stop import GracefulStop
 out = Path(sys.argv[1])
 with GracefulStop() as stop:
     for step in range(1, 10_000):
@@ -203,7 +204,7 @@ def test_a_second_signal_ends_a_run_stuck_where_python_cannot_act(tmp_path):
     script.write_text(
         "import os, sys\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from litgpt_seqlen.run.signals import GracefulStop\n"
+        "from litgpt_seqlen.exits.graceful_stop import GracefulStop\n"
         "read, _ = os.pipe()\n"
         "with GracefulStop():\n"
         "    print('stuck', flush=True)\n"

@@ -13,16 +13,16 @@ import pytest
 
 from helpers import ROOT
 from litgpt_seqlen import ranks
-from litgpt_seqlen.cli import exits
 from litgpt_seqlen.errors import UserInputError
-from litgpt_seqlen.run import outputs
+from litgpt_seqlen.exits import user_facing
+from litgpt_seqlen.out_dir import earlier_runs, lock
 
 
 def test_second_run_into_a_locked_out_dir_stops_naming_the_holder(tmp_path):
     out = tmp_path / "out"
-    with outputs.hold_out_dir(out):
-        with pytest.raises(outputs.OutDirInUse) as raised:
-            with outputs.hold_out_dir(out):
+    with lock.hold_out_dir(out):
+        with pytest.raises(lock.OutDirInUse) as raised:
+            with lock.hold_out_dir(out):
                 pass
     message = str(raised.value)
     assert (
@@ -32,11 +32,11 @@ def test_second_run_into_a_locked_out_dir_stops_naming_the_holder(tmp_path):
 
 def test_released_on_an_exception(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError), outputs.hold_out_dir(out):
+    with pytest.raises(RuntimeError), lock.hold_out_dir(out):
         assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
         raise RuntimeError("boom")
     assert not (out / ".lock").exists()
-    with outputs.hold_out_dir(out):  # free again
+    with lock.hold_out_dir(out):  # free again
         pass
 
 
@@ -54,7 +54,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path):
         json.dumps({"pid": pid, "host": socket.gethostname(), "started": "2025-01-01T00:00:00+00:00"})
     )
     said = []
-    with outputs.hold_out_dir(out, warn=said.append):
+    with lock.hold_out_dir(out, warn=said.append):
         assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
     assert (
         len(said) == 1 and f"pid {pid}" in said[0] and "no longer running" in said[0] and said[0].startswith("warning:")
@@ -66,8 +66,8 @@ def test_ranks_above_zero_hold_nothing(tmp_path, monkeypatch):
     assert not ranks.launched_as_rank_zero()
     out = tmp_path / "out"
     with (
-        outputs.hold_out_dir(out, enabled=ranks.launched_as_rank_zero()),
-        outputs.hold_out_dir(out, enabled=False),
+        lock.hold_out_dir(out, enabled=ranks.launched_as_rank_zero()),
+        lock.hold_out_dir(out, enabled=False),
     ):
         assert not (out / ".lock").exists()
     monkeypatch.setenv("LOCAL_RANK", "0")
@@ -84,24 +84,70 @@ def test_lock_held_by_another_process_and_released_when_it_is_killed(tmp_path):
         [
             sys.executable,
             "-c",
-            f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from litgpt_seqlen.run import outputs\n"
-            f"with outputs.hold_out_dir(__import__('pathlib').Path({str(out)!r})):\n print('held', flush=True); time.sleep(60)",
+            f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from litgpt_seqlen.out_dir import lock\n"
+            f"with lock.hold_out_dir(__import__('pathlib').Path({str(out)!r})):\n print('held', flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(outputs.OutDirInUse, match=f"pid {holder.pid}"):
-            with outputs.hold_out_dir(out):
+        with pytest.raises(lock.OutDirInUse, match=f"pid {holder.pid}"):
+            with lock.hold_out_dir(out):
                 pass
     finally:
         holder.kill()
         holder.wait()
     said = []
-    with outputs.hold_out_dir(out, warn=said.append):
+    with lock.hold_out_dir(out, warn=said.append):
         pass
     assert len(said) == 1 and f"pid {holder.pid}" in said[0] and "no longer running" in said[0]
+
+
+@pytest.mark.e2e
+def test_a_process_the_holder_forked_neither_keeps_the_lock_nor_frees_it(tmp_path):
+    """The scan's pool is forked while the lock is held: a forked child ending leaves the lock held, and a child
+    still running when the holder is killed (-9) does not keep the out_dir locked."""
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import os, pathlib, sys, time
+                sys.path.insert(0, {str(ROOT)!r})
+                from litgpt_seqlen.out_dir import lock
+                with lock.hold_out_dir(pathlib.Path({str(out)!r})):
+                    if os.fork() == 0:
+                        os._exit(0)  # a child that ends at once
+                    os.wait()
+                    if os.fork() == 0:  # a child that outlives the holder
+                        print(os.getpid(), flush=True)
+                        time.sleep(60)
+                        os._exit(0)
+                    time.sleep(60)
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child = int(holder.stdout.readline())
+    try:
+        with pytest.raises(lock.OutDirInUse, match=f"pid {holder.pid}"):  # still held after the first child ended
+            with lock.hold_out_dir(out):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    try:
+        said = []
+        with lock.hold_out_dir(out, warn=said.append):  # the second child still runs
+            os.kill(child, 0)
+        assert len(said) == 1 and f"pid {holder.pid}" in said[0]
+    finally:
+        os.kill(child, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -120,7 +166,7 @@ def test_dry_run_beside_a_trained_run_writes_its_own_report(tmp_path):
     out = tmp_path / "out"
     make_trained_run(out)
     (out / "dropped_samples.jsonl").write_text("{}\n")
-    files = outputs.report_files(out, dry_run=True, drop=True)
+    files = earlier_runs.report_files(out, dry_run=True, drop=True)
     assert files.report == out / "seq_lengths.dry_run.json" and files.dropped == out / "dropped_samples.dry_run.jsonl"
     assert files.removed == [] and "seq_lengths.dry_run.json" in files.note
     assert json.loads((out / "seq_lengths.json").read_text()) == {"max_seq_length": 521}  # the trained run's, untouched
@@ -130,16 +176,16 @@ def test_dry_run_beside_a_trained_run_writes_its_own_report(tmp_path):
 def test_dry_run_into_a_fresh_or_dry_out_dir_writes_the_report(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    assert outputs.report_files(out, dry_run=True, drop=False).report == out / "seq_lengths.json"
+    assert earlier_runs.report_files(out, dry_run=True, drop=False).report == out / "seq_lengths.json"
     (out / "seq_lengths.json").write_text(json.dumps({"dry_run": True}))
-    assert outputs.report_files(out, dry_run=True, drop=False).report == out / "seq_lengths.json"
+    assert earlier_runs.report_files(out, dry_run=True, drop=False).report == out / "seq_lengths.json"
 
 
 def test_trained_report_alone_counts_as_a_trained_run(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "seq_lengths.json").write_text(json.dumps({"max_seq_length": 128}))
-    assert outputs.report_files(out, dry_run=True, drop=False).report == out / "seq_lengths.dry_run.json"
+    assert earlier_runs.report_files(out, dry_run=True, drop=False).report == out / "seq_lengths.dry_run.json"
 
 
 def test_training_run_removes_what_it_will_not_rewrite(tmp_path):
@@ -147,7 +193,7 @@ def test_training_run_removes_what_it_will_not_rewrite(tmp_path):
     make_trained_run(out)
     for name in ("dropped_samples.jsonl", "seq_lengths.dry_run.json", "dropped_samples.dry_run.jsonl"):
         (out / name).write_text("{}\n")
-    files = outputs.report_files(out, dry_run=False, drop=False)
+    files = earlier_runs.report_files(out, dry_run=False, drop=False)
     assert files.report == out / "seq_lengths.json" and files.dropped is None and files.note is None
     assert sorted(p.name for p in files.removed) == [
         "dropped_samples.dry_run.jsonl",
@@ -161,7 +207,7 @@ def test_training_run_under_drop_keeps_the_dropped_file_it_rewrites(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "dropped_samples.jsonl").write_text("{}\n")
-    files = outputs.report_files(out, dry_run=False, drop=True)
+    files = earlier_runs.report_files(out, dry_run=False, drop=True)
     assert files.dropped == out / "dropped_samples.jsonl" and files.removed == []
 
 
@@ -172,7 +218,7 @@ def test_earlier_checkpoints(tmp_path):
     (out / "step-000002" / "lit_model.pth").write_bytes(b"w")  # a full fine-tuning's checkpoint
     (out / "step-000002" / "hyperparameters.yaml").write_text("{}")
     (out / "step-000004").mkdir()  # empty: not a checkpoint
-    assert outputs.earlier_checkpoints(out) == ["final", "step-000002"]
+    assert earlier_runs.earlier_checkpoints(out) == ["final", "step-000002"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,7 +227,7 @@ def test_earlier_checkpoints(tmp_path):
 
 
 def exit_of(body, capsys) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as leaving, exits.user_facing_exits():
+    with pytest.raises(SystemExit) as leaving, user_facing.user_facing_exits():
         body()
     return leaving.value.code, capsys.readouterr().err
 
@@ -205,13 +251,13 @@ def test_sigterm_runs_finally_blocks_and_exits_143(capsys, tmp_path):
     out = tmp_path / "out"
 
     def body():
-        with outputs.hold_out_dir(out):
+        with lock.hold_out_dir(out):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
 
     assert exit_of(body, capsys) == (143, "terminated (SIGTERM)\n")
     assert not (out / ".lock").exists()  # released by the finally block
-    assert signal.getsignal(signal.SIGTERM) is not exits._terminate  # put back
+    assert signal.getsignal(signal.SIGTERM) is not user_facing._terminate  # put back
 
 
 def test_only_rank_zero_prints(capsys, monkeypatch):
@@ -230,13 +276,13 @@ def test_a_rank_left_waiting_for_one_that_ended_says_one_line_not_the_collective
             import os, sys
             sys.path.insert(0, {str(ROOT)!r})
             import torch, torch.distributed as dist
-            from litgpt_seqlen.cli import exits
+            from litgpt_seqlen.exits import user_facing
             rank = 1 if os.fork() == 0 else 0
             dist.init_process_group("gloo", init_method="file://{tmp_path / "store"}", rank=rank, world_size=2)
             dist.barrier()
             if rank == 1:
                 os._exit(0)  # killed, or its own error already printed
-            with exits.user_facing_exits():
+            with user_facing.user_facing_exits():
                 dist.all_reduce(torch.ones(1))
             """
         )
@@ -249,7 +295,7 @@ def test_a_rank_left_waiting_for_one_that_ended_says_one_line_not_the_collective
 
 
 def test_a_runtime_error_that_is_not_a_lost_rank_keeps_its_traceback():
-    with pytest.raises(RuntimeError, match="shape mismatch"), exits.user_facing_exits():
+    with pytest.raises(RuntimeError, match="shape mismatch"), user_facing.user_facing_exits():
         raise RuntimeError("shape mismatch")
 
 
@@ -268,9 +314,9 @@ def test_ctrl_c_with_a_forked_pool_is_one_line(tmp_path):
         f"""
         import multiprocessing, sys, time
         sys.path.insert(0, {str(ROOT)!r})
-        from litgpt_seqlen.cli import exits
+        from litgpt_seqlen.exits import user_facing
         from litgpt_seqlen.data import scan
-        with exits.user_facing_exits():
+        with user_facing.user_facing_exits():
             with multiprocessing.get_context("fork").Pool(2, initializer=scan.start_worker) as pool:
                 result = pool.map_async(time.sleep, [30, 30])
                 print("ready", flush=True)

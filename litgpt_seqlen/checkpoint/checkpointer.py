@@ -23,9 +23,9 @@ from litgpt_seqlen import ranks
 from litgpt_seqlen.checkpoint import atomic, lookup
 from litgpt_seqlen.checkpoint import state as training_state
 from litgpt_seqlen.cli.hyperparameters import write_hyperparameters
+from litgpt_seqlen.cli.resume_command import resume_command
 from litgpt_seqlen.errors import UserInputError
 from litgpt_seqlen.methods import Method
-from litgpt_seqlen.run.signals import resume_command
 
 
 class Checkpointer:

@@ -16,10 +16,10 @@ from litgpt_seqlen.args import SeqArgs
 from litgpt_seqlen.checkpoint.atomic import write_file_atomically
 from litgpt_seqlen.data import order, truncation
 from litgpt_seqlen.data.length_plan import LengthPlan
+from litgpt_seqlen.out_dir import earlier_runs
 from litgpt_seqlen.report.outcomes import warning_lines
 from litgpt_seqlen.report.picture import log_length_histograms, write_length_picture
 from litgpt_seqlen.report.printed import print_report
-from litgpt_seqlen.run import outputs
 
 
 @dataclass
@@ -60,7 +60,7 @@ def publish_plan(
 ) -> RunReport:
     """Print the decision and the warnings, write seq_lengths.json (and dropped_samples.jsonl, under drop or when a
     sample has no target), log the key figures. Files an earlier run left that this run does not rewrite are removed
-    first; a dry run into an out_dir with a trained run writes its own files beside it (``outputs.report_files``).
+    first; a dry run into an out_dir with a trained run writes its own files beside it (``out_dir.earlier_runs.report_files``).
     ``train``: the micro-batch size and the optimizer step, as the train order takes them."""
     decision = plan.decision
     if decision.capped and decision.source == "override":
@@ -68,12 +68,12 @@ def publish_plan(
             f"warning: --train.max_seq_length {decision.wanted} is above the model's block_size {decision.block_size}; using {decision.block_size}."
         )
     content = build_report(plan, seq, train, fabric.world_size, seed, warnings)
-    report = RunReport(out_dir / outputs.REPORT, content, resumed_from=resumed_from)
+    report = RunReport(out_dir / earlier_runs.REPORT, content, resumed_from=resumed_from)
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         dropped = plan.dropped_rows()
         leaves_out = data_utils.OVER_LENGTH[seq.over_length].leaves_out
-        files = outputs.report_files(out_dir, dry_run=seq.dry_run, drop=leaves_out or bool(dropped))
+        files = earlier_runs.report_files(out_dir, dry_run=seq.dry_run, drop=leaves_out or bool(dropped))
         if files.dropped is not None:
             write_dropped(files.dropped, dropped, source=plan.located.source if plan.located else None)
         report.path = files.report  # the files first: a reader that goes away mid-print leaves them whole

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import data_utils
 from litgpt_seqlen.errors import UserInputError
-from litgpt_seqlen.run.optimizer import optimizer_problems
+from litgpt_seqlen.settings.optimizer import optimizer_problems
 from litgpt_seqlen.training.schedule import Steps, check_schedule
 
 QUANTIZE_PRECISIONS = ("16-true", "bf16-true", "32-true")

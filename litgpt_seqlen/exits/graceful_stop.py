@@ -1,15 +1,14 @@
-"""SIGTERM and Ctrl-C during training: finish the optimizer step, save a checkpoint, leave with 143 or 130 and the
-command that resumes; a second signal stops at once, even when the run is stuck where Python cannot act on it."""
+"""SIGTERM and Ctrl-C during training: finish the optimizer step, save a checkpoint, leave with 143 or 130 (the flow
+prints the command that resumes: ``cli.resume_command``); a second signal stops at once, even when the run is stuck
+where Python cannot act on it."""
 
 from __future__ import annotations
 
 import os
-import shlex
-import shutil
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -77,28 +76,6 @@ class GracefulStop:
             return self.requested
         flag_tensor = torch.tensor(int(self.requested), device=fabric.device)
         return bool(fabric.all_reduce(flag_tensor, reduce_op="sum").item())
-
-
-def resume_command(argv: Sequence[str], step_dir: Path, python: str = "python") -> str:
-    """The command line that continues this run from ``step_dir``: ``argv`` with any --resume replaced, as the user
-    typed it: ``python finetune_lora.py ...`` for the script, ``litgpt-seqlen ...`` for the console command (whose
-    ``argv[0]`` is its full path; the bare name when that is what the shell finds)."""
-    program = argv[0] if argv else "finetune_lora.py"
-    if program.endswith(".py"):
-        typed = [python, program]
-    else:
-        found = shutil.which(os.path.basename(program))
-        same = found is not None and os.path.realpath(found) == os.path.realpath(program)
-        typed = [os.path.basename(program) if same else program]
-    kept, skip_next = [], False
-    for argument in argv[1:]:
-        if skip_next:
-            skip_next = False
-        elif argument == "--resume":
-            skip_next = True
-        elif not argument.startswith("--resume="):
-            kept.append(argument)
-    return shlex.join([*typed, *kept, "--resume", str(step_dir)])
 
 
 class SecondSignalWatchdog:
