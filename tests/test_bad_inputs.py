@@ -525,10 +525,10 @@ def wait_for(path: Path, seconds: float = 180) -> None:
 
 @pytest.mark.e2e
 def test_a_second_run_into_an_out_dir_in_use_stops_and_ctrl_c_ends_the_first_in_one_line(
-    tiny_checkpoint, data_dir, tmp_path
+    tiny_checkpoint, data_dir, tmp_path, cli_here
 ):
-    """Two processes, one out_dir: the second stops at once naming the first; then Ctrl-C on the first, mid-training,
-    is one line and exit 130, and its lock is gone."""
+    """Two processes, one out_dir: the second (this one) stops at once naming the first; then Ctrl-C on the first,
+    mid-training, is one line and exit 130, and its lock is gone."""
     out = tmp_path / "out"
     first = {}
     thread = threading.Thread(
@@ -540,7 +540,7 @@ def test_a_second_run_into_an_out_dir_in_use_stops_and_ctrl_c_ends_the_first_in_
     try:
         wait_for(out / "seq_lengths.json")  # the first run holds the lock and is past its plan
         holder = json.loads((out / ".lock").read_text())["pid"]
-        second = run_cli(tiny_checkpoint, data_dir, out)
+        second = cli_here(data_dir, out)
         assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
         assert second.stderr.startswith(f"error: out_dir {str(out)!r} is in use by pid {holder}"), second.stderr[-3000:]
         os.kill(holder, signal.SIGINT)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import assets
-from helpers import ROOT, cli_args, run_cli
+from helpers import ROOT, cli_args
 from litgpt_seqlen.checkpoint import lookup
 from litgpt_seqlen.cli.resume_command import resume_command
 from litgpt_seqlen.exits.graceful_stop import GracefulStop
@@ -57,14 +57,6 @@ def assert_identical(ours: dict, theirs: dict) -> None:
 SIGNAL_STEPS = 30
 
 
-@pytest.fixture(scope="module")
-def uninterrupted_long(tiny_checkpoint, resume_data, tmp_path_factory) -> Path:
-    out_dir = tmp_path_factory.mktemp("uninterrupted_long") / "out"
-    result = run_cli(tiny_checkpoint, resume_data, out_dir, "--train.global_batch_size", "4", steps=SIGNAL_STEPS)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out_dir
-
-
 @pytest.mark.e2e
 @pytest.mark.parametrize(
     "signal_number, exit_code, workers, to_group",
@@ -73,8 +65,13 @@ def uninterrupted_long(tiny_checkpoint, resume_data, tmp_path_factory) -> Path:
     [(signal.SIGINT, 130, "2", True)],
 )
 def test_a_signal_saves_after_the_step_exits_and_the_printed_command_ends_bit_identical(
-    signal_number, exit_code, workers, to_group, uninterrupted_long, tiny_checkpoint, resume_data, tmp_path
+    signal_number, exit_code, workers, to_group, tiny_checkpoint, resume_data, tmp_path, cli_here, cli_argv
 ):
+    """The signal reaches a process (its group, under Ctrl-C); the reference and the resume, run as printed, need none
+    and run in this process."""
+    uninterrupted = tmp_path / "uninterrupted"
+    reference = cli_here(resume_data, uninterrupted, "--train.global_batch_size", "4", steps=SIGNAL_STEPS)
+    assert reference.returncode == 0, reference.stderr[-3000:]
     out_dir = tmp_path / "out"
     flags = ("--train.global_batch_size", "4", "--data.num_workers", workers)
     command = cli_command(tiny_checkpoint, resume_data, out_dir, *flags, steps=SIGNAL_STEPS)
@@ -104,17 +101,15 @@ def test_a_signal_saves_after_the_step_exits_and_the_printed_command_ends_bit_id
 
     resume_command = shlex.split(stopped.partition("To resume: ")[2])
     assert resume_command[0] == "python" and resume_command[-2:] == ["--resume", str(step_dir)]
-    result = subprocess.run(
-        [sys.executable, *resume_command[1:]], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
-    )
+    result = cli_argv(resume_command[1:])
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resumed at step {step}" in result.stdout
-    assert_identical(lora(out_dir / "final"), lora(uninterrupted_long / "final"))
+    assert_identical(lora(out_dir / "final"), lora(uninterrupted / "final"))
 
 
 @pytest.mark.e2e
-def test_a_bad_resume_exits_2_with_the_reason_and_no_traceback(tiny_checkpoint, resume_data, tmp_path):
-    result = run_cli(tiny_checkpoint, resume_data, tmp_path / "out", "--resume", "true")
+def test_a_bad_resume_exits_2_with_the_reason_and_no_traceback(resume_data, tmp_path, cli_here):
+    result = cli_here(resume_data, tmp_path / "out", "--resume", "true")
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert "error: --resume true: there is no complete checkpoint" in result.stderr, result.stderr[-3000:]
@@ -204,7 +199,8 @@ def test_a_second_signal_ends_a_run_stuck_where_python_cannot_act(tmp_path):
     script.write_text(
         "import os, sys\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from litgpt_seqlen.exits.graceful_stop import GracefulStop\n"
+        "from litgpt_seqlen.exits.graceful_stop import GracefulStop, SecondSignalWatchdog\n"
+        "SecondSignalWatchdog.GRACE_SECONDS = 0.1  # what the run waits for itself to stop: not what this test is about\n"
         "read, _ = os.pipe()\n"
         "with GracefulStop():\n"
         "    print('stuck', flush=True)\n"
