@@ -161,7 +161,9 @@ def main(
     tokenizer = Tokenizer(checkpoint_dir)
     plan = plan_lengths(fabric, data, tokenizer, train, seq, config.block_size, located)
     run = same_run.run_flags(method, train, seq, seed, fabric.world_size, optimizer, precision, config, data)
-    resumption, plan = same_run.begin(fabric, out_dir, resume_from, plan, run, not seq.dry_run, checkpoint_dir)
+    resumption, plan = same_run.begin(
+        fabric, out_dir, resume_from, plan, run, saves=not seq.dry_run, base=checkpoint_dir
+    )
     train = resumption.trained_micro_batch(train)  # a checkpoint goes on at its size (the memory search's choice)
     max_seq_length, batches_for_epoch = plan.decision.max_seq_length, order.for_run(fabric, plan, train, seq, seed)
     accumulation = train.gradient_accumulation_iters(fabric.world_size, 1)

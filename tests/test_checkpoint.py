@@ -105,7 +105,7 @@ def test_resume_values_parse_as_litgpt_takes_them():
 def test_false_never_looks(fabric, tmp_path):
     save_checkpoint(fabric, tmp_path, 2)
     assert lookup.find_checkpoint(tmp_path, False) is None
-    assert lookup.find_checkpoint(tmp_path, "false") is None
+    assert lookup.find_checkpoint(tmp_path, parse_resume("false")) is None
 
 
 def test_auto_picks_the_newest_complete_and_skips_partial_ones(fabric, tmp_path):
@@ -144,7 +144,7 @@ def test_auto_starts_fresh_and_true_errors_without_a_complete_checkpoint(tmp_pat
 def test_a_path_must_be_a_complete_checkpoint(fabric, tmp_path):
     step_dir = save_checkpoint(fabric, tmp_path, 2)
     notes = []
-    assert lookup.find_checkpoint(tmp_path, str(step_dir), log=notes.append) == step_dir
+    assert lookup.find_checkpoint(tmp_path, parse_resume(str(step_dir)), log=notes.append) == step_dir
     assert notes == [f"Resuming training from {step_dir / LORA_FILE} (--resume {step_dir})."]
     (tmp_path / "final").mkdir()
     write_lora_file(tmp_path / "final", 1.0)

@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from litgpt_seqlen.args import Resume, parse_resume
+from litgpt_seqlen.args import Resume
 from litgpt_seqlen.checkpoint.layout import (
     FORMAT,
     HEADER,
@@ -17,13 +17,12 @@ from litgpt_seqlen.checkpoint.layout import (
 from litgpt_seqlen.errors import UserInputError
 
 
-def find_checkpoint(out_dir: Path, resume: object, log: Callable[[str], None] = print) -> Path | None:
+def find_checkpoint(out_dir: Path, resume: Resume, log: Callable[[str], None] = print) -> Path | None:
     """The step directory to resume from, or None to start fresh. ``log`` is told which was chosen and what was skipped.
 
-    ``auto``: the newest complete checkpoint in ``out_dir``, None when there is none. ``True``: the same, but none is
-    an error. A path: that step directory, which must be complete.
+    ``resume`` as ``args.parse_resume`` gives it. ``auto``: the newest complete checkpoint in ``out_dir``, None when
+    there is none. ``True``: the same, but none is an error. A path: that step directory, which must be complete.
     """
-    resume = parse_resume(resume)
     if resume is False:
         return None
     if isinstance(resume, Path):

@@ -259,36 +259,44 @@ def plan_as_saved(fabric, plan, record: dict):
     )
 
 
-def begin(fabric, out_dir: Path, step_dir: Path | None, plan, run: dict, saves: bool, base: Path | None = None):
+def begin(fabric, out_dir: Path, step_dir: Path | None, plan, run: dict, *, saves: bool, base: Path | None = None):
     """After the scan, before any weight: checks this run against the checkpoint (``step_dir``; None for a fresh
-    run), takes the length decision from it, and tidies ``out_dir`` (what a killed save left; a fresh run that
-    ``saves`` (any run that trains: a signal makes it save) makes an old run's checkpoints non-resumable). ``plan`` is
-    a ``LengthPlan``; ``base`` the checkpoint_dir, whose lit_model.pth a run that saves records. Returns (Resumption,
-    plan)."""
-    splits = ("train", "val")
+    run) and takes the length decision from it, tidies ``out_dir`` (``tidy_out_dir``), and makes the header this run's
+    checkpoints will hold. ``saves``: the run trains (a signal makes any such run save); ``plan`` is a ``LengthPlan``;
+    ``base`` the checkpoint_dir, whose weights and tokenizer a run that saves records. Returns (Resumption, plan)."""
     data = None  # a dry run that resumes nothing compares and records nothing: no pass over the samples
     if saves or step_dir is not None:
-        contents = {name: sample_contents(plan.datasets[name]) for name in splits}
-        data = data_fingerprint({name: plan.lengths[name] for name in splits}, contents)
+        contents = {name: sample_contents(plan.datasets[name]) for name in ("train", "val")}
+        data = data_fingerprint({name: plan.lengths[name] for name in ("train", "val")}, contents)
     saved = None
     if step_dir is not None:
         saved = read_header(step_dir)
         check_same_run(saved, {"run": run, "data": data}, str(step_dir), where=plan.where)
         plan = plan_as_saved(fabric, plan, saved["decision"])
+    tidy_out_dir(fabric, out_dir, forget_earlier_run=step_dir is None and saves)
+    counts = {name: len(plan.lengths[name]) for name in plan.kept}
+    decision = decision_record(plan.decision.max_seq_length, plan.kept, counts)
+    recorded = base if saves else None
+    parts = {
+        "run": run,
+        "data": data,
+        "decision": decision,
+        "base": base_fingerprint(recorded) if recorded else None,
+        "tokenizer": tokenizer_fingerprint(recorded) if recorded else None,
+    }
+    return Resumption(step_dir, saved, parts), plan
+
+
+def tidy_out_dir(fabric, out_dir: Path, forget_earlier_run: bool) -> None:
+    """On rank 0, then every rank meets: removes what a killed save left; ``forget_earlier_run`` (a fresh run that
+    trains) makes an earlier run's checkpoints non-resumable, their weights kept."""
     if fabric.global_rank == 0:
         for path in remove_stale_temporaries(out_dir):
             fabric.print(f"Removed {path}: left by a save that did not finish.")
-        forgotten = forget_training_states(out_dir) if step_dir is None and saves else []
+        forgotten = forget_training_states(out_dir) if forget_earlier_run else []
         if forgotten:
             fabric.print(
                 f"Starting fresh (--resume false) in --out_dir {out_dir}: {', '.join(forgotten)} of an earlier run are"
                 " no longer resumable (their weights stay)."
             )
     fabric.barrier()
-    counts = {name: len(plan.lengths[name]) for name in plan.kept}
-    decision = decision_record(plan.decision.max_seq_length, plan.kept, counts)
-    recorded = saves and base is not None
-    weights = base_fingerprint(base) if recorded else None
-    tokenizer = tokenizer_fingerprint(base) if recorded else None
-    parts = {"run": run, "data": data, "decision": decision, "base": weights, "tokenizer": tokenizer}
-    return Resumption(step_dir, saved, parts), plan
