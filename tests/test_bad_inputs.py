@@ -550,11 +550,3 @@ def test_a_second_run_into_an_out_dir_in_use_stops_and_ctrl_c_ends_the_first_in_
     assert ended.returncode == 130 and "Traceback" not in ended.stderr, ended.stderr[-3000:]
     assert ended.stderr.strip().splitlines()[-1] == "interrupted (Ctrl-C)"
     assert not (out / ".lock").exists()
-
-
-@pytest.mark.e2e
-def test_two_devices_print_an_error_once(tiny_checkpoint, data_dir, tmp_path):
-    result = run_cli(tiny_checkpoint, data_dir, tmp_path / "out", "--devices", "2", "--train.global_batch_size", "4",
-                     "--train.max_seq_length", "100", "--seq.over_length", "error")  # fmt: skip
-    assert result.returncode == 2 and result.stderr.count("error: ") == 1, result.stderr[-3000:]
-    assert "train[" in result.stderr and "Traceback" not in result.stderr

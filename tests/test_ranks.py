@@ -139,6 +139,13 @@ SCRIPT = textwrap.dedent(
         results[f"{where} left"] = sorted(str(path.relative_to(out)) for path in Path(out).rglob(f"*{step_dir.name}"))
     with open(os.path.join(out, f"result-{rank}.json"), "w") as f:
         json.dump(results, f)
+
+    # The bad sample once more, as the command line meets it: one `error:` line, by rank 0, and exit 2 on both ranks.
+    from litgpt_seqlen.exits.user_facing import user_facing_exits
+
+    phase = "bad"
+    with user_facing_exits():
+        scan_split(fabric, SFTDataset(samples, tokenizer, prompt_style="alpaca", transform=record), "train", 1)
     """
 )
 
@@ -172,7 +179,7 @@ def two_ranks(tmp_path_factory, tiny_checkpoint):
         os.killpg(process.pid, signal.SIGKILL)  # the whole group: rank 0 and the rank 1 it launched
         output, _ = process.communicate()
         pytest.fail(f"the two ranks hung (killed after 120 s):\n{output[-3000:]}")
-    assert process.returncode == 0, output[-3000:]
+    assert process.returncode == 2, output[-3000:]  # the script ends on the bad sample
     results = {rank: json.loads((out / f"result-{rank}.json").read_text()) for rank in (0, 1)}
     seen = {}
     for phase in ("serial", "parallel"):
@@ -200,10 +207,13 @@ def test_each_rank_scans_its_share_and_both_get_the_whole_list(two_ranks, tiny_c
     assert processes_0 == processes_1 == (1 if phase == "serial" else 2)
 
 
-def test_bad_input_on_one_rank_stops_both(two_ranks):
-    _, results, _ = two_ranks
+def test_bad_input_on_one_rank_stops_both_and_is_said_once(two_ranks):
+    output, results, _ = two_ranks
     assert f"train sample {BAD} has no field 'output'" in results[1]["bad"]["error"]
     assert f"train sample {BAD} has no field 'output'" in results[0]["bad"]["error"]  # rank 0 can say it
+    said = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(said) == 1 and f"train sample {BAD} has no field 'output'" in said[0], output[-3000:]
+    assert "Traceback" not in output
 
 
 def test_one_checkpoint_file_holds_every_ranks_state_and_gives_each_its_own_back(two_ranks):
