@@ -33,6 +33,24 @@ def generate_everywhere(fabric, model, tokenizer, eval: EvalArgs, data) -> None:
         generate_example(fabric, model, tokenizer, eval, data)
 
 
+def batch_loss_sums(model, batch: dict, counted_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """(the loss summed over the supervised tokens, their count) of one val micro-batch, in float64. The model runs on
+    all but the last token, which has nothing to predict: no slice of the logits is copied, so the peak is the logits
+    and cross_entropy's own copy (the rehearsal runs this, so it measures what validation needs). ``counted_rows``
+    (one bool per row) leaves out rows that weigh nothing."""
+    inputs, targets = batch["input_ids"][..., :-1], batch["labels"][..., 1:]
+    counted = targets != -100
+    if counted_rows is not None:
+        counted &= counted_rows.unsqueeze(1)
+    if inputs.size(-1) == 0:  # one-token samples only: nothing to predict
+        return torch.zeros(2, dtype=torch.float64, device=targets.device)
+    logits = model(inputs)
+    losses = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none"
+    ).view_as(targets)
+    return torch.stack([(losses * counted).sum().double(), counted.sum().double()])
+
+
 def val_loss(fabric, model, val_loader, samples: int | None = None) -> torch.Tensor:
     """The mean loss over the supervised tokens of the first ``samples`` val samples (all when None), every sample
     counted once on any number of devices: rank r holds samples r, r + W, r + 2W, ... (the loader's distributed
@@ -48,13 +66,9 @@ def val_loss(fabric, model, val_loader, samples: int | None = None) -> torch.Ten
         with torch.no_grad():
             for k in range(batches):
                 batch = next(iterator)
-                logits, targets = model(batch["input_ids"])[..., :-1, :], batch["labels"][..., 1:]
-                losses = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none"
-                ).view_as(targets)
-                positions = (k * size + torch.arange(len(targets), device=targets.device)) * world + rank
-                counted = (targets != -100) & (positions < wanted).unsqueeze(1)
-                totals += torch.stack([(losses * counted).sum().double(), counted.sum().double()])
+                rows = batch["input_ids"].size(0)
+                positions = (k * size + torch.arange(rows, device=batch["input_ids"].device)) * world + rank
+                totals += batch_loss_sums(model, batch, counted_rows=positions < wanted)
     finally:
         if hasattr(iterator, "close"):  # a loader left part-way: its worker processes end now (see EpochBatches)
             iterator.close()

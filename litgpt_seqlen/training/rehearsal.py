@@ -1,7 +1,7 @@
 """--seq.rehearse: run the worst case (the longest micro-batches) before the first step, then undo it.
 
 A length or memory failure then shows in the first minute rather than hours in, when the longest sample first comes
-up. The rehearsal trains with ``loss.train_loss`` and validates with litgpt's ``validate``, as the run does.
+up. The rehearsal trains with ``loss.train_loss`` and validates with ``evaluation.batch_loss_sums``, as the run does.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import time
 import lightning as L
 import torch
 from lightning.pytorch.utilities.memory import is_oom_error
-from litgpt.args import EvalArgs, TrainArgs
-from litgpt.finetune.full import validate
+from litgpt.args import TrainArgs
 from torch.utils.data import DataLoader
 
 import data_utils
 from data_utils import Decision
 from litgpt_seqlen.data import packing
 from litgpt_seqlen.errors import UserInputError
+from litgpt_seqlen.training.evaluation import batch_loss_sums
 from litgpt_seqlen.training.loss import train_loss
 from litgpt_seqlen.training.rng import preserved_rng
 
@@ -93,8 +93,9 @@ def rehearse(fabric: L.Fabric, model, optimizer, batches: dict[str, dict], train
             del loss
             optimizer.zero_grad(set_to_none=True)
             running = "val"
+            model.eval()
             with torch.no_grad():
-                validate(fabric, model, [fabric.to_device(batches["val"])], EvalArgs(max_iters=1), verbose=False)
+                batch_loss_sums(model, fabric.to_device(batches["val"]))
             if cuda:
                 torch.cuda.synchronize(fabric.device)
     except Exception as error:
