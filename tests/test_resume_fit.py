@@ -84,8 +84,8 @@ def different(ours: dict, theirs: dict) -> list[str]:
     return [name for name in ours if not torch.equal(ours[name], theirs[name])]
 
 
-@pytest.mark.parametrize("order", ["random", "grouped", "packed"])
-@pytest.mark.parametrize("step", [3, 4])
+# Mid-epoch (step 3) and just past an epoch's end (step 4): random at both, grouped and packed at one each.
+@pytest.mark.parametrize("order, step", [("random", 3), ("random", 4), ("grouped", 4), ("packed", 3)])
 def test_a_resumed_run_ends_bit_identical(order, step, uninterrupted, cli_here, data_dir, tmp_path):
     reference = uninterrupted(order)
     progress = lookup.read_header(reference / f"step-{step:06d}")["progress"]
