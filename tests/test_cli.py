@@ -151,7 +151,11 @@ def test_drop_loses_nothing(cli_here, tiny_checkpoint, make_data, tmp_path):
 
 def test_output_works_with_litgpt_generate(cli_here, tiny_checkpoint, make_data, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    assert cli_here(make_data([100, 120], [110, 90]), out).returncode == 0
+    run = cli_here(make_data([100, 120], [110, 90]), out)
+    assert run.returncode == 0
+    # final/ is named where it is, never by the directory it was written in before the rename
+    assert f"Saved the fine-tuned model to {out / 'final'}: hyperparameters.yaml, lit_model.pth," in run.stdout
+    assert ".tmp-" not in run.stdout
     assert (
         litgpt_here(monkeypatch, "generate", str(out / "final"), "--prompt", "write a poem", "--max_new_tokens", "3")
         == 0

@@ -63,10 +63,13 @@ class Checkpointer:
             if self.fabric.global_rank == 0:
                 self.method.finish(directory, self.base_dir, precision)
 
+        final = self.out_dir / "final"
         with atomic.checkpoint_writes(self.fabric):
             atomic.write_checkpoint_dir_atomically(
-                self.out_dir / "final", write, is_writer=self.fabric.global_rank == 0, agree=self.agree
+                final, write, is_writer=self.fabric.global_rank == 0, agree=self.agree
             )
+        files = sorted(path.name for path in final.iterdir()) if self.fabric.global_rank == 0 else []
+        self.fabric.print(f"Saved the fine-tuned model to {final}: {', '.join(files)}")
 
     def write_upstream_files(self, model, directory: Path) -> None:
         """The trained weights, config files, prompt style and hyperparameters, as upstream lays them out (into a

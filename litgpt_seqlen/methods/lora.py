@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import litgpt.finetune.lora as upstream
@@ -12,9 +14,12 @@ from litgpt_seqlen.methods.base import Method
 
 
 def merge_into_final(final_dir: Path, checkpoint_dir: Path, precision: str | None) -> None:
-    """final/lit_model.pth: the LoRA merged into the base weights, as upstream's script ends."""
+    """final/lit_model.pth: the LoRA merged into the base weights, as upstream's script ends. merge_lora's own lines
+    (its arguments, "Saved merged weights to ...") are not shown: they name the directory final/ is written in before
+    it is renamed; the run says where final/ is once it is."""
     (final_dir / "lit_model.pth").unlink(missing_ok=True)  # an earlier run's merge: merge_lora would keep it
-    merge_lora(checkpoint_dir=final_dir, pretrained_checkpoint_dir=checkpoint_dir, precision=precision)
+    with contextlib.redirect_stdout(io.StringIO()):
+        merge_lora(checkpoint_dir=final_dir, pretrained_checkpoint_dir=checkpoint_dir, precision=precision)
 
 
 LORA = Method(
