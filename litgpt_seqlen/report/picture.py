@@ -74,7 +74,7 @@ def length_figure(
 
 def _histogram(ax, split: str, lengths: list[int], edges, xlim: tuple[float, float]) -> None:
     """One split: log-scaled counts over a log-scaled length axis, the tail marked, the quantiles on the top axis."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
     counts, _, _ = ax.hist(lengths, bins=edges, color="tab:blue", label="samples per bin")
     ax.set_xscale("log", base=2)
@@ -85,7 +85,7 @@ def _histogram(ax, split: str, lengths: list[int], edges, xlim: tuple[float, flo
     ax.set_yscale("log")
     ax.yaxis.set_major_locator(LogLocator(base=10))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_minor_locator(NullLocator())
     ax.set_ylabel("samples (log scale)")
     if not lengths:
         ax.set_title(f"{split}: no samples", loc="left", fontsize="medium")
@@ -201,6 +201,8 @@ def _what_if(ax, what_if_rows: Sequence[Mapping], max_seq_length: int) -> None:
 def _plain_ticks(axis, xlim: tuple[float, float], ticks: Sequence[int], keep: Sequence[int] = ()) -> None:
     """Ticks on a log axis labelled as plain numbers: ``keep`` always, then ``ticks`` in the order given wherever no
     label is too close; the ends of the range when fewer than two would be labelled."""
+    from matplotlib.ticker import NullLocator
+
     low, high = (math.log2(limit) for limit in xlim)
     candidates = [t for t in ticks if xlim[0] <= t <= xlim[1]]
     if len(set(candidates) | set(keep)) < 2:
@@ -210,7 +212,7 @@ def _plain_ticks(axis, xlim: tuple[float, float], ticks: Sequence[int], keep: Se
         if all(abs(math.log2(tick / other)) >= MIN_GAP * (high - low) for other in chosen):
             chosen.append(tick)
     axis.set_ticks(sorted(chosen), [str(tick) for tick in sorted(chosen)])
-    axis.set_tick_params(which="minor", bottom=False, top=False, labelbottom=False)
+    axis.set_minor_locator(NullLocator())  # unlabelled minor ticks on a log axis: many to lay out, nothing to read
 
 
 def write_length_picture(
