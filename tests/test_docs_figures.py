@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import assets
 import data_utils
@@ -233,3 +234,65 @@ def test_architecture_page_size_limits_are_the_tests():
     assert {"fit": int(fit), "main": int(main)} == test_layout.ENTRY_FUNCTION_LINES
     for pattern in (r"the README stays under (\d+) lines", r"`README\.md` \(at most (\d+) lines\)"):
         assert int(figure("docs/architecture.md", pattern)) == test_docs.README_MAX_LINES
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Defaults and constants the pages quote
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_readme_flags_table_defaults_are_the_seq_flags_defaults():
+    from litgpt_seqlen.args import SeqArgs
+
+    rows = re.findall(r"^\| `--seq\.(\w+)` \| `([^`]+)` \|", page_text("README.md"), flags=re.M)
+    assert len(rows) >= 8
+    defaults = SeqArgs()
+    for name, shown in rows:
+        value = getattr(defaults, name)
+        assert shown == (str(value).lower() if isinstance(value, bool) else str(value)), name
+
+
+def test_report_page_group_size_is_the_packing_default():
+    assert int(figure("docs/report.md", r"samples packed together \((\d+)\)")) == packing.DEFAULT_GROUP_SIZE
+
+
+def test_memory_page_margin_is_the_default_and_its_product_holds():
+    from litgpt_seqlen.args import SeqArgs
+
+    margin = float(figure("docs/memory.md", r"`--seq\.memory_margin ([\d.]+)` keeps"))
+    share, card, kept = figure("docs/memory.md", r"(\d+)% of an (\d+) GiB card is\s+(\d+) GiB")
+    assert margin == SeqArgs().memory_margin == int(share) / 100
+    assert int(card) * margin == int(kept)
+
+
+def test_batching_page_tolerances_are_the_packing_tests_and_the_bug_they_catch_is_the_one_measured():
+    """The tolerances the page gives, and the size of the loss change that positions not restarted per sample make
+    on the Pythia shape (the smallest of the families), measured as the packing test measures it."""
+    import sys
+
+    import test_packing
+
+    exact, bug, inside = figure(
+        "docs/batching.md", r"within (\de-\d+), tight[\s\S]*?only\s+(\de-\d+) here[\s\S]*?within (\de-\d+)\."
+    )
+    assert float(exact) == test_packing.EXACT["atol"] == test_packing.EXACT["rtol"]
+    assert float(inside) == test_packing.FLOAT32_INSIDE["atol"]
+
+    collate = test_packing.packed_collate
+
+    def along_the_row(rows):
+        batch = collate(rows)
+        batch["position_ids"] = torch.arange(batch["position_ids"].shape[1]).expand_as(batch["position_ids"])
+        return batch
+
+    model = test_packing.tiny_lora_gpt("pythia", "dense")
+    items, rows = test_packing.samples_and_rows()
+    reference, _ = test_packing.one_by_one(model, items)
+    module = sys.modules[test_packing.__name__]
+    module.packed_collate = along_the_row
+    try:
+        losses, _, _ = test_packing.packed(model, items, rows)
+    finally:
+        module.packed_collate = collate
+    measured = max(float((a - b).abs().max()) for a, b in zip(losses, reference) if a.numel())
+    assert f"{measured:.0e}" == bug

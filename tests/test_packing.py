@@ -3,7 +3,7 @@ forward equal those of litgpt's own ``GPT.forward`` run on each sample alone, on
 runs, for small models of each litgpt family's shape.
 
 In float64, to within ``EXACT``: a packed row whose positions do not restart at each sample differs from one by one
-only through the rounding of the rotary tables (RoPE is relative), by 5e-10 or more here, which float32's own
+only through the rounding of the rotary tables (RoPE is relative), by 8e-10 or more here, which float32's own
 rounding (1e-6) would hide."""
 
 import random
