@@ -18,6 +18,7 @@ import torch
 
 import assets
 import data_utils
+from helpers import SHARED, requires_shared
 from litgpt_seqlen.checkpoint.layout import SAMPLE_BLOCK, SAMPLED_BLOCKS, sampled_offsets
 from litgpt_seqlen.checkpoint.same_run import SAMPLE_DIGEST, content_fingerprint, data_fingerprint
 from litgpt_seqlen.data import order, packing
@@ -296,3 +297,23 @@ def test_batching_page_tolerances_are_the_packing_tests_and_the_bug_they_catch_i
         module.packed_collate = collate
     measured = max(float((a - b).abs().max()) for a, b in zip(losses, reference) if a.numel())
     assert f"{measured:.0e}" == bug
+
+
+@requires_shared("the truncation page's template figures, with the real Llama 2 tokenizers")
+def test_truncation_page_head_and_marker_are_the_alpaca_templates_with_llama_2():
+    """The worked example's prompt template: the Alpaca prompt without an input, as the scan measures it with the
+    tokenizer.json of Llama 2 (its sentencepiece model gives a head one token shorter)."""
+    from litgpt.data import SFTDataset
+    from litgpt.tokenizer import Tokenizer
+
+    from litgpt_seqlen.data import scan
+
+    head, marker = figure(
+        "docs/truncation.md",
+        r"Llama 2 tokenizer \(its `tokenizer.json`\), Alpaca prompt style.*\(head (\d+), marker (\d+)\)",
+    )
+    samples = json.loads((SHARED / "data" / "alpaca_en_demo.json").read_text(encoding="utf-8"))
+    without_input = [sample for sample in samples if not sample.get("input")][:20]
+    tokenizer = Tokenizer(SHARED / "tokenizers" / "llama2-hf")
+    parts = scan.scan_parts(SFTDataset(without_input, tokenizer, prompt_style="alpaca"), "train")
+    assert {(p.head, p.marker) for p in parts} == {(int(head), int(marker))}
