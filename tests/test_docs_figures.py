@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 import assets
 import data_utils
@@ -266,11 +265,9 @@ def test_memory_page_margin_is_the_default_and_its_product_holds():
     assert int(card) * margin == int(kept)
 
 
-def test_batching_page_tolerances_are_the_packing_tests_and_the_bug_they_catch_is_the_one_measured():
+def test_batching_page_tolerances_are_the_packing_tests_and_the_bug_they_catch_is_the_one_measured(monkeypatch):
     """The tolerances the page gives, and the size of the loss change that positions not restarted per sample make
     on the Pythia shape (the smallest of the families), measured as the packing test measures it."""
-    import sys
-
     import test_packing
 
     exact, bug, inside = figure(
@@ -278,23 +275,7 @@ def test_batching_page_tolerances_are_the_packing_tests_and_the_bug_they_catch_i
     )
     assert float(exact) == test_packing.EXACT["atol"] == test_packing.EXACT["rtol"]
     assert float(inside) == test_packing.FLOAT32_INSIDE["atol"]
-
-    collate = test_packing.packed_collate
-
-    def along_the_row(rows):
-        batch = collate(rows)
-        batch["position_ids"] = torch.arange(batch["position_ids"].shape[1]).expand_as(batch["position_ids"])
-        return batch
-
-    model = test_packing.tiny_lora_gpt("pythia", "dense")
-    items, rows = test_packing.samples_and_rows()
-    reference, _ = test_packing.one_by_one(model, items)
-    module = sys.modules[test_packing.__name__]
-    module.packed_collate = along_the_row
-    try:
-        losses, _, _ = test_packing.packed(model, items, rows)
-    finally:
-        module.packed_collate = collate
+    reference, losses = test_packing.losses_with_positions_along_the_row("pythia", monkeypatch)
     measured = max(float((a - b).abs().max()) for a, b in zip(losses, reference) if a.numel())
     assert f"{measured:.0e}" == bug
 

@@ -176,10 +176,9 @@ def test_packed_equals_one_by_one(name, path, lm_head_chunk_size):
         torch.testing.assert_close(gradients[key], reference, **gradient_tolerance(key, name), msg=key)
 
 
-@pytest.mark.parametrize("name", ["llama", "pythia"])
-def test_positions_that_do_not_restart_at_each_sample_are_caught(name, monkeypatch):
-    """The test above can fail on the subtlest packing bug: positions counted along the row instead of from each
-    sample's start. Pythia (a quarter of each head rotated) shows it least."""
+def losses_with_positions_along_the_row(name: str, monkeypatch) -> tuple[list, list]:
+    """(one by one, packed) per-token losses of the family ``name`` when a packed row's positions are counted along
+    the row instead of from each sample's start: the subtlest packing bug."""
     collate = packed_collate
 
     def along_the_row(rows):
@@ -192,6 +191,14 @@ def test_positions_that_do_not_restart_at_each_sample_are_caught(name, monkeypat
     items, rows = samples_and_rows()
     reference_losses, _ = one_by_one(model, items)
     losses, _, _ = packed(model, items, rows)
+    return reference_losses, losses
+
+
+@pytest.mark.parametrize("name", ["llama", "pythia"])
+def test_positions_that_do_not_restart_at_each_sample_are_caught(name, monkeypatch):
+    """The test above can fail on positions not restarted per sample. Pythia (a quarter of each head rotated) shows it
+    least."""
+    reference_losses, losses = losses_with_positions_along_the_row(name, monkeypatch)
     with pytest.raises(AssertionError):
         for reference, loss in zip(reference_losses, losses):
             torch.testing.assert_close(loss, reference, **EXACT)

@@ -195,7 +195,8 @@ def check_same_model(step_dir: Path, checkpoint_dir: Path) -> None:
             f" {checkpoint_dir} ({shown}). Pass the checkpoint_dir it was trained from."
         )
     header = read_header(step_dir)
-    changed = tokenizer_difference(header.get("tokenizer"), tokenizer_fingerprint(checkpoint_dir))
+    recorded = header.get("tokenizer")
+    changed = tokenizer_difference(recorded, tokenizer_fingerprint(checkpoint_dir)) if recorded is not None else None
     if changed:
         raise UserInputError(
             f"--resume {step_dir}: that checkpoint was trained with another tokenizer than checkpoint_dir"
@@ -220,11 +221,8 @@ def tokenizer_fingerprint(checkpoint_dir: Path) -> dict:
     return {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in found.items() if path.is_file()}
 
 
-def tokenizer_difference(saved: dict | None, now: dict) -> str | None:
-    """The tokenizer files that differ between a checkpoint's record and now, in words; None when none does (or
-    nothing was recorded: a checkpoint older than this record)."""
-    if saved is None:
-        return None
+def tokenizer_difference(saved: dict, now: dict) -> str | None:
+    """The tokenizer files that differ between a checkpoint's record and now, in words; None when none does."""
     words = {True: "changed", False: "added"}
     changed = [
         f"{name} {words[name in saved] if name in now else 'removed'}"

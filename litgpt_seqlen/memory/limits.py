@@ -49,8 +49,7 @@ def tightest_free(fabric) -> float:
     if fabric.world_size == 1:
         return mine
     value = torch.tensor([min(mine, 2.0**62)], dtype=torch.float64, device=fabric.device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-    least = value.item()
+    least = fabric.all_reduce(value, reduce_op="min").item()
     return UNLIMITED if least >= 2.0**62 else least
 
 

@@ -109,9 +109,7 @@ def everyone_agrees(fabric, mine: bool) -> bool:
     """True on every rank when true on every rank."""
     if fabric.world_size == 1:
         return mine
-    flag = torch.tensor([int(mine)], device=fabric.device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
+    return bool(fabric.all_reduce(torch.tensor([int(mine)], device=fabric.device), reduce_op="min").item())
 
 
 @contextmanager
